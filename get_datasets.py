@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Stage 1: FashionMNIST, MNIST, CIFAR10, SVHN, CelebA to .npy files and split CSVs."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from ddpm_ood.cli.get_datasets import main  # noqa: E402
+from ddpm_ood.cli.runner import run_cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Stage 3: noise every image to many start steps t, denoise with PLMS, record MSE and LPIPS."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from ddpm_ood.cli.reconstruct import main  # noqa: E402
+from ddpm_ood.cli.runner import run_cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

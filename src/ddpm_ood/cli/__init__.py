@@ -1,0 +1,1 @@
+"""Command-line layer: argument parsing and the error boundary. The library never parses argv."""

@@ -1,0 +1,136 @@
+"""Option groups shared by the entry scripts, defined once. Flag names and spellings follow upstream."""
+
+from __future__ import annotations
+
+import argparse
+
+from ddpm_ood.noise_schedule import PREDICTION_TYPES, SCHEDULE_ALIASES
+
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+
+
+def boolish(value: str) -> bool:
+    """Parse 1/0/true/false/yes/no (any case); anything else is a parse error (upstream's type=bool is not)."""
+    v = str(value).strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0/true/false/yes/no, got {value!r}")
+
+
+def optional_int(value: str) -> int | None:
+    """An int, or None for "None"/"" (upstream passes image_size as a string and casts it)."""
+    if value is None or str(value).strip() in ("", "None", "none"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or None, got {value!r}") from None
+
+
+def int_list(value: str) -> tuple[int, ...] | None:
+    """"160,160,128" or "[160, 160, 128]" -> (160, 160, 128); "None" -> None. -1 keeps that dimension."""
+    v = str(value).strip()
+    if v in ("", "None", "none"):
+        return None
+    try:
+        return tuple(int(x) for x in v.strip("[]()").split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return v
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return v
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=2, help="seeds every random draw (default 2, as upstream)")
+    g.add_argument("--output_dir", type=str, required=True, help="root of all runs")
+    g.add_argument("--model_name", type=str, required=True, help="run name: files go to <output_dir>/<model_name>/")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto = cuda if available, else cpu")
+    g.add_argument("--amp", type=boolish, default=False,
+                   help="mixed precision for the network: fp16 on CUDA, bf16 on CPU (default 0 = fp32)")
+
+
+def add_data_options(parser: argparse.ArgumentParser, *, batch_size: int, num_workers: int = 8) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--spatial_dimension", type=int, choices=(2, 3), default=2, help="2D images or 3D volumes")
+    g.add_argument("--image_size", type=optional_int, default=None,
+                   help="resize every image to this size per spatial dim (MONAI 'area'); default: keep")
+    g.add_argument("--image_roi", type=int_list, default=None,
+                   help="centre-crop to this ROI before resizing, e.g. 160,160,128 (-1 keeps a dim)")
+    g.add_argument("--is_grayscale", type=boolish, default=False,
+                   help="1 = single-channel images (keeps channel 0), 0 = 3-channel RGB")
+    g.add_argument("--batch_size", type=positive_int, default=batch_size, help=f"default {batch_size}")
+    g.add_argument("--num_workers", type=non_negative_int, default=num_workers,
+                   help="data-loading worker processes")
+    g.add_argument("--cache_data", type=boolish, default=True, help="keep decoded images in memory")
+    g.add_argument("--augmentation", type=boolish, default=False,
+                   help="accepted for compatibility; only 0 is supported (upstream's flag was a no-op)")
+
+
+def add_schedule_options(parser: argparse.ArgumentParser, *, from_checkpoint: bool) -> None:
+    """Noise-schedule flags. With ``from_checkpoint`` every default is None: the checkpoint's config decides,
+    and a flag given explicitly must agree with it."""
+    g = parser.add_argument_group("noise schedule")
+    note = " (default: from the checkpoint)" if from_checkpoint else ""
+    g.add_argument("--beta_schedule", choices=tuple(SCHEDULE_ALIASES), metavar="NAME",
+                   default=None if from_checkpoint else "linear_beta",
+                   help=f"one of {', '.join(SCHEDULE_ALIASES)}{note or ' (default linear_beta)'}")
+    g.add_argument("--beta_start", type=float, default=None,
+                   help=f"first beta of linear/scaled_linear/sigmoid schedules{note or ' (default 1e-4)'}")
+    g.add_argument("--beta_end", type=float, default=None,
+                   help=f"last beta of linear/scaled_linear/sigmoid schedules{note or ' (default 2e-2)'}")
+    g.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None if from_checkpoint else "epsilon",
+                   help=f"what the network predicts{note or ' (default epsilon)'}")
+    g.add_argument("--b_scale", type=float, default=None if from_checkpoint else 1.0,
+                   help=f"multiply images by this before noising{note or ' (default 1)'}")
+    g.add_argument("--snr_shift", type=float, default=None if from_checkpoint else 1.0,
+                   help=f"scale the signal-to-noise ratio of every t{note or ' (default 1)'}")
+    g.add_argument("--simplex_noise", type=boolish, default=False,
+                   help="upstream's experimental simplex noise: refused (only Gaussian noise, 0, is supported)")
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, from_checkpoint: bool) -> None:
+    from ddpm_ood.networks import MODEL_PRESETS
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_type", choices=tuple(MODEL_PRESETS), default=None if from_checkpoint else "small",
+                   help="UNet preset" + (" (default: from the checkpoint)" if from_checkpoint else " (default small)"))
+    g.add_argument("--vqvae_checkpoint", type=str, default=None,
+                   help="latent diffusion (upstream's LDM route): refused, not supported by ddpm-ood")
+    g.add_argument("--latent_pad", type=str, default=None, help="LDM latent padding: refused with --vqvae_checkpoint")
+
+
+def refuse_unsupported(args: argparse.Namespace) -> None:
+    """Flags that upstream has but ddpm-ood does not implement: refused loudly instead of ignored."""
+    from ddpm_ood.errors import UserError
+
+    if getattr(args, "simplex_noise", False):
+        raise UserError("--simplex_noise=1 is not supported (only Gaussian noise); use --simplex_noise=0")
+    if getattr(args, "vqvae_checkpoint", None) not in (None, "None"):
+        raise UserError("--vqvae_checkpoint (latent diffusion) is not supported by ddpm-ood; pixel-space DDPM only")
+    if getattr(args, "latent_pad", None) not in (None, "None"):
+        raise UserError("--latent_pad only applies to latent diffusion, which ddpm-ood does not support")
+    if getattr(args, "augmentation", False):
+        raise UserError("--augmentation=1 is not supported (upstream's flag was a no-op); use --augmentation=0")

@@ -1,0 +1,57 @@
+"""Model presets and the one UNet builder."""
+
+from __future__ import annotations
+
+from ddpm_ood.config import ModelConfig
+from ddpm_ood.errors import UserError
+
+# small/big exactly as upstream; tiny for CPU runs, tests and the quickstart.
+MODEL_PRESETS: dict[str, dict] = {
+    "small": {
+        "channels": (128, 256, 256),
+        "attention_levels": (False, False, True),
+        "num_res_blocks": 1,
+        "num_head_channels": 256,
+        "norm_num_groups": 32,
+    },
+    "big": {
+        "channels": (256, 512, 768),
+        "attention_levels": (True, True, True),
+        "num_res_blocks": 2,
+        "num_head_channels": 256,
+        "norm_num_groups": 32,
+    },
+    "tiny": {
+        "channels": (32, 64, 64),
+        "attention_levels": (False, True, True),
+        "num_res_blocks": 1,
+        "num_head_channels": 64,
+        "norm_num_groups": 32,
+    },
+}
+
+
+def model_config_from_preset(preset: str, spatial_dims: int, in_channels: int) -> ModelConfig:
+    if preset not in MODEL_PRESETS:
+        raise UserError(f"unknown --model_type {preset!r}; accepted: {', '.join(MODEL_PRESETS)}")
+    return ModelConfig(preset=preset, spatial_dims=spatial_dims, in_channels=in_channels, **MODEL_PRESETS[preset])
+
+
+def build_unet(config: ModelConfig):
+    """MONAI core DiffusionModelUNet, unconditioned, in_channels == out_channels.
+
+    Forward: (x: (B, C, *spatial) float, timesteps: (B,) long in [0, num_train_timesteps)) -> (B, C, *spatial).
+    Spatial sizes must be divisible by 2 ** (len(channels) - 1).
+    """
+    from monai.networks.nets import DiffusionModelUNet
+
+    return DiffusionModelUNet(
+        spatial_dims=config.spatial_dims,
+        in_channels=config.in_channels,
+        out_channels=config.in_channels,
+        channels=config.channels,
+        attention_levels=config.attention_levels,
+        num_res_blocks=config.num_res_blocks,
+        num_head_channels=config.num_head_channels,
+        norm_num_groups=config.norm_num_groups,
+    )

@@ -1,0 +1,138 @@
+"""The noise schedule: names, closed forms, and the only place MONAI schedulers are constructed.
+
+``t`` always indexes the 1000-step (``num_train_timesteps``) training schedule; ``alphas_cumprod[t]`` is the signal
+fraction of x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ddpm_ood.errors import UserError
+
+if TYPE_CHECKING:
+    from ddpm_ood.config import ScheduleConfig
+
+# Canonical MONAI names, and the paper-era / diffusers spellings users type (README_additional uses
+# `scaled_linear`, upstream reconstruct.py defaults to `linear`). Names may be added, never renamed.
+SCHEDULE_ALIASES: dict[str, str] = {
+    "linear_beta": "linear_beta",
+    "linear": "linear_beta",
+    "scaled_linear_beta": "scaled_linear_beta",
+    "scaled_linear": "scaled_linear_beta",
+    "sigmoid_beta": "sigmoid_beta",
+    "sigmoid": "sigmoid_beta",
+    "cosine": "cosine",
+}
+SCHEDULES_WITH_BETA_RANGE = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
+DEFAULT_BETA_START = 1e-4
+DEFAULT_BETA_END = 2e-2
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def canonical_schedule_name(name: str) -> str:
+    """Map any accepted spelling to MONAI's name; unknown names fail listing the accepted ones."""
+    try:
+        return SCHEDULE_ALIASES[name]
+    except KeyError:
+        raise UserError(
+            f"unknown beta schedule {name!r}; accepted: {', '.join(SCHEDULE_ALIASES)}"
+        ) from None
+
+
+def _apply_snr_shift(scheduler, snr_shift: float) -> None:
+    """Upstream's SNR shift: a' = 1 / (1 / (k * SNR) + 1) with SNR = a / (1 - a); alphas/betas re-derived."""
+    if snr_shift == 1.0:
+        return
+    a = scheduler.alphas_cumprod.double()
+    shifted = 1.0 / (1.0 / (snr_shift * a / (1 - a)) + 1.0)
+    alphas = torch.cat([shifted[:1], shifted[1:] / shifted[:-1]])
+    scheduler.alphas_cumprod = shifted.float()
+    scheduler.alphas = alphas.float()
+    scheduler.betas = (1 - alphas).float()
+
+
+def make_ddpm_scheduler(config: ScheduleConfig):
+    """MONAI DDPMScheduler for training and sampling (clip_sample to [-1, 1], fixed_small variance)."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    scheduler = DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        **config.schedule_args(),
+    )
+    _apply_snr_shift(scheduler, config.snr_shift)
+    return scheduler
+
+
+def make_pndm_scheduler(config: ScheduleConfig, num_inference_steps: int):
+    """MONAI PNDMScheduler in PLMS mode, as the paper-era sampler: timesteps 1, 11, ..., 991 for 100 steps.
+
+    ``set_alpha_to_one=True``: the last step lands on the clean image (alpha = 1), so a perfect noise predictor
+    reconstructs its input exactly. The scheduler is always driven with epsilon (see ``to_epsilon``), so MONAI's
+    own handling of v/sample prediction is not used.
+    """
+    from monai.networks.schedulers import PNDMScheduler
+
+    scheduler = PNDMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        schedule=config.beta_schedule,
+        skip_prk_steps=True,
+        set_alpha_to_one=True,
+        prediction_type="epsilon",
+        steps_offset=1,
+        **config.schedule_args(),
+    )
+    _apply_snr_shift(scheduler, config.snr_shift)
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler
+
+
+def alphas_cumprod(config: ScheduleConfig) -> torch.Tensor:
+    """(num_train_timesteps,) float32 cumulative signal fractions, decreasing from ~1 to ~0."""
+    return make_ddpm_scheduler(config).alphas_cumprod.float().clone()
+
+
+def to_epsilon(
+    model_output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """Convert a network output to the noise estimate eps. ``alpha_t``: alphas_cumprod[t], broadcastable to x_t."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_t.sqrt() * model_output + (1 - alpha_t).sqrt() * x_t
+    if prediction_type == "sample":
+        return (x_t - alpha_t.sqrt() * model_output) / (1 - alpha_t).sqrt()
+    raise UserError(f"unknown prediction type {prediction_type!r}")
+
+
+def training_target(
+    scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What the network regresses for each prediction type (upstream always used the noise, wrongly)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    if prediction_type == "sample":
+        return clean
+    raise UserError(f"unknown prediction type {prediction_type!r}")
+
+
+def make_ddim_scheduler(config: ScheduleConfig, num_inference_steps: int):
+    """MONAI DDIMScheduler (eta = 0 when stepped with eta=0) for quick sample grids during training."""
+    from monai.networks.schedulers import DDIMScheduler
+
+    scheduler = DDIMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        **config.schedule_args(),
+    )
+    _apply_snr_shift(scheduler, config.snr_shift)
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler

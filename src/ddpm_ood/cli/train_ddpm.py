@@ -1,0 +1,133 @@
+"""train_ddpm.py: train a DDPM on the images of a split CSV (upstream flags and defaults, ``--flag=value``).
+
+Run again with the same command to resume from ``<output_dir>/<model_name>/checkpoint_last.pth``. Under
+``torchrun --nproc_per_node=N train_ddpm.py ...`` it trains with DDP (gloo on CPU, NCCL on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from ddpm_ood.cli.options import (
+    add_data_options,
+    add_model_options,
+    add_run_options,
+    add_schedule_options,
+    boolish,
+    non_negative_int,
+    optional_int,
+    positive_int,
+    refuse_unsupported,
+)
+
+
+def _decay(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) (0 = off), got {value!r}")
+    return v
+
+
+def _positive_float(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_ddpm.py",
+        description="Train a denoising diffusion model on the images listed in a split CSV. Running the same "
+        "command again resumes from <output_dir>/<model_name>/checkpoint_last.pth.",
+    )
+    add_run_options(parser)
+    add_data_options(parser, batch_size=512)
+    add_schedule_options(parser, from_checkpoint=False)
+    add_model_options(parser, from_checkpoint=False)
+    g = parser.add_argument_group("training")
+    g.add_argument("--training_ids", type=str, required=True, help="split CSV of the training images")
+    g.add_argument("--validation_ids", type=str, required=True,
+                   help="split CSV of the validation images (their loss picks checkpoint.pth)")
+    g.add_argument("--n_epochs", type=positive_int, default=300, help="total number of epochs (default 300)")
+    g.add_argument("--eval_freq", type=positive_int, default=10,
+                   help="validate (loss, sample grid, best checkpoint) every N epochs and at the last (default 10)")
+    g.add_argument("--checkpoint_every", type=non_negative_int, default=100,
+                   help="also keep checkpoint_<epoch>.pth every N epochs; 0 = never (default 100)")
+    g.add_argument("--ddpm_checkpoint_epoch", type=optional_int, default=None,
+                   help="resume from checkpoint_<N>.pth instead of checkpoint_last.pth (must exist)")
+    g.add_argument("--quick_test", type=boolish, default=False,
+                   help="1 = one training batch and one validation batch per epoch (smoke test)")
+    g.add_argument("--lr", type=_positive_float, default=2.5e-5, help="Adam learning rate (default 2.5e-5)")
+    g.add_argument("--ema_decay", type=_decay, default=0.0,
+                   help="EMA of the weights with this decay, e.g. 0.999, used for validation, samples and "
+                        "reconstruction; 0 = off (default)")
+    g.add_argument("--sample_steps", type=non_negative_int, default=50,
+                   help="DDIM steps of the sample grid logged to TensorBoard at each evaluation; 0 = no grid "
+                        "(default 50)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
+    from ddpm_ood.data.datasets import dataset_from_csv
+    from ddpm_ood.distributed import cleanup_distributed, init_distributed
+    from ddpm_ood.errors import UserError
+    from ddpm_ood.networks import model_config_from_preset
+    from ddpm_ood.training import (
+        TrainConfig,
+        check_image_fits_unet,
+        check_resume_config,
+        find_resume_point,
+        train,
+    )
+
+    args = build_parser().parse_args(argv)
+    refuse_unsupported(args)
+    data = DataConfig(is_grayscale=args.is_grayscale, spatial_dims=args.spatial_dimension,
+                      image_size=args.image_size, image_roi=args.image_roi)
+    schedule = ScheduleConfig(beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end,
+                              prediction_type=args.prediction_type, b_scale=args.b_scale, snr_shift=args.snr_shift)
+    model = model_config_from_preset(args.model_type, data.spatial_dims, data.channels)
+    run_dir = Path(args.output_dir) / args.model_name
+    cfg = TrainConfig(run_dir=str(run_dir), n_epochs=args.n_epochs, eval_freq=args.eval_freq,
+                      checkpoint_every=args.checkpoint_every, resume_epoch=args.ddpm_checkpoint_epoch,
+                      quick_test=args.quick_test, lr=args.lr, ema_decay=args.ema_decay, batch_size=args.batch_size,
+                      num_workers=args.num_workers, seed=args.seed, amp=args.amp, sample_steps=args.sample_steps)
+
+    ctx = init_distributed(args.device)
+    try:
+        resume = find_resume_point(run_dir, cfg.resume_epoch)
+        if resume is not None:
+            # Settings first (cheap); the image shape is compared once the data are loaded.
+            check_resume_config(resume, RunConfig(model, schedule, data, image_shape=()), compare_image_shape=False)
+            if resume.epochs_completed >= cfg.n_epochs:
+                if ctx.is_main:
+                    print(f"training already complete: {resume.path} holds {resume.epochs_completed} epoch(s), "
+                          f"--n_epochs={cfg.n_epochs}; nothing to do")
+                return 0
+        train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
+        image_shape = tuple(train_set.image_shape)
+        check_image_fits_unet(image_shape, model, args.training_ids)
+        val_set = dataset_from_csv(args.validation_ids, data, cache=args.cache_data)
+        if tuple(val_set.image_shape) != image_shape:
+            raise UserError(f"{args.validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
+                            f"but training images ({args.training_ids}) have {image_shape}")
+        run_config = RunConfig(model=model, schedule=schedule, data=data, image_shape=image_shape)
+        if resume is not None:
+            check_resume_config(resume, run_config, compare_image_shape=True)
+        summary = train(run_config, cfg, train_set, val_set, ctx, resume=resume)
+        if ctx.is_main:
+            print(f"trained {summary.epochs_completed}/{cfg.n_epochs} epochs; best validation loss "
+                  f"{summary.best_loss:.5f}; checkpoints in {run_dir}")
+        return 0
+    finally:
+        cleanup_distributed()

@@ -1,0 +1,6 @@
+"""Data: split CSVs (splits), image loading and datasets (datasets), dataset download/preparation (download)."""
+
+from ddpm_ood.data.datasets import ImageDataset, dataset_from_csv, image_stem, load_image
+from ddpm_ood.data.splits import read_split_csv, write_split_csv
+
+__all__ = ["ImageDataset", "dataset_from_csv", "image_stem", "load_image", "read_split_csv", "write_split_csv"]

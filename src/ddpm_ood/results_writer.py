@@ -1,0 +1,104 @@
+"""Resumable results files: rows are appended in completed batches, the final CSV is written once, atomically.
+
+While a set is being reconstructed its rows go to ``results_<name>.csv.partial`` (our schema plus the image's
+``index`` in the set), and the settings that produced them to ``results_<name>.csv.partial.json``. A run that stops
+part-way resumes from the complete images in the partial file, provided the settings are the same. The settings of a
+finished file are kept beside it in ``results_<name>.json`` (score.py reads them). The final
+``results_<name>.csv`` is always written from the partial file, sorted by (index, t), so an interrupted run ends with
+the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ddpm_ood.errors import UserError
+from ddpm_ood.io import atomic_write_csv, atomic_write_text
+from ddpm_ood.results import RESULT_COLUMNS
+
+PARTIAL_COLUMNS = ["index", *RESULT_COLUMNS]
+
+
+class ResumableResults:
+    """One results file. ``settings`` (JSON-able) must match for a resume or a skip."""
+
+    def __init__(self, path: str | os.PathLike, settings: dict, n_timesteps: int) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.settings_path = self.path.with_suffix(".json")
+        self.partial_settings_path = self.partial.with_name(self.partial.name + ".json")
+        self.settings = json.loads(json.dumps(settings))
+        self.n_timesteps = n_timesteps
+
+    @staticmethod
+    def _read_json(path: Path) -> dict | None:
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def is_complete(self) -> bool:
+        """True when the final CSV exists and was produced with the same settings."""
+        return self.path.is_file() and self._read_json(self.settings_path) == self.settings
+
+    def start(self) -> set[int]:
+        """Prepare for (re)computation; return the indices of images already complete in the partial file.
+
+        A partial file from other settings is discarded loudly (its rows would not be comparable).
+        """
+        saved = self._read_json(self.partial_settings_path)
+        done: set[int] = set()
+        if self.partial.is_file() and saved == self.settings:
+            rows = self._read_partial()
+            counts = rows.groupby("index")["t"].nunique()
+            done = set(int(i) for i in counts.index[counts == self.n_timesteps])
+            rows = rows[rows["index"].isin(done)]
+            # Rewrite without any torn last line or incomplete image before appending again.
+            atomic_write_csv(rows[PARTIAL_COLUMNS], self.partial)
+            if done:
+                print(f"resuming {self.path.name}: {len(done)} images already done")
+        else:
+            if self.partial.is_file():
+                print(f"discarding {self.partial.name}: it was made with other settings")
+            pd.DataFrame(columns=PARTIAL_COLUMNS).to_csv(self.partial, index=False)
+        atomic_write_text(self.partial_settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
+        return done
+
+    def _read_partial(self) -> pd.DataFrame:
+        try:
+            rows = pd.read_csv(self.partial, on_bad_lines="skip")
+        except (pd.errors.EmptyDataError, pd.errors.ParserError):
+            return pd.DataFrame(columns=PARTIAL_COLUMNS)
+        if list(rows.columns) != PARTIAL_COLUMNS:
+            raise UserError(f"{self.partial}: unexpected columns {list(rows.columns)}; delete it to start over")
+        rows = rows.dropna()
+        rows["index"] = rows["index"].astype(int)
+        rows["t"] = rows["t"].astype(int)
+        return rows.drop_duplicates(["index", "t"])
+
+    def append(self, rows: Sequence[dict]) -> None:
+        """Append one completed batch of rows (each with ``index`` and the RESULT_COLUMNS), flushed to disk."""
+        if not rows:
+            return
+        frame = pd.DataFrame(list(rows), columns=PARTIAL_COLUMNS)
+        with open(self.partial, "a") as f:
+            frame.to_csv(f, header=False, index=False)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self) -> pd.DataFrame:
+        """Write the final CSV (sorted by image index then t, no index column) and remove the partial file."""
+        rows = self._read_partial().sort_values(["index", "t"], kind="stable")
+        final = rows[RESULT_COLUMNS].reset_index(drop=True)
+        atomic_write_csv(final, self.path)
+        atomic_write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
+        self.partial.unlink(missing_ok=True)
+        self.partial_settings_path.unlink(missing_ok=True)
+        return final

@@ -1,0 +1,491 @@
+"""Scoring new inputs with a trained model: the ``OODScorer`` API behind score.py.
+
+An input is reconstructed from every start t exactly as reconstruct.py reconstructs a results set (same checkpoint
+and EMA choice, seed, PLMS grid, start points and ``recon_steps``, all read from ``results_val.json``, the settings
+that produced ``results_val.csv``), measured with the same metric set, and given the default
+``scoring.DEFAULT_SCORE`` (``"mse+perceptual"``: per t, z-scored MSE plus z-scored LPIPS against the validation
+results, averaged over t; higher = more OOD). So an image's score equals what reconstruct.py + ood_detection.py give
+for the same file.
+
+Threshold: ``calibrate_threshold`` takes the ``val_keep`` quantile (numpy's linear interpolation) of the validation
+images' own scores (against the same ``ValidationReference``). An input is flagged (``is_ood``) when its score is
+strictly above it, so about ``1 - val_keep`` of in-distribution inputs are flagged (the expected false-positive
+rate); on the validation images themselves the flagged count is within one image of ``(1 - val_keep) * n_val``.
+
+Noise keys (``reconstruction.row_seed``): a file is keyed by its path (made absolute, as reconstruct.py does), so a
+file listed in a split CSV scores exactly as in ``results_<set>.csv``. An in-memory image is keyed by
+``ARRAY_KEY_PREFIX + sha256`` of its prepared float32 (C, *spatial) bytes (shape included): the same image always
+gets the same noise, wherever it sits in the batch. The key is already absolute, so ``row_seed``'s ``abspath`` leaves
+it unchanged (no dependence on the working directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import pandas as pd
+
+from ddpm_ood.errors import UserError
+from ddpm_ood.results import VAL_NAME, read_results, results_path
+from ddpm_ood.scoring import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
+
+if TYPE_CHECKING:
+    import torch
+
+    from ddpm_ood.config import RunConfig
+    from ddpm_ood.metrics import ReconstructionMetrics
+    from ddpm_ood.reconstruction import EpsFn
+
+DEFAULT_VAL_KEEP = 0.95
+# Output columns, in order; "error" is empty for a scored input, the one-line reason otherwise (scores NaN).
+OUTPUT_COLUMNS = ["path", "score", "is_ood", "mse_score", "perceptual_score", "error"]
+# Output column -> scoring.SCORE_NAMES entry it reports.
+SCORE_COLUMNS = {"score": DEFAULT_SCORE, "mse_score": "mse", "perceptual_score": "perceptual"}
+# Noise key of an in-memory image: this prefix + the sha256 hex digest of its prepared bytes (absolute on purpose).
+ARRAY_KEY_PREFIX = "/ddpm-ood-array/sha256/"
+SETTINGS_KEYS = (
+    "checkpoint",
+    "checkpoint_epoch",
+    "seed",
+    "num_inference_steps",
+    "inference_skip_factor",
+    "recon_steps",
+    "start_timesteps",
+    "use_ema",
+    "amp",
+)
+
+ImageInput = Union[str, os.PathLike, np.ndarray, "torch.Tensor"]
+
+
+# ---------------------------------------------------------------------------------------------------- calibration
+@dataclass(frozen=True)
+class Calibration:
+    """The decision threshold and what it means on the validation set.
+
+    threshold: the ``val_keep`` quantile of the validation scores; an input is OOD when its score > threshold.
+    val_keep: fraction of in-distribution inputs meant to be kept, in (0, 1]. n_val: validation images.
+    val_flagged: validation images scoring above the threshold.
+    """
+
+    threshold: float
+    val_keep: float
+    n_val: int
+    val_flagged: int
+
+    @property
+    def expected_fpr(self) -> float:
+        """1 - val_keep: the fraction of in-distribution inputs expected to be flagged."""
+        return 1.0 - self.val_keep
+
+    @property
+    def val_fpr(self) -> float:
+        """The fraction of validation images above the threshold (the empirical false-positive rate)."""
+        return self.val_flagged / self.n_val
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "val_keep": self.val_keep,
+            "expected_false_positive_rate": self.expected_fpr,
+            "validation_false_positive_rate": self.val_fpr,
+            "n_validation": self.n_val,
+            "n_validation_flagged": self.val_flagged,
+        }
+
+
+def check_val_keep(val_keep: float) -> float:
+    """``val_keep`` as a float in (0, 1]; anything else is a UserError naming --val_keep."""
+    v = float(val_keep)
+    if not 0.0 < v <= 1.0:
+        raise UserError(f"--val_keep must be in (0, 1] (the fraction of validation images kept), got {val_keep}")
+    return v
+
+
+def calibrate_threshold(val_scores: Sequence[float] | np.ndarray, val_keep: float = DEFAULT_VAL_KEEP) -> Calibration:
+    """Threshold = the ``val_keep`` quantile (linear interpolation) of the validation images' scores.
+
+    ``val_scores``: one finite score per validation image, higher = more OOD. With n scores, the number strictly
+    above the threshold is within one of ``(1 - val_keep) * n`` (for distinct scores). ``val_keep = 1`` puts the
+    threshold at the highest validation score (no validation image flagged).
+    """
+    val_keep = check_val_keep(val_keep)
+    scores = np.asarray(val_scores, dtype=float).ravel()
+    if scores.size == 0:
+        raise UserError("no validation scores to calibrate the threshold on")
+    if not np.isfinite(scores).all():
+        raise UserError("validation scores contain NaN or infinite values; cannot calibrate the threshold")
+    threshold = float(np.quantile(scores, val_keep))
+    return Calibration(threshold, val_keep, int(scores.size), int((scores > threshold).sum()))
+
+
+# ------------------------------------------------------------------------------------------------ run settings
+@dataclass(frozen=True)
+class ReconSettings:
+    """The reconstruction settings that produced ``results_val.csv`` (its sidecar ``results_val.json``)."""
+
+    checkpoint: str
+    checkpoint_epoch: int | None
+    seed: int
+    num_inference_steps: int
+    inference_skip_factor: int
+    recon_steps: int | None
+    start_timesteps: tuple[int, ...]
+    use_ema: bool
+    amp: bool
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> ReconSettings:
+        """Read the sidecar JSON written by ``results_writer``; a missing or malformed file is a UserError."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(
+                f"{path}: not found, so the settings behind the validation results are unknown; "
+                "rerun reconstruct.py with --run_val=1"
+            )
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
+        missing = [k for k in SETTINGS_KEYS if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise UserError(f"{path}: missing setting(s) {', '.join(missing)}; rerun reconstruct.py with --run_val=1")
+        return cls(
+            checkpoint=str(d["checkpoint"]),
+            checkpoint_epoch=d["checkpoint_epoch"],
+            seed=int(d["seed"]),
+            num_inference_steps=int(d["num_inference_steps"]),
+            inference_skip_factor=int(d["inference_skip_factor"]),
+            recon_steps=None if d["recon_steps"] is None else int(d["recon_steps"]),
+            start_timesteps=tuple(int(t) for t in d["start_timesteps"]),
+            use_ema=bool(d["use_ema"]),
+            amp=bool(d["amp"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["start_timesteps"] = list(self.start_timesteps)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------------- inputs
+def _has_image_suffix(name: str) -> bool:
+    from ddpm_ood.data.datasets import IMAGE_SUFFIXES
+
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def collect_inputs(spec: str) -> list[str]:
+    """The image paths named by score.py's ``--inputs``.
+
+    - a folder: its ``.png .jpg .jpeg .npy .nii .nii.gz`` files (not recursive; hidden files and other types
+      ignored), sorted by name; none is a UserError;
+    - a ``.csv`` file: the paths of a split CSV (either format of ``data.splits``), missing files kept (they get
+      an error row);
+    - otherwise one image path, or several separated by commas (kept as given: a missing file or an unsupported
+      type gets an error row).
+    """
+    from ddpm_ood.data.datasets import IMAGE_SUFFIXES
+    from ddpm_ood.data.splits import read_split_csv
+
+    spec = str(spec).strip()
+    if not spec:
+        raise UserError("--inputs is empty; give a folder, a split CSV or image files")
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(
+            str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and _has_image_suffix(f.name)
+        )
+        if not files:
+            raise UserError(f"--inputs: folder {p} has no image files ({' '.join(IMAGE_SUFFIXES)})")
+        return files
+    if spec.lower().endswith(".csv"):
+        return read_split_csv(spec, check_exists=False)
+    if p.is_file():
+        return [spec]
+    parts = [s.strip() for s in spec.split(",") if s.strip()]
+    if len(parts) > 1:
+        return parts
+    raise UserError(f"--inputs: {spec} is not a folder, a split CSV or an image file")
+
+
+def array_key(image: torch.Tensor) -> str:
+    """Noise key of a prepared in-memory image (C, *spatial): ``ARRAY_KEY_PREFIX`` + sha256 of shape and
+    float32 bytes. The same image always gets the same key, hence the same noise."""
+    import torch
+
+    x = image.detach().to("cpu", torch.float32).contiguous().numpy()
+    digest = hashlib.sha256(repr(tuple(x.shape)).encode() + x.tobytes()).hexdigest()
+    return ARRAY_KEY_PREFIX + digest
+
+
+# ------------------------------------------------------------------------------------------------------- scorer
+class OODScorer:
+    """Score new images against a trained model's validation results; higher score = more OOD.
+
+    Build one with ``OODScorer.from_run``; it needs ``<output_dir>/<model_name>/ood/results_val.csv`` (and its
+    ``results_val.json``) written by ``reconstruct.py --run_val=1``, and the checkpoint named there. Example::
+
+        from ddpm_ood import OODScorer
+        scorer = OODScorer.from_run("runs", "mnist", device="auto")  # reads runs/mnist/ood/results_val.csv
+        result = scorer.score(["digit_0.png", "digit_1.png"])  # paths, numpy arrays or a (B, C, H, W) tensor
+        print(f"inputs scoring above {scorer.threshold:.3f} are flagged as OOD")
+        print(result[["path", "score", "is_ood"]])
+
+    ``score`` returns a DataFrame with one row per input, in order, columns ``OUTPUT_COLUMNS``:
+    ``path`` (the file path as given, or ``images[i]`` for an in-memory image), ``score`` (the default
+    ``mse+perceptual`` score), ``is_ood`` (score > ``threshold``; <NA> when the input failed), ``mse_score``,
+    ``perceptual_score`` (the MSE-only and LPIPS-only scores) and ``error`` ("" when scored, else the reason;
+    the scores are then NaN).
+
+    Attributes: ``threshold`` (float), ``calibration`` (``Calibration``), ``reference`` (the
+    ``ValidationReference``), ``settings`` (``ReconSettings`` read from ``results_val.json``), ``run``
+    (the checkpoint's ``RunConfig``), ``device``.
+    """
+
+    def __init__(
+        self,
+        run: RunConfig,
+        eps_fn: EpsFn,
+        metrics: ReconstructionMetrics,
+        reference: ValidationReference,
+        calibration: Calibration,
+        settings: ReconSettings,
+        device: torch.device,
+        batch_size: int = 64,
+    ) -> None:
+        if batch_size < 1:
+            raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+        self.run = run
+        self.eps_fn = eps_fn
+        self.metrics = metrics
+        self.reference = reference
+        self.calibration = calibration
+        self.settings = settings
+        self.device = device
+        self.batch_size = int(batch_size)
+
+    @property
+    def threshold(self) -> float:
+        """Scores strictly above this are OOD: the ``val_keep`` quantile of the validation scores."""
+        return self.calibration.threshold
+
+    @classmethod
+    def from_run(
+        cls,
+        output_dir: str | os.PathLike,
+        model_name: str,
+        device: str = "auto",
+        *,
+        val_keep: float = DEFAULT_VAL_KEEP,
+        batch_size: int = 64,
+        amp: bool | None = None,
+        max_batch: int | None = None,
+    ) -> OODScorer:
+        """Load the run ``<output_dir>/<model_name>``: validation results, their settings, the checkpoint.
+
+        device: "auto" (CUDA if available), "cpu" or "cuda". val_keep: in (0, 1], see ``calibrate_threshold``.
+        batch_size: images reconstructed together (each becomes one trajectory per start t). amp: None = as the
+        validation results were made (recommended: scores stay comparable). max_batch: most samples per network
+        call (memory budget; no effect on the numbers). Bad or missing files raise UserError.
+        """
+        from ddpm_ood.checkpoint import load_checkpoint
+        from ddpm_ood.devices import resolve_device
+        from ddpm_ood.metrics import ReconstructionMetrics
+        from ddpm_ood.reconstruction_stage import ModelFlags, load_eps_fn, resolve_run_config
+
+        val_keep = check_val_keep(val_keep)
+        val_path = results_path(output_dir, model_name, VAL_NAME)
+        if not val_path.is_file():
+            raise UserError(
+                f"{val_path}: not found; run reconstruct.py with --run_val=1 first "
+                "(scores and the threshold are calibrated on the validation results)"
+            )
+        settings = ReconSettings.read(val_path.with_suffix(".json"))
+        val = read_results(val_path)
+        val_ts = sorted(set(val["t"].astype(int)))
+        if val_ts != sorted(settings.start_timesteps):
+            raise UserError(
+                f"{val_path}: has start t={val_ts} but {val_path.with_suffix('.json').name} says "
+                f"{list(settings.start_timesteps)}; rerun reconstruct.py with --run_val=1"
+            )
+        reference = ValidationReference.fit(val, select_timesteps(val_ts), source=str(val_path))
+        calibration = calibrate_threshold(image_scores(val, reference, source=str(val_path))[DEFAULT_SCORE], val_keep)
+
+        ckpt_file = Path(settings.checkpoint)
+        ckpt = load_checkpoint(ckpt_file)
+        if ckpt.get("epoch") != settings.checkpoint_epoch:
+            raise UserError(
+                f"{ckpt_file}: is now epoch {ckpt.get('epoch')} but {val_path.name} was made with epoch "
+                f"{settings.checkpoint_epoch}; rerun reconstruct.py with --run_val=1 so scores stay comparable"
+            )
+        run = resolve_run_config(ckpt, ModelFlags(), ckpt_file)
+        if run is None:
+            raise UserError(
+                f"{ckpt_file}: has no stored configuration (an upstream checkpoint); score.py needs a checkpoint "
+                "written by ddpm-ood's train_ddpm.py"
+            )
+        dev = resolve_device(device)
+        eps_fn = load_eps_fn(
+            ckpt, run, ckpt_file, dev, use_ema=settings.use_ema, max_batch=max_batch,
+            amp=settings.amp if amp is None else bool(amp),
+        )
+        return cls(run, eps_fn, ReconstructionMetrics(dev), reference, calibration, settings, dev, batch_size)
+
+    # -------------------------------------------------------------------------------------------------------
+    def score(
+        self,
+        images: torch.Tensor | np.ndarray | Sequence[ImageInput],
+        *,
+        progress: bool = True,
+    ) -> pd.DataFrame:
+        """Score images; one output row per input, in order (columns ``OUTPUT_COLUMNS``, see the class doc).
+
+        images:
+          - a torch tensor or numpy array (B, C, *spatial), float in [0, 1], already prepared as the training
+            images were (the checkpoint's channels, size and min-max scaling; ``run.image_shape`` per image),
+            used as is; a wrong shape or range is a UserError;
+          - a sequence whose items are image paths (str / PathLike: loaded with ``data.datasets.load_image`` and
+            the checkpoint's DataConfig, exactly as reconstruct.py loads them), raw numpy arrays ((H, W),
+            (1, H, W) or (3, H, W) ...: prepared by the same loading chain: channels, crop, resize, min-max to
+            [0, 1]) or prepared torch tensors (C, *spatial) in [0, 1].
+        An item that cannot be brought to the model's shape gets a row with NaN scores and the reason in
+        ``error``; if no item at all can be scored, UserError. progress: show a tqdm bar.
+        """
+        from tqdm import tqdm
+
+        from ddpm_ood.reconstruction_stage import measure_batch, result_rows
+
+        items = self._as_items(images)
+        n = len(items)
+        errors: dict[int, str] = {}
+        rows: list[dict] = []
+        with tempfile.TemporaryDirectory(prefix="ddpm-ood-score-") as tmp:
+            bar = tqdm(total=n, desc="score", unit="img", disable=not progress)
+            for start in range(0, n, self.batch_size):
+                indices, tensors, keys = [], [], []
+                for i in range(start, min(start + self.batch_size, n)):
+                    try:
+                        x, key = self._prepare(i, items[i], tmp)
+                    except UserError as exc:
+                        errors[i] = str(exc)
+                        continue
+                    indices.append(i)
+                    tensors.append(x)
+                    keys.append(key)
+                if indices:
+                    batch = self._stack(tensors)
+                    values = measure_batch(
+                        self.eps_fn, self.run.schedule, self.metrics, batch, keys, self.settings.start_timesteps,
+                        self.settings.num_inference_steps, self.settings.seed, recon_steps=self.settings.recon_steps,
+                    )
+                    # filename = the input's position: unique even when two inputs share a file stem.
+                    rows += result_rows(indices, [str(i) for i in indices], "in", self.settings.start_timesteps, values)
+                bar.update(min(start + self.batch_size, n) - start)
+            bar.close()
+        if not rows:
+            first = min(errors)
+            raise UserError(f"none of the {n} input(s) could be scored; {errors[first]}")
+        scores = image_scores(pd.DataFrame(rows), self.reference, source="inputs")
+        return self._frame(items, scores, errors)
+
+    def _as_items(self, images: Any) -> list[Any]:
+        import torch
+
+        if isinstance(images, (str, os.PathLike)):
+            raise TypeError("score() takes a sequence of paths (or a tensor); wrap a single path in a list")
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        if isinstance(images, torch.Tensor):
+            self._check_prepared(images, "images", batch=True)
+            return list(images)
+        items = list(images)
+        if not items:
+            raise UserError("no inputs to score")
+        return items
+
+    def _check_prepared(self, x: torch.Tensor, name: str, batch: bool) -> None:
+        want = tuple(self.run.image_shape)
+        shape = tuple(x.shape[1:] if batch else x.shape)
+        if (batch and x.ndim != len(want) + 1) or shape != want:
+            layout = "(B, " + ", ".join(map(str, want)) + ")" if batch else str(want)
+            raise UserError(f"{name}: shape {tuple(x.shape)}, but the model takes prepared images {layout}")
+        if batch and x.shape[0] == 0:
+            raise UserError(f"{name}: no images (batch of 0)")
+        if not x.is_floating_point():
+            raise UserError(f"{name}: dtype {x.dtype}; prepared images are float in [0, 1]")
+        if not bool(x.isfinite().all()) or float(x.min()) < 0.0 or float(x.max()) > 1.0:
+            raise UserError(f"{name}: values must be finite and in [0, 1] (prepared images)")
+
+    def _prepare(self, i: int, item: Any, tmp: str) -> tuple[torch.Tensor, str]:
+        """(C, *spatial) float32 in [0, 1] with the model's shape, and its noise key; UserError if impossible."""
+        import torch
+
+        from ddpm_ood.data.datasets import load_image
+
+        if isinstance(item, torch.Tensor):
+            name = f"images[{i}]"
+            self._check_prepared(item, name, batch=False)
+            x = item.detach().float()
+            return x, array_key(x)
+        if isinstance(item, np.ndarray):
+            # Write it as a .npy so it goes through exactly the loading chain of files (channels, crop, resize,
+            # min-max); the temporary path is replaced by images[i] in messages.
+            path = os.path.join(tmp, f"images_{i}.npy")
+            try:
+                np.save(path, item, allow_pickle=False)
+                x = load_image(path, self.run.data)
+            except ValueError as exc:  # object arrays cannot be saved without pickling
+                raise UserError(f"images[{i}]: not a numeric array ({exc})") from None
+            except UserError as exc:
+                raise UserError(str(exc).replace(path, f"images[{i}]")) from None
+            finally:
+                if os.path.exists(path):
+                    os.remove(path)
+            self._check_loaded_shape(x, f"images[{i}]")
+            return x, array_key(x)
+        if isinstance(item, (str, os.PathLike)):
+            path = os.fspath(item)
+            try:
+                x = load_image(path, self.run.data)
+            except (OSError, ValueError, RuntimeError) as exc:  # anything a reader raised past load_image's checks
+                raise UserError(f"{path}: cannot be loaded ({exc.__class__.__name__}: {exc})") from None
+            self._check_loaded_shape(x, path)
+            return x, path  # the key reconstruct.py uses: row_seed makes it absolute
+        raise UserError(f"images[{i}]: unsupported input type {type(item).__name__} (path, numpy array or tensor)")
+
+    def _check_loaded_shape(self, x: torch.Tensor, name: str) -> None:
+        want = tuple(self.run.image_shape)
+        if tuple(x.shape) != want:
+            raise UserError(
+                f"{name}: loads as shape {tuple(x.shape)} but the model was trained on {want} "
+                "(wrong image size or channels for this model)"
+            )
+
+    def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        return torch.stack([t.to(torch.float32) for t in tensors]).to(self.device)
+
+    def _frame(self, items: list[Any], scores: pd.DataFrame, errors: dict[int, str]) -> pd.DataFrame:
+        labels = [
+            os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"images[{i}]"
+            for i, item in enumerate(items)
+        ]
+        keys = [str(i) for i in range(len(items))]
+        out = pd.DataFrame({"path": labels})
+        for column, name in SCORE_COLUMNS.items():
+            out[column] = scores[name].reindex(keys).to_numpy(dtype=float)
+        flagged = pd.array(out["score"] > self.threshold, dtype="boolean")
+        flagged[out["score"].isna().to_numpy()] = pd.NA
+        out["is_ood"] = flagged
+        out["error"] = [errors.get(i, "") for i in range(len(items))]
+        return out[OUTPUT_COLUMNS]

@@ -1,0 +1,112 @@
+"""DDP: the process-group life cycle, and two CPU processes under torchrun writing one set of files."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as torch_dist
+
+from ddpm_ood.checkpoint import LAST_CHECKPOINT, load_checkpoint, run_config_of
+from ddpm_ood.distributed import (
+    DistContext,
+    all_reduce_sum,
+    cleanup_distributed,
+    init_distributed,
+    launched_by_torchrun,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_single_process_without_torchrun(monkeypatch):
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert not launched_by_torchrun()
+    ctx = init_distributed("cpu")
+    assert ctx == DistContext(device=torch.device("cpu"))
+    assert ctx.is_main and not ctx.distributed
+    assert all_reduce_sum([1.5, 2.0], ctx) == [1.5, 2.0]
+    cleanup_distributed()  # a no-op without a group
+
+
+def test_torchrun_environment_starts_and_destroys_a_gloo_group(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    ctx = init_distributed("cpu")
+    try:
+        assert torch_dist.is_initialized() and torch_dist.get_backend() == "gloo"
+        assert ctx.distributed and ctx.is_main and ctx.world_size == 1
+        assert all_reduce_sum([3.0, 4.0], ctx) == [3.0, 4.0]
+    finally:
+        cleanup_distributed()
+    assert not torch_dist.is_initialized()
+
+
+def _write_data(tmp: Path, n_train: int, n_val: int) -> tuple[str, str]:
+    (tmp / "img").mkdir()
+    paths = []
+    for i in range(n_train + n_val):
+        a = np.zeros((8, 8), np.uint8)
+        a[2:6, i % 4:i % 4 + 4] = 255
+        np.save(tmp / "img" / f"{i}.npy", a)
+        paths.append(str(tmp / "img" / f"{i}.npy"))
+    (tmp / "train.csv").write_text("path\n" + "\n".join(paths[:n_train]) + "\n")
+    (tmp / "val.csv").write_text("path\n" + "\n".join(paths[n_train:]) + "\n")
+    return str(tmp / "train.csv"), str(tmp / "val.csv")
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(ROOT / "train_ddpm.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_one_run(tmp_path):
+    train, val = _write_data(tmp_path, n_train=8, n_val=3)
+    proc = _torchrun([f"--output_dir={tmp_path / 'out'}", "--model_name=ddp", f"--training_ids={train}",
+                      f"--validation_ids={val}", "--model_type=tiny", "--is_grayscale=1", "--batch_size=2",
+                      "--n_epochs=1", "--num_workers=0", "--sample_steps=2", "--device=cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "out" / "ddp"
+    # Only rank 0 wrote: one set of checkpoints, one event file per TensorBoard folder.
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pth", LAST_CHECKPOINT, "train", "val"]
+    assert len(list((run / "train").iterdir())) == 1 and len(list((run / "val").iterdir())) == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ddp"]
+    ckpt = load_checkpoint(run / LAST_CHECKPOINT)
+    # 8 images over 2 ranks in batches of 2: 2 steps per epoch (one process would take 4).
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2
+    assert not any(k.startswith("module.") for k in ckpt["model_state_dict"])  # unwrapped from DDP
+    assert run_config_of(ckpt).model.preset == "tiny"
+    assert proc.stdout.count("trained 1/1 epochs") == 1  # rank 0 reports, once
+
+
+@pytest.mark.slow
+def test_an_error_under_torchrun_reaches_the_user(tmp_path):
+    _, val = _write_data(tmp_path, n_train=2, n_val=2)
+    proc = _torchrun([f"--output_dir={tmp_path / 'out'}", "--model_name=ddp",
+                      f"--training_ids={tmp_path / 'missing.csv'}", f"--validation_ids={val}", "--model_type=tiny",
+                      "--is_grayscale=1", "--device=cpu"], tmp_path)
+    assert proc.returncode != 0
+    # Every rank's stderr is kept (upstream sent ranks != 0 to /dev/null): both ranks report the error.
+    assert proc.stderr.count("error: ") >= 2 and "missing.csv: split CSV not found" in proc.stderr
+    assert not (tmp_path / "out" / "ddp" / LAST_CHECKPOINT).exists()

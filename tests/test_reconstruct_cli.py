@@ -1,0 +1,233 @@
+"""reconstruct.py end to end on tiny data: files, rows, resume, batch-size invariance, flips, torchrun, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ddpm_ood.checkpoint import save_checkpoint
+from ddpm_ood.cli.reconstruct import main
+from ddpm_ood.cli.runner import run_cli
+from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
+from ddpm_ood.data.splits import write_split_csv
+from ddpm_ood.metrics import build_lpips
+from ddpm_ood.networks import build_unet
+from ddpm_ood.results import RESULT_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _lpips_installed() -> bool:
+    try:
+        build_lpips("cpu")
+    except Exception:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(
+    not _lpips_installed(), reason="LPIPS AlexNet weights not installed: run `python -m ddpm_ood.lpips_weights`"
+)
+
+
+def _write_images(folder: Path, prefix: str, n: int, seed: int, shape=(8, 8)) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"{prefix}_{i}.npy"
+        np.save(p, rng.integers(0, 256, size=shape, dtype=np.uint8))
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recon")
+    splits = root / "data_splits"
+    write_split_csv(splits / "Toy_val.csv", _write_images(root / "val", "Toy", 3, 0))
+    write_split_csv(splits / "Toy_test.csv", _write_images(root / "test", "Toy", 4, 1))
+    write_split_csv(splits / "Other_test.csv", _write_images(root / "other", "Other", 3, 2))
+    write_split_csv(splits / "Rgb_test.csv", _write_images(root / "rgb", "Rgb", 2, 3, shape=(3, 8, 8)))
+    torch.manual_seed(0)
+    model = ModelConfig("test", 2, 1, (8, 16, 16), (False, False, True), 1, 16, 8)
+    schedule = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
+    run = RunConfig(model, schedule, DataConfig(is_grayscale=True), (1, 8, 8))
+    ckpt = {"epoch": 1, "model_state_dict": build_unet(model).state_dict(), "config": run.to_dict()}
+    out = root / "out"
+    save_checkpoint(out / "toy" / "checkpoint.pth", ckpt)
+    return root, splits, out
+
+
+def _args(splits: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"--output_dir={out}",
+        "--model_name=toy",
+        f"--validation_ids={splits / 'Toy_val.csv'}",
+        f"--in_ids={splits / 'Toy_test.csv'}",
+        f"--out_ids={splits / 'Other_test.csv'},{splits / 'Toy_vflip_test.csv'}",
+        "--is_grayscale=1",
+        "--num_inference_steps=10",
+        "--inference_skip_factor=4",
+        "--num_workers=0",
+        *extra,
+    ]
+
+
+def _copy_checkpoint(src_out: Path, dst_out: Path) -> None:
+    (dst_out / "toy").mkdir(parents=True, exist_ok=True)
+    (dst_out / "toy" / "checkpoint.pth").write_bytes((src_out / "toy" / "checkpoint.pth").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def baseline(setup):
+    root, splits, out = setup
+    assert main(_args(splits, out, "--batch_size=7")) == 0
+    return out / "toy" / "ood"
+
+
+def test_writes_expected_files_and_rows(setup, baseline):
+    files = sorted(p.name for p in baseline.glob("results_*.csv"))
+    assert files == ["results_Other.csv", "results_Toy_vflip.csv", "results_in.csv", "results_val.csv"]
+    val = pd.read_csv(baseline / "results_val.csv")
+    assert list(val.columns) == RESULT_COLUMNS
+    assert len(val) == 3 * 3  # 3 images x ceil(10 / 4) start points
+    assert sorted(val["t"].unique()) == [1, 401, 801]
+    assert set(val["type"]) == {"val"}
+    assert (val["mse"] >= 0).all() and (val["perceptual_difference"] >= 0).all()
+    assert set(pd.read_csv(baseline / "results_Toy_vflip.csv")["type"]) == {"out"}
+    assert not list(baseline.glob("*.partial"))
+
+
+def test_flipped_set_differs_from_unflipped(baseline):
+    flipped = pd.read_csv(baseline / "results_Toy_vflip.csv")
+    plain = pd.read_csv(baseline / "results_in.csv")
+    assert list(flipped["filename"]) == list(plain["filename"])
+    assert not np.allclose(flipped["mse"], plain["mse"])
+
+
+def test_batch_size_does_not_change_rows(setup, baseline, tmp_path):
+    _, splits, out = setup
+    _copy_checkpoint(out, tmp_path)
+    assert main(_args(splits, tmp_path, "--batch_size=1")) == 0
+    for f in baseline.glob("results_*.csv"):
+        assert (tmp_path / "toy" / "ood" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_reference_engine_gives_the_same_numbers(setup, baseline, tmp_path):
+    _, splits, out = setup
+    _copy_checkpoint(out, tmp_path)
+    assert main(_args(splits, tmp_path, "--engine=reference", "--run_in=0", "--run_out=0")) == 0
+    ref = pd.read_csv(tmp_path / "toy" / "ood" / "results_val.csv")
+    fast = pd.read_csv(baseline / "results_val.csv")
+    assert np.abs(ref["mse"] - fast["mse"]).max() < 1e-6
+    assert np.abs(ref["perceptual_difference"] - fast["perceptual_difference"]).max() < 1e-4
+
+
+def test_resume_after_interruption_gives_identical_files(setup, baseline, tmp_path, monkeypatch):
+    from ddpm_ood import results_writer
+
+    _, splits, out = setup
+    _copy_checkpoint(out, tmp_path)
+    original = results_writer.ResumableResults.append
+    calls = {"n": 0}
+
+    def interrupting(self, rows):
+        original(self, rows)
+        calls["n"] += 1
+        if calls["n"] == 3:  # in the middle of the in set (val took 2 batches of 2)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(results_writer.ResumableResults, "append", interrupting)
+    assert run_cli(main, _args(splits, tmp_path, "--batch_size=2")) == 130
+    ood = tmp_path / "toy" / "ood"
+    assert (ood / "results_val.csv").is_file() and (ood / "results_in.csv.partial").is_file()
+    monkeypatch.setattr(results_writer.ResumableResults, "append", original)
+    assert main(_args(splits, tmp_path, "--batch_size=2")) == 0
+    for f in baseline.glob("results_*.csv"):
+        assert (ood / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_complete_files_are_skipped_and_other_settings_recomputed(setup, tmp_path, capsys):
+    _, splits, out = setup
+    _copy_checkpoint(out, tmp_path)
+    args = _args(splits, tmp_path, "--run_in=0", "--run_out=0")
+    assert main(args) == 0
+    assert main(args) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main([*args[:-2], "--inference_skip_factor=5", "--num_workers=0"]) == 0
+    assert sorted(pd.read_csv(tmp_path / "toy" / "ood" / "results_val.csv")["t"].unique()) == [1, 501]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--beta_schedule=cosine"], "contradicts"),
+        (["--model_type=big"], "contradicts"),
+        (["--eval_checkpoint=nope.pth"], "checkpoint not found"),
+        (["--is_grayscale=0"], "contradicts"),
+    ],
+)
+def test_bad_flags_fail_with_one_line(setup, tmp_path, capsys, extra, message):
+    _, splits, out = setup
+    _copy_checkpoint(out, tmp_path)
+    assert run_cli(main, _args(splits, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_bad_inputs_leave_earlier_results_intact(setup, baseline, tmp_path, capsys):
+    _, splits, out = setup
+    _copy_checkpoint(out, tmp_path)
+    ood = tmp_path / "toy" / "ood"
+    ood.mkdir(parents=True)
+    before = (baseline / "results_val.csv").read_bytes()
+    (ood / "results_val.csv").write_bytes(before)
+    cases = [
+        (f"--out_ids={splits / 'Other_test.csv'},{splits / 'Other_vflip_test.csv'},{splits / 'Other_test.csv'}",
+         "both write results_Other.csv"),
+        (f"--out_ids={splits / 'Missing_vflip_test.csv'}", "Missing_test.csv"),
+        (f"--out_ids={splits / 'Rgb_test.csv'}", "Rgb_0.npy"),
+        (f"--out_ids={splits / 'nope.csv'}", "nope.csv"),
+    ]
+    for out_ids, message in cases:
+        args = [a for a in _args(splits, tmp_path) if not a.startswith("--out_ids")] + [out_ids]
+        assert run_cli(main, args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert (ood / "results_val.csv").read_bytes() == before
+
+
+def test_root_script_reports_missing_checkpoint_without_traceback(setup, tmp_path):
+    _, splits, _ = setup
+    proc = subprocess.run(
+        [sys.executable, "reconstruct.py", *_args(splits, tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "checkpoint not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(setup, baseline, tmp_path):
+    _, splits, out = setup
+    _copy_checkpoint(out, tmp_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "reconstruct.py", *_args(splits, tmp_path, "--batch_size=2")],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for f in baseline.glob("results_*.csv"):
+        sharded, single = pd.read_csv(tmp_path / "toy" / "ood" / f.name), pd.read_csv(f)
+        # Same rows in the same order, once each; values equal up to the float rounding of another thread count.
+        assert sharded[["filename", "type", "t"]].equals(single[["filename", "type", "t"]]), f.name
+        for metric in ("mse", "perceptual_difference"):
+            assert np.abs(sharded[metric] - single[metric]).max() < 1e-5, (f.name, metric)

@@ -113,9 +113,18 @@ def make_inputs(setup: BenchmarkSetup) -> tuple[torch.Tensor, list[str]]:
 
 
 def build_model(setup: BenchmarkSetup) -> torch.nn.Module:
-    """The preset's UNet, randomly initialised from ``setup.seed``, eval mode, on the device."""
+    """The preset's UNet, randomly initialised from ``setup.seed``, eval mode, on the device.
+
+    MONAI zero-initialises the last conv of every residual block and the output conv, so an untrained UNet returns
+    exactly 0 for any input and both paths would agree trivially. Those convs get PyTorch's default random init
+    instead: the network's output then depends on every layer, and the fp32 comparison means something.
+    """
     torch.manual_seed(setup.seed)
-    return build_unet(setup.model_config).eval().to(resolve_device(setup.device))
+    model = build_unet(setup.model_config)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd) and not module.weight.any():
+            module.reset_parameters()
+    return model.eval().to(resolve_device(setup.device))
 
 
 def fast_eps_fn(model: torch.nn.Module, setup: BenchmarkSetup, settings: FastSettings) -> EpsFn:
@@ -435,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_from_args(args: argparse.Namespace) -> tuple[BenchmarkSetup, FastSettings]:
     """(benchmark setup, fast-path settings) from parsed flags; bad values raise UserError."""
     preset = args.preset or ("tiny" if args.quick else "small")
-    batch_size = args.batch_size or (8 if args.quick else 4)
+    batch_size = args.batch_size if args.batch_size is not None else (8 if args.quick else 4)
     for flag, value in (("--batch_size", batch_size), ("--skip_factor", args.skip_factor),
                         ("--image_size", args.image_size)):
         if value < 1:

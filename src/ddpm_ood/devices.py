@@ -7,7 +7,6 @@ CPU (no scaler: bf16 has fp32's exponent range). Losses are always computed in f
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
 
 import torch
 
@@ -40,7 +39,7 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def autocast_context(device: torch.device, enabled: bool) -> ContextManager:
+def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """Autocast for the network's forward pass: fp16 on CUDA, bf16 on CPU, a no-op when ``enabled`` is False."""
     if not enabled:
         return contextlib.nullcontext()

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from ddpm_ood.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from ddpm_ood.config import ScheduleConfig
 
 # Canonical MONAI names, and the paper-era / diffusers spellings users type (README_additional uses
@@ -47,6 +47,8 @@ def _apply_snr_shift(scheduler, snr_shift: float) -> None:
     """Upstream's SNR shift: a' = 1 / (1 / (k * SNR) + 1) with SNR = a / (1 - a); alphas/betas re-derived."""
     if snr_shift == 1.0:
         return
+    import torch
+
     a = scheduler.alphas_cumprod.double()
     shifted = 1.0 / (1.0 / (snr_shift * a / (1 - a)) + 1.0)
     alphas = torch.cat([shifted[:1], shifted[1:] / shifted[:-1]])

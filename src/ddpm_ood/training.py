@@ -151,7 +151,8 @@ def capture_rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        # Only the current device's state, and only if CUDA is already in use (never initialise other GPUs).
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
@@ -164,8 +165,8 @@ def restore_rng_state(state: dict | None) -> None:
         return
     if state.get("torch") is not None:
         torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     n = state.get("numpy")
     if n:
         np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
@@ -366,6 +367,8 @@ def sample_images(
     """
     model.eval()
     scheduler = make_ddim_scheduler(schedule, num_steps)
+    # MONAI clips the predicted x0 to [-1, 1]; the data live in [0, b_scale], so widen the clip for b_scale > 1.
+    scheduler.clip_sample_values = (-max(1.0, schedule.b_scale), max(1.0, schedule.b_scale))
     x = torch.randn((n, *image_shape), generator=generator).to(device)
     for t in scheduler.timesteps:
         t_int = int(t)
@@ -528,15 +531,17 @@ def train(
             ema.load_state_dict(resume.ckpt["ema_state_dict"], f"{resume.path} (ema_state_dict)")
         elif resume is not None:
             _log(ctx, f"note: {resume.path} has no EMA weights; EMA starts from the current weights")
+    elif resume is not None and resume.ckpt.get("ema_state_dict") is not None:
+        _log(ctx, f"note: {resume.path} has EMA weights but --ema_decay=0: they are dropped from now on")
 
-    if resume is not None:
-        _log(ctx, f"resuming from {resume.path}: {start_epoch} epoch(s) done, continuing at epoch "
-                  f"{start_epoch + 1}/{cfg.n_epochs}")
     summary = TrainSummary(start_epoch=start_epoch, epochs_completed=start_epoch, global_step=global_step,
                            best_loss=best_loss)
     if start_epoch >= cfg.n_epochs:
         _log(ctx, f"training already complete: {start_epoch} of {cfg.n_epochs} epochs done ({run_dir})")
         return summary
+    if resume is not None:
+        _log(ctx, f"resuming from {resume.path}: {start_epoch} epoch(s) done, continuing at epoch "
+                  f"{start_epoch + 1}/{cfg.n_epochs}")
 
     train_model: torch.nn.Module = model
     if ctx.distributed:

@@ -57,12 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ddpm_ood.errors import UserError
     from ddpm_ood.io import atomic_write_csv, atomic_write_text
     from ddpm_ood.results import VAL_NAME, results_path
     from ddpm_ood.scorer import OODScorer, collect_inputs
     from ddpm_ood.scoring import DEFAULT_SCORE
 
     args = build_parser().parse_args(argv)
+    out_csv = Path(args.out_csv)
+    if out_csv.is_dir():
+        raise UserError(f"--out_csv: {out_csv} is a folder; give a file name such as {out_csv / 'scores.csv'}")
     inputs = collect_inputs(args.inputs)
     scorer = OODScorer.from_run(
         args.output_dir, args.model_name, device=args.device, val_keep=args.val_keep,
@@ -84,7 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_failed = int((result["error"] != "").sum())
     n_scored = len(result) - n_failed
     n_flagged = int(result["is_ood"].fillna(False).sum())
-    out_csv = Path(args.out_csv)
     atomic_write_csv(result, out_csv)
     summary = {
         **cal.to_dict(),

@@ -21,7 +21,7 @@ channels_last, torch.compile, chunk size, inference_mode vs no_grad vs grad, LPI
 Usage (repository root, venv active)::
 
     python benchmarks/reconstruct_speed.py --quick            # tiny preset, 28x28x1, skip factor 4, < 3 min
-    python benchmarks/reconstruct_speed.py                    # small preset
+    python benchmarks/reconstruct_speed.py                    # small preset, one image, < 10 min
     python benchmarks/reconstruct_speed.py --quick --ablation
 """
 
@@ -71,7 +71,7 @@ class FastSettings:
 # Best settings per device type, from the --ablation measurements in benchmarks/README.md (CPU) and common practice
 # (CUDA: fp16 autocast + channels_last; not measured here, there is no GPU on the benchmark machine).
 BEST_SETTINGS: dict[str, FastSettings] = {
-    "cpu": FastSettings(amp=False, channels_last=False, compile=False, max_batch=None),
+    "cpu": FastSettings(amp=True, channels_last=False, compile=False, max_batch=None),
     "cuda": FastSettings(amp=True, channels_last=True, compile=False, max_batch=None),
 }
 
@@ -195,10 +195,11 @@ def differences(images: torch.Tensor, reference: torch.Tensor, fast: torch.Tenso
     }
 
 
-def warm_up(eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor) -> None:
-    """One network call at the largest shape each path uses, so one-time costs (oneDNN primitives, CUDA context,
-    kernel selection; NOT torch.compile, timed separately) do not land in the first timed run."""
-    n = images.shape[0] * len(setup.start_ts)
+def warm_up(eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, n: int | None = None) -> None:
+    """One network call of ``n`` samples (default: every (image, start t) of the batch, the fast path's largest), so
+    one-time costs (oneDNN primitives, CUDA context, kernel selection; NOT torch.compile, timed separately) do not
+    land in a timed run."""
+    n = n or images.shape[0] * len(setup.start_ts)
     x = images[:1].expand(n, *images.shape[1:]).contiguous()
     eps_fn(x, torch.full((n,), setup.start_ts[-1], dtype=torch.long, device=images.device))
 
@@ -223,7 +224,9 @@ def run_benchmark(setup: BenchmarkSetup, settings: FastSettings) -> dict:
     if settings.compile:
         log("compiling the fast path (torch.compile) on one batch ...")
         compile_s, _ = timed(lambda: run_fast(fast_eps, setup, images, paths), device)
-    for fn in {id(f): f for f in (ref_eps, fast_eps, fast_fp32_eps)}.values():
+    for n in {n_ref, 1}:
+        warm_up(ref_eps, setup, images, n)
+    for fn in {id(f): f for f in (fast_eps, fast_fp32_eps)}.values():
         warm_up(fn, setup, images)
 
     res: dict = {"compile_s": compile_s, "n_reference": n_ref}
@@ -243,13 +246,16 @@ def run_benchmark(setup: BenchmarkSetup, settings: FastSettings) -> dict:
     diff = differences(images, ref, fast_fp32)
     res["max_abs_diff_mse"], res["max_abs_diff_recon"] = diff["mse"], diff["recon"]
 
-    log("single image, all start points: reference ...")
     if n_ref == 1:
         res["single_image_reference_s"] = res["reference_s"]
     else:
+        log("single image, all start points: reference ...")
         res["single_image_reference_s"], _ = timed(lambda: run_reference(ref_eps, setup, images[:1], paths[:1]), device)
-    log("single image, all start points: fast ...")
-    res["single_image_fast_s"], _ = timed(lambda: run_fast(fast_eps, setup, images[:1], paths[:1]), device)
+    if setup.batch_size == 1:
+        res["single_image_fast_s"] = res["fast_s"]
+    else:
+        log("single image, all start points: fast ...")
+        res["single_image_fast_s"], _ = timed(lambda: run_fast(fast_eps, setup, images[:1], paths[:1]), device)
 
     res["reference_images_per_s"] = n_ref / res["reference_s"]
     res["fast_images_per_s"] = setup.batch_size / res["fast_s"]
@@ -332,7 +338,7 @@ def _images_per_s(setup: BenchmarkSetup, eps_fn: EpsFn, images: torch.Tensor, pa
     return images.shape[0] / seconds, out
 
 
-def run_ablation(setup: BenchmarkSetup, max_batches: Sequence[int] = (32, 64)) -> list[str]:
+def run_ablation(setup: BenchmarkSetup, max_batches: Sequence[int] = (32, 64), with_compile: bool = False) -> list[str]:
     """Fast-path variants, each changed in ONE setting from fp32 / no chunking: ``name: images/s (x vs base), diff``.
 
     Plus forward-pass grad modes and LPIPS over all (image, t) rows in one batched call vs one call per start t.
@@ -344,7 +350,8 @@ def run_ablation(setup: BenchmarkSetup, max_batches: Sequence[int] = (32, 64)) -
     variants = [("fp32 (base)", base), ("amp", dataclasses.replace(base, amp=True))]
     variants += [("channels_last", dataclasses.replace(base, channels_last=True))]
     variants += [(f"max_batch={m}", dataclasses.replace(base, max_batch=m)) for m in max_batches]
-    variants += [("compile", dataclasses.replace(base, compile=True))]
+    if with_compile:
+        variants += [("compile", dataclasses.replace(base, compile=True))]
     lines, base_rate, base_out = [], None, None
     for name, settings in variants:
         log(f"ablation: {name} ...")
@@ -414,7 +421,7 @@ SWITCH_CHOICES = ("auto", "0", "1")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny preset, batch 8: finishes within ~3 minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="tiny preset, batch 4: finishes within ~3 minutes on 2 CPU cores")
     p.add_argument("--preset", type=str, choices=sorted(MODEL_PRESETS), default=None,
                    help="model preset (random init); default small, tiny with --quick")
     p.add_argument("--image_size", type=int, default=28, help="square image side in pixels (default 28)")
@@ -422,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_factor", type=int, default=4, help="start point every k-th grid point (default 4: 25 starts)")
     p.add_argument("--num_inference_steps", type=int, default=100, help="PLMS grid size (default 100)")
     p.add_argument("--batch_size", type=int, default=None, help="images per batch, same for both paths "
-                   "(default 8 with --quick, else 4)")
+                   "(default 4 with --quick, else 1)")
     p.add_argument("--reference_images", type=int, default=None,
                    help="time the reference on the first N images of the batch only (default: all of them)")
     p.add_argument("--device", type=str, choices=DEVICE_CHOICES, default="auto", help="auto, cpu or cuda")
@@ -434,17 +441,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast path torch.compile (dynamic shapes): auto = best for the device, 0, 1")
     p.add_argument("--max_batch", type=int, default=None,
                    help="fast path: at most this many samples per network call (default: best for the device)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for both paths (default: torch's choice, but 1 on a machine with <= 2 "
+                   "cores: two threads on a shared 2-core machine ran 2-5x slower, benchmarks/README.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, images and noise (default 0)")
     p.add_argument("--ablation", action="store_true",
-                   help="also measure, one by one, what pays on top of batching (amp, channels_last, compile, ...)")
+                   help="also measure, one by one, what pays on top of batching (amp, channels_last, chunk size, "
+                   "grad mode, LPIPS batching)")
+    p.add_argument("--ablation_compile", action="store_true",
+                   help="with --ablation: also torch.compile (several minutes of compilation on a small CPU)")
     return p
 
 
 def setup_from_args(args: argparse.Namespace) -> tuple[BenchmarkSetup, FastSettings]:
     """(benchmark setup, fast-path settings) from parsed flags; bad values raise UserError."""
     preset = args.preset or ("tiny" if args.quick else "small")
-    batch_size = args.batch_size if args.batch_size is not None else (8 if args.quick else 4)
+    # Defaults sized for a 2-core CPU: --quick within 3 minutes, the small preset within 10 (benchmarks/README.md).
+    batch_size = args.batch_size if args.batch_size is not None else (4 if args.quick else 1)
     for flag, value in (("--batch_size", batch_size), ("--skip_factor", args.skip_factor),
                         ("--image_size", args.image_size)):
         if value < 1:
@@ -479,17 +492,24 @@ def setup_from_args(args: argparse.Namespace) -> tuple[BenchmarkSetup, FastSetti
     return setup, settings
 
 
+def default_threads() -> int:
+    """torch's default intra-op thread count, or 1 on a machine with at most 2 cores (see --threads)."""
+    return 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = default_threads() if args.threads is None else args.threads
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
     setup, settings = setup_from_args(args)
     started = time.perf_counter()
     res = run_benchmark(setup, settings)
     lines = format_report(setup, settings, res)
     if args.ablation:
         # Printed before the main report so that speedup_vs_reference stays the last line.
-        for line in run_ablation(setup):
+        for line in run_ablation(setup, with_compile=args.ablation_compile):
             print(line, flush=True)
     log(f"total wall time {time.perf_counter() - started:.0f} s")
     print("\n".join(lines), flush=True)

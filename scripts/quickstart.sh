@@ -69,7 +69,7 @@ python train_ddpm.py \
   --batch_size="$BATCH" \
   --model_type=tiny \
   --lr=1e-3 \
-  --ema_decay=0.999 \
+  --ema_decay=0.995 \
   --amp=1 \
   --num_workers=0 \
   --quick_test=0 \

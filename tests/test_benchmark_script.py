@@ -118,7 +118,7 @@ def test_flags(bench):
     parser = bench.build_parser()
     setup, settings = bench.setup_from_args(parser.parse_args(["--quick", "--device=cpu"]))
     assert setup.model_config.preset == "tiny" and setup.image_shape == (1, 28, 28)
-    assert setup.batch_size == 8 and len(setup.start_ts) == 25
+    assert setup.batch_size == 4 and len(setup.start_ts) == 25
     assert settings == bench.BEST_SETTINGS["cpu"]
     _, settings = bench.setup_from_args(parser.parse_args(["--quick", "--device=cpu", "--amp=1", "--max_batch=64"]))
     assert settings.amp and settings.max_batch == 64

@@ -16,7 +16,8 @@ Printed to stdout as ``key: value`` lines (progress goes to stderr):
 - ``speedup_vs_reference``: fast images/s / reference images/s, the LAST line.
 
 ``--ablation`` adds, one by one, what pays on top of batching for the fast path (bf16/fp16 autocast,
-channels_last, torch.compile, chunk size, inference_mode vs no_grad vs grad, LPIPS batched over all (image, t)).
+channels_last, chunk size, inference_mode vs no_grad vs grad, LPIPS batched over all (image, t); torch.compile
+with ``--ablation_compile``). The results on a 2-core CPU are in benchmarks/README.md.
 
 Usage (repository root, venv active)::
 

@@ -10,59 +10,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from tiny_run import needs_lpips, save_tiny_checkpoint, write_npy_images
 
-from ddpm_ood.checkpoint import save_checkpoint
 from ddpm_ood.cli.reconstruct import main
 from ddpm_ood.cli.runner import run_cli
-from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
 from ddpm_ood.data.splits import write_split_csv
-from ddpm_ood.metrics import build_lpips
-from ddpm_ood.networks import build_unet
 from ddpm_ood.results import RESULT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _lpips_installed() -> bool:
-    try:
-        build_lpips("cpu")
-    except Exception:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(
-    not _lpips_installed(), reason="LPIPS AlexNet weights not installed: run `python -m ddpm_ood.lpips_weights`"
-)
-
-
-def _write_images(folder: Path, prefix: str, n: int, seed: int, shape=(8, 8)) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        p = folder / f"{prefix}_{i}.npy"
-        np.save(p, rng.integers(0, 256, size=shape, dtype=np.uint8))
-        paths.append(str(p))
-    return paths
+pytestmark = needs_lpips
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("recon")
     splits = root / "data_splits"
-    write_split_csv(splits / "Toy_val.csv", _write_images(root / "val", "Toy", 3, 0))
-    write_split_csv(splits / "Toy_test.csv", _write_images(root / "test", "Toy", 4, 1))
-    write_split_csv(splits / "Other_test.csv", _write_images(root / "other", "Other", 3, 2))
-    write_split_csv(splits / "Rgb_test.csv", _write_images(root / "rgb", "Rgb", 2, 3, shape=(3, 8, 8)))
-    torch.manual_seed(0)
-    model = ModelConfig("test", 2, 1, (8, 16, 16), (False, False, True), 1, 16, 8)
-    schedule = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
-    run = RunConfig(model, schedule, DataConfig(is_grayscale=True), (1, 8, 8))
-    ckpt = {"epoch": 1, "model_state_dict": build_unet(model).state_dict(), "config": run.to_dict()}
+    write_split_csv(splits / "Toy_val.csv", write_npy_images(root / "val", "Toy", 3, 0))
+    write_split_csv(splits / "Toy_test.csv", write_npy_images(root / "test", "Toy", 4, 1))
+    write_split_csv(splits / "Other_test.csv", write_npy_images(root / "other", "Other", 3, 2))
+    write_split_csv(splits / "Rgb_test.csv", write_npy_images(root / "rgb", "Rgb", 2, 3, shape=(3, 8, 8)))
     out = root / "out"
-    save_checkpoint(out / "toy" / "checkpoint.pth", ckpt)
+    save_tiny_checkpoint(out / "toy" / "checkpoint.pth")
     return root, splits, out
 
 

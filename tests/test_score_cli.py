@@ -11,17 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from tiny_run import lpips_installed, needs_lpips, save_tiny_checkpoint, write_npy_images
 
-from ddpm_ood.checkpoint import save_checkpoint
 from ddpm_ood.cli import reconstruct
 from ddpm_ood.cli.runner import run_cli
 from ddpm_ood.cli.score import main
-from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
 from ddpm_ood.data.datasets import image_stem
 from ddpm_ood.data.splits import read_split_csv, write_split_csv
-from ddpm_ood.metrics import build_lpips
-from ddpm_ood.networks import build_unet
 from ddpm_ood.results import read_results, results_path
 from ddpm_ood.scorer import OUTPUT_COLUMNS, OODScorer
 from ddpm_ood.scoring import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
@@ -30,45 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 SCORE_COLS = {"score": DEFAULT_SCORE, "mse_score": "mse", "perceptual_score": "perceptual"}
 
 
-def _lpips_installed() -> bool:
-    try:
-        build_lpips("cpu")
-    except Exception:
-        return False
-    return True
-
-
-needs_lpips = pytest.mark.skipif(
-    not _lpips_installed(), reason="LPIPS AlexNet weights not installed: run `python -m ddpm_ood.lpips_weights`"
-)
-
-
-def _write_images(folder: Path, prefix: str, n: int, seed: int, shape=(8, 8)) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        p = folder / f"{prefix}_{i}.npy"
-        np.save(p, rng.integers(0, 256, size=shape, dtype=np.uint8))
-        paths.append(str(p))
-    return paths
-
-
 @pytest.fixture(scope="module")
 def recon(tmp_path_factory):
     """A tiny random UNet checkpoint, then reconstruct.py for a val and an in set (start points t = 1, 501)."""
     root = tmp_path_factory.mktemp("score")
     splits = root / "data_splits"
-    write_split_csv(splits / "Toy_val.csv", _write_images(root / "val", "Toy", 5, 0))
-    write_split_csv(splits / "Toy_test.csv", _write_images(root / "test", "Toy", 3, 1))
-    torch.manual_seed(0)
-    model = ModelConfig("test", 2, 1, (8, 16, 16), (False, False, True), 1, 16, 8)
-    schedule = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
-    run = RunConfig(model, schedule, DataConfig(is_grayscale=True), (1, 8, 8))
+    write_split_csv(splits / "Toy_val.csv", write_npy_images(root / "val", "Toy", 5, 0))
+    write_split_csv(splits / "Toy_test.csv", write_npy_images(root / "test", "Toy", 3, 1))
     out = root / "out"
-    save_checkpoint(out / "toy" / "checkpoint.pth",
-                    {"epoch": 1, "model_state_dict": build_unet(model).state_dict(), "config": run.to_dict()})
-    if _lpips_installed():
+    save_tiny_checkpoint(out / "toy" / "checkpoint.pth")
+    if lpips_installed():
         assert reconstruct.main([
             f"--output_dir={out}", "--model_name=toy", f"--validation_ids={splits / 'Toy_val.csv'}",
             f"--in_ids={splits / 'Toy_test.csv'}", "--run_out=0", "--num_inference_steps=4",

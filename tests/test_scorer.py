@@ -15,13 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_run import needs_lpips, save_tiny_checkpoint
 
-from ddpm_ood.checkpoint import save_checkpoint
-from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
 from ddpm_ood.data.datasets import load_image
 from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.errors import UserError
-from ddpm_ood.networks import build_unet
 from ddpm_ood.results import RESULT_COLUMNS, results_path
 from ddpm_ood.scorer import (
     ARRAY_KEY_PREFIX,
@@ -33,21 +31,6 @@ from ddpm_ood.scorer import (
 )
 
 START_TS = [1, 501]  # num_inference_steps=4, inference_skip_factor=2
-
-
-def _lpips_installed() -> bool:
-    from ddpm_ood.metrics import build_lpips
-
-    try:
-        build_lpips("cpu")
-    except Exception:
-        return False
-    return True
-
-
-needs_lpips = pytest.mark.skipif(
-    not _lpips_installed(), reason="LPIPS AlexNet weights not installed: run `python -m ddpm_ood.lpips_weights`"
-)
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -123,12 +106,8 @@ def test_array_key_is_content_based_and_absolute():
 
 # ------------------------------------------------------------------------------------------------ the API
 def _save_run(out: Path, model_name: str, epoch: int = 1) -> Path:
-    torch.manual_seed(0)
-    model = ModelConfig("test", 2, 1, (8, 16, 16), (False, False, True), 1, 16, 8)
-    schedule = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
-    run = RunConfig(model, schedule, DataConfig(is_grayscale=True), (1, 8, 8))
     ckpt = out / model_name / "checkpoint.pth"
-    save_checkpoint(ckpt, {"epoch": epoch, "model_state_dict": build_unet(model).state_dict(), "config": run.to_dict()})
+    save_tiny_checkpoint(ckpt, epoch=epoch)
     return ckpt
 
 
@@ -170,8 +149,11 @@ def _docstring_example() -> str:
     return textwrap.dedent(block)
 
 
-def test_docstring_example_has_five_lines():
-    assert len(_docstring_example().strip().splitlines()) == 5
+def test_docstring_example_has_five_lines_and_is_the_readmes():
+    example = _docstring_example().strip()
+    assert len(example.splitlines()) == 5
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"```python\n{example}\n```" in readme
 
 
 @needs_lpips

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from ddpm_ood.cli.options import boolish
+from ddpm_ood.cli.options import boolish, positive_float
 from ddpm_ood.data.download import DATASETS, DOWNLOAD_TIMEOUT_S, DatasetUnavailable, prepare_dataset
 
 
@@ -31,16 +31,6 @@ def dataset_list(value: str) -> tuple[str, ...]:
     if not names:
         raise argparse.ArgumentTypeError(f"no dataset named; accepted: {', '.join(DATASETS)}")
     return tuple(names)
-
-
-def positive_float(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 
 from ddpm_ood.noise_schedule import PREDICTION_TYPES, SCHEDULE_ALIASES
 
@@ -41,24 +43,24 @@ def int_list(value: str) -> tuple[int, ...] | None:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
-def positive_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return v
+def checked_number(convert: Callable[[str], float], ok: Callable[[float], bool], expected: str):
+    """An argparse type: ``convert(value)`` that must satisfy ``ok``; otherwise a parse error saying ``expected``."""
+
+    def parse(value: str):
+        try:
+            v = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+        return v
+
+    return parse
 
 
-def non_negative_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return v
+positive_int = checked_number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = checked_number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = checked_number(float, lambda v: 0 < v < math.inf, "a positive number")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -13,17 +13,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_ood.cli.options import boolish, optional_int, positive_int
+from ddpm_ood.cli.options import boolish, checked_number, optional_int, positive_int
 
-
-def _val_keep(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}")
-    return v
+_val_keep = checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,31 +16,15 @@ from ddpm_ood.cli.options import (
     add_run_options,
     add_schedule_options,
     boolish,
+    checked_number,
     non_negative_int,
     optional_int,
+    positive_float,
     positive_int,
     refuse_unsupported,
 )
 
-
-def _decay(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) (0 = off), got {value!r}")
-    return v
-
-
-def _positive_float(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return v
+_decay = checked_number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1) (0 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from checkpoint_<N>.pth instead of checkpoint_last.pth (must exist)")
     g.add_argument("--quick_test", type=boolish, default=False,
                    help="1 = one training batch and one validation batch per epoch (smoke test)")
-    g.add_argument("--lr", type=_positive_float, default=2.5e-5, help="Adam learning rate (default 2.5e-5)")
+    g.add_argument("--lr", type=positive_float, default=2.5e-5, help="Adam learning rate (default 2.5e-5)")
     g.add_argument("--ema_decay", type=_decay, default=0.0,
                    help="EMA of the weights with this decay, e.g. 0.999, used for validation, samples and "
                         "reconstruction; 0 = off (default)")

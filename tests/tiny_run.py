@@ -1,0 +1,52 @@
+"""Shared test helpers: small .npy image sets, a tiny random-weight checkpoint, and the LPIPS-weights skip mark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_ood.checkpoint import save_checkpoint
+from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
+from ddpm_ood.networks import build_unet
+
+TINY_MODEL = ModelConfig("test", 2, 1, (8, 16, 16), (False, False, True), 1, 16, 8)
+TINY_SCHEDULE = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
+
+
+def lpips_installed() -> bool:
+    from ddpm_ood.metrics import build_lpips
+
+    try:
+        build_lpips("cpu")
+    except Exception:
+        return False
+    return True
+
+
+needs_lpips = pytest.mark.skipif(
+    not lpips_installed(), reason="LPIPS AlexNet weights not installed: run `python -m ddpm_ood.lpips_weights`"
+)
+
+
+def write_npy_images(folder: Path, prefix: str, n: int, seed: int, shape=(8, 8)) -> list[str]:
+    """n random uint8 images ``<folder>/<prefix>_<i>.npy`` (seeded); returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"{prefix}_{i}.npy"
+        np.save(p, rng.integers(0, 256, size=shape, dtype=np.uint8))
+        paths.append(str(p))
+    return paths
+
+
+def save_tiny_checkpoint(path: Path, epoch: int = 1, seed: int = 0) -> RunConfig:
+    """A ddpm-ood checkpoint of an untrained 8/16-channel UNet for 1x8x8 grayscale images; returns its config."""
+    torch.manual_seed(seed)
+    run = RunConfig(TINY_MODEL, TINY_SCHEDULE, DataConfig(is_grayscale=True), (1, 8, 8))
+    save_checkpoint(path, {"epoch": epoch, "model_state_dict": build_unet(TINY_MODEL).state_dict(),
+                           "config": run.to_dict()})
+    return run

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_run import one_torch_thread
 
 from ddpm_ood import training
 from ddpm_ood.checkpoint import LAST_CHECKPOINT, load_checkpoint, periodic_checkpoint_name, run_config_of
@@ -25,12 +26,7 @@ from ddpm_ood.networks import build_unet, model_config_from_preset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_images(folder: Path, n: int, shape=(8, 8), start: int = 0) -> list[str]:
@@ -207,12 +203,8 @@ def trained_run(tmp_path_factory):
     train = write_csv(tmp / "train.csv", write_images(tmp / "img", 4))
     val = write_csv(tmp / "val.csv", write_images(tmp / "img", 2, start=4))
     data = {"train": train, "val": val, "tmp": tmp}
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         assert run_cli(main, argv(data, n_epochs=1, sample_steps=0)) == 0
-    finally:
-        torch.set_num_threads(n)
     return run_dir(data)
 
 

@@ -28,14 +28,7 @@ from ddpm_ood.training import (
     train_step,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, tiny networks run several times faster than with more."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ToyImages(torch.utils.data.Dataset):

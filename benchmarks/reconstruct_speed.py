@@ -45,7 +45,15 @@ from ddpm_ood.devices import DEVICE_CHOICES, autocast_context, resolve_device
 from ddpm_ood.errors import UserError
 from ddpm_ood.metrics import mse
 from ddpm_ood.networks import MODEL_PRESETS, build_unet, model_config_from_preset
-from ddpm_ood.reconstruction import EpsFn, model_eps_fn, reconstruct_batched, reconstruct_reference
+from ddpm_ood.reconstruction import (
+    EpsFn,
+    balanced_tick_size,
+    calls_per_trajectory,
+    model_eps_fn,
+    reconstruct_batched,
+    reconstruct_reference,
+    trajectory_timesteps,
+)
 from ddpm_ood.start_timesteps import start_timesteps
 
 # The FashionMNIST recipe of the upstream README (scaled_linear 0.0015..0.0195); speed does not depend on it.
@@ -55,17 +63,19 @@ FP32_TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class FastSettings:
-    """What the fast path runs with on top of batching. ``max_batch`` = samples per network call (None: all)."""
+    """What the fast path runs with on top of batching. ``max_batch`` = samples per network call (None: all);
+    ``balanced``: ticks of even size (``reconstruct_batched``), else every unfinished trajectory at each tick."""
 
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
     max_batch: int | None = None
+    balanced: bool = True
 
     def describe(self) -> str:
         return (
             f"amp={int(self.amp)} channels_last={int(self.channels_last)} compile={int(self.compile)} "
-            f"max_batch={self.max_batch}"
+            f"max_batch={self.max_batch} balanced={int(self.balanced)}"
         )
 
 
@@ -172,10 +182,13 @@ def run_reference(eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, pa
     )
 
 
-def run_fast(eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, paths: Sequence[str]) -> torch.Tensor:
+def run_fast(
+    eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, paths: Sequence[str], balanced: bool = True
+) -> torch.Tensor:
     """(S, B, *image_shape) reconstructions in [0, 1] by the batched engine."""
     return reconstruct_batched(
-        eps_fn, setup.schedule, images, paths, setup.start_ts, setup.num_inference_steps, setup.seed
+        eps_fn, setup.schedule, images, paths, setup.start_ts, setup.num_inference_steps, setup.seed,
+        balanced=balanced,
     )
 
 
@@ -222,9 +235,12 @@ def run_benchmark(setup: BenchmarkSetup, settings: FastSettings) -> dict:
     fast_eps = fast_eps_fn(model, setup, settings)
     fast_fp32_eps = fast_eps if not settings.amp else fast_eps_fn(model, setup, fp32_settings)
 
+    def fast_run(eps_fn: EpsFn, imgs: torch.Tensor, pths: Sequence[str]) -> torch.Tensor:
+        return run_fast(eps_fn, setup, imgs, pths, settings.balanced)
+
     if settings.compile:
         log("compiling the fast path (torch.compile) on one batch ...")
-        compile_s, _ = timed(lambda: run_fast(fast_eps, setup, images, paths), device)
+        compile_s, _ = timed(lambda: fast_run(fast_eps, images, paths), device)
     for n in {n_ref, 1}:
         warm_up(ref_eps, setup, images, n)
     for fn in {id(f): f for f in (fast_eps, fast_fp32_eps)}.values():
@@ -234,10 +250,10 @@ def run_benchmark(setup: BenchmarkSetup, settings: FastSettings) -> dict:
     log(f"reference on {n_ref} image(s) x {len(setup.start_ts)} start points ...")
     res["reference_s"], ref = timed(lambda: run_reference(ref_eps, setup, images[:n_ref], paths[:n_ref]), device)
     log(f"fast path ({settings.describe()}) on {setup.batch_size} image(s) ...")
-    res["fast_s"], fast = timed(lambda: run_fast(fast_eps, setup, images, paths), device)
+    res["fast_s"], fast = timed(lambda: fast_run(fast_eps, images, paths), device)
     if settings.amp:
         log("fast path in fp32 ...")
-        res["fast_fp32_s"], fast_fp32 = timed(lambda: run_fast(fast_fp32_eps, setup, images, paths), device)
+        res["fast_fp32_s"], fast_fp32 = timed(lambda: fast_run(fast_fp32_eps, images, paths), device)
         diff_amp = differences(images, ref, fast)
         res["max_abs_diff_mse_amp"], res["max_abs_diff_recon_amp"] = diff_amp["mse"], diff_amp["recon"]
         res["fast_fp32_images_per_s"] = setup.batch_size / res["fast_fp32_s"]
@@ -256,13 +272,41 @@ def run_benchmark(setup: BenchmarkSetup, settings: FastSettings) -> dict:
         res["single_image_fast_s"] = res["fast_s"]
     else:
         log("single image, all start points: fast ...")
-        res["single_image_fast_s"], _ = timed(lambda: run_fast(fast_eps, setup, images[:1], paths[:1]), device)
+        res["single_image_fast_s"], _ = timed(lambda: fast_run(fast_eps, images[:1], paths[:1]), device)
 
+    res.update(network_floor(setup, settings, fast_eps, images, res))
     res["reference_images_per_s"] = n_ref / res["reference_s"]
     res["fast_images_per_s"] = setup.batch_size / res["fast_s"]
     res["single_image_latency_ratio"] = res["single_image_reference_s"] / res["single_image_fast_s"]
     res["speedup_vs_reference"] = res["fast_images_per_s"] / res["reference_images_per_s"]
     return res
+
+
+def network_floor(
+    setup: BenchmarkSetup, settings: FastSettings, fast_eps: EpsFn, images: torch.Tensor, res: dict
+) -> dict[str, float]:
+    """Seconds per network evaluation (one sample, one step) of each path, and the best the fast path could do.
+
+    The floor is the fast path's own network call at the engine's tick size (best of 5, nothing else around it).
+    Both paths make the same evaluations, so reference cost / floor bounds the speed-up: beating it takes fewer
+    evaluations or a faster network, not a better engine.
+    """
+    calls = [
+        calls_per_trajectory(trajectory_timesteps(t, setup.num_inference_steps, None, setup.schedule.num_train_timesteps))
+        for t in setup.start_ts
+    ]
+    batch_calls = calls * setup.batch_size
+    tick = balanced_tick_size(batch_calls) if settings.balanced else len(batch_calls)
+    device = resolve_device(setup.device)
+    warm_up(fast_eps, setup, images, tick)
+    best = min(timed(lambda: warm_up(fast_eps, setup, images, tick), device)[0] for _ in range(5))
+    return {
+        "evaluations_per_image": sum(calls),
+        "reference_ms_per_evaluation": 1000 * res["reference_s"] / (sum(calls) * setup.n_reference),
+        "fast_ms_per_evaluation": 1000 * res["fast_s"] / sum(batch_calls),
+        "floor_ms_per_evaluation": 1000 * best / tick,
+        "floor_tick_size": tick,
+    }
 
 
 def describe_device(device: torch.device) -> str:
@@ -324,6 +368,12 @@ def format_report(setup: BenchmarkSetup, settings: FastSettings, res: dict) -> l
         f"single_image_reference_s: {res['single_image_reference_s']:.2f}",
         f"single_image_fast_s: {res['single_image_fast_s']:.2f}",
         f"single_image_latency_ratio: {res['single_image_latency_ratio']:.2f}",
+        f"evaluations_per_image: {res['evaluations_per_image']}",
+        f"reference_ms_per_evaluation: {res['reference_ms_per_evaluation']:.3f}",
+        f"fast_ms_per_evaluation: {res['fast_ms_per_evaluation']:.3f}",
+        f"floor_ms_per_evaluation: {res['floor_ms_per_evaluation']:.3f} (one fast-path call of "
+        f"{res['floor_tick_size']} samples)",
+        f"speedup_bound_at_floor: {res['reference_ms_per_evaluation'] / res['floor_ms_per_evaluation']:.2f}",
         f"speedup_vs_reference: {res['speedup_vs_reference']:.2f}",
     ]
     return lines
@@ -332,15 +382,17 @@ def format_report(setup: BenchmarkSetup, settings: FastSettings, res: dict) -> l
 # --- ablation: what pays on top of batching --------------------------------------------------------------------
 
 
-def _images_per_s(setup: BenchmarkSetup, eps_fn: EpsFn, images: torch.Tensor, paths: Sequence[str]) -> tuple:
+def _images_per_s(
+    setup: BenchmarkSetup, eps_fn: EpsFn, images: torch.Tensor, paths: Sequence[str], balanced: bool = True
+) -> tuple:
     device = resolve_device(setup.device)
     warm_up(eps_fn, setup, images)
-    seconds, out = timed(lambda: run_fast(eps_fn, setup, images, paths), device)
+    seconds, out = timed(lambda: run_fast(eps_fn, setup, images, paths, balanced), device)
     return images.shape[0] / seconds, out
 
 
 def run_ablation(setup: BenchmarkSetup, max_batches: Sequence[int] = (32, 64), with_compile: bool = False) -> list[str]:
-    """Fast-path variants, each changed in ONE setting from fp32 / no chunking: ``name: images/s (x vs base), diff``.
+    """Fast-path variants, each changed in ONE setting from fp32 / balanced / no chunking: ``name: images/s (x vs base), diff``.
 
     Plus forward-pass grad modes and LPIPS over all (image, t) rows in one batched call vs one call per start t.
     """
@@ -349,6 +401,7 @@ def run_ablation(setup: BenchmarkSetup, max_batches: Sequence[int] = (32, 64), w
     images, paths = make_inputs(setup)
     base = FastSettings()
     variants = [("fp32 (base)", base), ("amp", dataclasses.replace(base, amp=True))]
+    variants += [("unbalanced ticks", dataclasses.replace(base, balanced=False))]
     variants += [("channels_last", dataclasses.replace(base, channels_last=True))]
     variants += [(f"max_batch={m}", dataclasses.replace(base, max_batch=m)) for m in max_batches]
     if with_compile:
@@ -361,7 +414,7 @@ def run_ablation(setup: BenchmarkSetup, max_batches: Sequence[int] = (32, 64), w
         if settings.compile:
             compile_s, _ = timed(lambda eps_fn=eps_fn: run_fast(eps_fn, setup, images, paths), device)
             extra = f", first run incl. compile {compile_s:.1f} s"
-        rate, out = _images_per_s(setup, eps_fn, images, paths)
+        rate, out = _images_per_s(setup, eps_fn, images, paths, settings.balanced)
         if base_rate is None:
             base_rate, base_out = rate, out
         diff = differences(images, base_out, out)
@@ -443,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_batch", type=int, default=None,
                    help="fast path: at most this many samples per network call (default: best for the device)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for both paths (default: torch's choice, but 1 on a machine with <= 2 "
-                   "cores: two threads on a shared 2-core machine ran 2-5x slower, benchmarks/README.md)")
+                   help="torch.set_num_threads for both paths (default: torch's choice, every core). On a machine "
+                   "that other jobs share, 1 thread is steadier: benchmarks/README.md")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, images and noise (default 0)")
     p.add_argument("--ablation", action="store_true",
                    help="also measure, one by one, what pays on top of batching (amp, channels_last, chunk size, "
@@ -493,17 +546,15 @@ def setup_from_args(args: argparse.Namespace) -> tuple[BenchmarkSetup, FastSetti
     return setup, settings
 
 
-def default_threads() -> int:
-    """torch's default intra-op thread count, or 1 on a machine with at most 2 cores (see --threads)."""
-    return 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    threads = default_threads() if args.threads is None else args.threads
-    if threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        log(f"warning: load average {load:.2f} before starting: other jobs share the CPU and slow both paths unevenly")
     setup, settings = setup_from_args(args)
     started = time.perf_counter()
     res = run_benchmark(setup, settings)

@@ -7,6 +7,7 @@ from ddpm_ood.config import ScheduleConfig
 from ddpm_ood.networks import build_unet
 from ddpm_ood.noise_schedule import alphas_cumprod, make_pndm_scheduler
 from ddpm_ood.reconstruction import (
+    evaluations_per_image,
     model_eps_fn,
     reconstruct_batched,
     reconstruct_reference,
@@ -65,14 +66,45 @@ def test_oracle_catches_monai_pndm_without_repeated_timestep():
     assert (x - clean).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_batched_equals_reference(unet_eps, k):
+@pytest.mark.parametrize("balanced", [True, False])
+@pytest.mark.parametrize(("k", "batch"), [(1, 3), (3, 3), (4, 1), (2, 2)])
+def test_batched_equals_reference(unet_eps, k, batch, balanced):
     torch.manual_seed(2)
-    images = torch.rand(3, 1, 8, 8)
+    images = torch.rand(batch, 1, 8, 8)
     starts = start_timesteps(10, k)
-    ref = reconstruct_reference(unet_eps, SCHEDULE, images, PATHS[:3], starts, 10, 5)
-    fast = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS[:3], starts, 10, 5)
+    ref = reconstruct_reference(unet_eps, SCHEDULE, images, PATHS[:batch], starts, 10, 5)
+    fast = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS[:batch], starts, 10, 5, balanced=balanced)
     assert (ref - fast).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(("steps", "k", "batch", "recon_steps"), [(100, 4, 1, None), (100, 16, 3, None), (20, 1, 2, 3)])
+def test_balanced_ticks_keep_the_call_count_and_even_out_their_size(steps, k, batch, recon_steps):
+    """As many network calls as the longest trajectory needs, each of ceil(all calls / that) samples but the last
+    few; without balancing the first call carries every trajectory."""
+    clean = torch.rand(1, 1, 4, 4)
+    exact = oracle_for(clean, SCHEDULE)
+    starts = start_timesteps(steps, k)
+    per_trajectory = []
+    for t in starts:
+        n = len(trajectory_timesteps(t, steps, recon_steps))
+        per_trajectory += [n + 1 if n > 1 else n] * batch
+    for balanced in (True, False):
+        sizes = []
+
+        def counting(x, t, sizes=sizes):
+            sizes.append(x.shape[0])
+            return exact(x, t)
+
+        images = clean.repeat(batch, 1, 1, 1)
+        out = reconstruct_batched(counting, SCHEDULE, images, PATHS[:batch], starts, steps, 5, recon_steps,
+                                  balanced=balanced)
+        assert (out - clean).abs().max() < 1e-3  # the oracle still lands on the clean image
+        assert len(sizes) == max(per_trajectory) and sum(sizes) == sum(per_trajectory)
+        if balanced:
+            tick = -(-sum(per_trajectory) // max(per_trajectory))
+            assert max(sizes) == tick and sum(s == tick for s in sizes) >= len(sizes) // 2
+        else:
+            assert sizes[0] == len(per_trajectory)
 
 
 def test_batch_size_order_and_chunking_change_nothing(unet_eps):
@@ -136,3 +168,22 @@ def test_recon_steps(unet_eps):
     fewer = reconstruct_batched(imperfect, SCHEDULE, clean, PATHS[:1], starts, 20, 5, recon_steps=3)
     assert torch.equal(full[0], fewer[0])  # t=1: a single step either way
     assert (full[1:] - fewer[1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("recon_steps", "skip_factor"), [(None, 16), (10, 16), (3, 64)])
+def test_evaluations_per_image_counts_the_engines_calls(recon_steps, skip_factor):
+    calls = []
+
+    def zero_noise(x, t):
+        calls.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    starts = start_timesteps(100, skip_factor)
+    reconstruct_batched(zero_noise, SCHEDULE, torch.rand(1, 1, 4, 4), ["a.npy"], starts, 100, 0, recon_steps)
+    assert evaluations_per_image(starts, 100, recon_steps) == sum(calls)
+    if recon_steps is None:
+        batched_calls, calls[:] = list(calls), []
+        reconstruct_reference(zero_noise, SCHEDULE, torch.rand(1, 1, 4, 4), ["a.npy"], starts, 100, 0)
+        assert sum(calls) == sum(batched_calls)
+    if recon_steps is None and skip_factor == 16:
+        assert sum(calls) == 349  # the README's figure for the quickstart's full path

@@ -3,14 +3,15 @@
 Two paths with the same numbers:
 - ``reconstruct_reference``: the plain loop, one start point after another, MONAI's ``PNDMScheduler`` driven with the
   repeated second timestep (upstream's algorithm with the PLMS history reset per start point). Kept as the oracle.
-- ``reconstruct_batched`` (default): every (image, start t) trajectory of a batch advances together, one network call
-  per tick on the stacked trajectories with per-sample timesteps, each trajectory with its own PLMS history and
-  warm-up (plms.py). B images x S start points cost max(calls per trajectory) network calls of up to S*B samples
-  instead of sum(calls) calls of B samples; the stack is chunked to ``max_batch`` samples per call.
+- ``reconstruct_batched`` (default): the (image, start t) trajectories of a batch share network calls (ticks) with
+  per-sample timesteps, each trajectory with its own PLMS history and warm-up (plms.py). B images x S start points
+  cost max(calls per trajectory) network calls of about sum(calls)/max(calls) samples each (balanced ticks) instead
+  of sum(calls) calls of B samples; ``model_eps_fn`` chunks a call to ``max_batch`` samples.
 
 Conventions: images (B, C, *spatial) in [0, 1]; reconstructions (S, B, C, *spatial) in [0, 1], S = len(start_ts) in
 the order given; t indexes the 1000-step training schedule. The noise of (image, t) comes from a generator seeded from
-(seed, absolute image path, t), so no number depends on batch size, order, resuming or the number of processes.
+(seed, the image's noise key, t), so no number depends on batch size, order, resuming or the number of processes; a
+file's key is its stem (``noise_key``), so neither does moving the data or the working directory.
 """
 
 from __future__ import annotations
@@ -33,22 +34,37 @@ from ddpm_ood.start_timesteps import denoising_timesteps
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def row_seed(seed: int, path: str, t: int) -> int:
-    """A 63-bit generator seed for the noise of one (image, t) row."""
-    key = f"{seed}|{os.path.abspath(path)}|{int(t)}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+# How a file's noise key is made; recorded with every results file, so results made under another rule are redone.
+NOISE_KEY_RULE = "file stem"
 
 
-def row_noise(seed: int, path: str, t: int, shape: Sequence[int]) -> torch.Tensor:
+def noise_key(path: str | os.PathLike) -> str:
+    """The noise key of an image file: its stem, the results CSV's ``filename`` (``D/x/MNIST_7.npy`` -> ``MNIST_7``).
+
+    Not the path: the same data moved elsewhere, or listed with relative paths and read from another working
+    directory, must give the same numbers. Two files with one stem get the same noise, which biases nothing.
+    """
+    from ddpm_ood.data.datasets import image_stem
+
+    return image_stem(path)
+
+
+def row_seed(seed: int, key: str, t: int) -> int:
+    """A 63-bit generator seed for the noise of one (image, t) row; ``key`` names the image (``noise_key``)."""
+    digest = hashlib.sha256(f"{seed}|{key}|{int(t)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def row_noise(seed: int, key: str, t: int, shape: Sequence[int]) -> torch.Tensor:
     """Standard normal noise (shape) for one (image, t), drawn on the CPU so every device gets the same numbers."""
-    generator = torch.Generator().manual_seed(row_seed(seed, path, t))
+    generator = torch.Generator().manual_seed(row_seed(seed, key, t))
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
-def noise_batch(seed: int, paths: Sequence[str], start_ts: Sequence[int], image_shape: Sequence[int]) -> torch.Tensor:
-    """(S, B, *image_shape) noise, row (s, b) seeded from (seed, paths[b], start_ts[s])."""
+def noise_batch(seed: int, keys: Sequence[str], start_ts: Sequence[int], image_shape: Sequence[int]) -> torch.Tensor:
+    """(S, B, *image_shape) noise, row (s, b) seeded from (seed, keys[b], start_ts[s])."""
     return torch.stack(
-        [torch.stack([row_noise(seed, p, t, image_shape) for p in paths]) for t in start_ts]
+        [torch.stack([row_noise(seed, k, t, image_shape) for k in keys]) for t in start_ts]
     )
 
 
@@ -92,6 +108,26 @@ def trajectory_timesteps(
     return [full[i] for i in keep]
 
 
+def calls_per_trajectory(timesteps: Sequence[int]) -> int:
+    """Network calls to walk ``timesteps``: one per timestep, plus the PLMS warm-up's repeated second timestep."""
+    return len(timesteps) + 1 if len(timesteps) > 1 else len(timesteps)
+
+
+def evaluations_per_image(
+    start_ts: Sequence[int], num_inference_steps: int, recon_steps: int | None = None, num_train_timesteps: int = 1000
+) -> int:
+    """Network evaluations to reconstruct one image from every start t (both engines make exactly these)."""
+    return sum(
+        calls_per_trajectory(trajectory_timesteps(t, num_inference_steps, recon_steps, num_train_timesteps))
+        for t in start_ts
+    )
+
+
+def balanced_tick_size(calls: Sequence[int]) -> int:
+    """Trajectories per network call so that ``calls`` (per trajectory) finish in max(calls) ticks: the fewest."""
+    return -(-sum(calls) // max(calls))
+
+
 def _noised(x0: torch.Tensor, noise: torch.Tensor, a_t: torch.Tensor, b_scale: float) -> torch.Tensor:
     """x_t = sqrt(a_t) * (b_scale x0) + sqrt(1 - a_t) * noise, as MONAI's add_noise computes it."""
     return a_t**0.5 * (x0 * b_scale) + (1 - a_t) ** 0.5 * noise
@@ -105,13 +141,13 @@ def reconstruct_reference(
     eps_fn: EpsFn,
     schedule: ScheduleConfig,
     images: torch.Tensor,
-    paths: Sequence[str],
+    keys: Sequence[str],
     start_ts: Sequence[int],
     num_inference_steps: int,
     seed: int,
 ) -> torch.Tensor:
     """One start point after another with a fresh MONAI PNDMScheduler each (history reset). -> (S, B, ...)."""
-    noise = noise_batch(seed, paths, start_ts, images.shape[1:]).to(images.device)
+    noise = noise_batch(seed, keys, start_ts, images.shape[1:]).to(images.device)
     recons = []
     for s, start_t in enumerate(start_ts):
         scheduler = make_pndm_scheduler(schedule, num_inference_steps)
@@ -131,13 +167,24 @@ def reconstruct_batched(
     eps_fn: EpsFn,
     schedule: ScheduleConfig,
     images: torch.Tensor,
-    paths: Sequence[str],
+    keys: Sequence[str],
     start_ts: Sequence[int],
     num_inference_steps: int,
     seed: int,
     recon_steps: int | None = None,
+    *,
+    balanced: bool = True,
 ) -> torch.Tensor:
-    """All (start t, image) trajectories advance together, one eps_fn call per tick. -> (S, B, ...)."""
+    """Every (start t, image) trajectory advances in shared network calls (ticks). -> (S, B, ...).
+
+    Each tick advances the trajectories with the most calls left (critical path first: the longest trajectory is
+    never held back, so the number of ticks stays at its length) by one call each. ``balanced`` sizes the ticks to
+    ceil(all calls / longest trajectory's calls), so every call has about the same number of samples instead of
+    S*B at first and a handful at the end (on a CPU that is about 5-8% faster; benchmarks/README.md);
+    ``balanced=False`` advances every unfinished trajectory at each tick. A memory budget (``max_batch``) is the
+    eps_fn's business (``model_eps_fn`` chunks each call). Grouping changes no number: each trajectory's steps and
+    PLMS history are its own.
+    """
     device = images.device
     n_starts, batch = len(start_ts), images.shape[0]
     n = n_starts * batch
@@ -153,48 +200,53 @@ def reconstruct_batched(
     for s, g in enumerate(grids):
         table[s, : len(g)] = torch.tensor(g)
     table = table.repeat_interleave(batch, dim=0).to(device)  # (N, length + 1)
-    steps = torch.tensor([len(g) for g in grids]).repeat_interleave(batch).to(device)  # (N,)
-    # Calls per trajectory: one per timestep, plus the warm-up's repeated second timestep.
-    total_calls = torch.where(steps > 1, steps + 1, steps)
+    total_calls = torch.tensor([calls_per_trajectory(g) for g in grids]).repeat_interleave(batch)  # (N,)
+    tick_size = balanced_tick_size(total_calls.tolist()) if balanced else n
 
     def alpha(t_idx: torch.Tensor) -> torch.Tensor:
-        return torch.where(t_idx >= 0, acp[t_idx.clamp(min=0)], one)
+        return torch.where(t_idx >= 0, acp[t_idx.clamp(min=0)], one).reshape((-1,) + spatial)
 
     spatial = (1,) * (images.ndim - 1)
-    noise = noise_batch(seed, paths, start_ts, images.shape[1:]).to(device).reshape((n,) + images.shape[1:])
+    noise = noise_batch(seed, keys, start_ts, images.shape[1:]).to(device).reshape((n,) + images.shape[1:])
     x0 = images.repeat(n_starts, *([1] * (images.ndim - 1)))
-    x = _noised(x0, noise, alpha(table[:, 0]).reshape((-1,) + spatial), schedule.b_scale)
+    x = _noised(x0, noise, alpha(table[:, 0]), schedule.b_scale)
     history = torch.zeros((n, plms.HISTORY) + images.shape[1:], device=device)
     n_history = torch.zeros(n, dtype=torch.long, device=device)
     first_sample = torch.zeros_like(x)
+    calls_done = torch.zeros(n, dtype=torch.long)  # scheduling state stays on the CPU
 
-    for call in range(int(total_calls.max())):
-        active = (total_calls > call).nonzero().squeeze(1)
-        # Position on the trajectory's grid: calls 0, 1, 2, 3, ... evaluate grid points 0, 1, 1, 2, ...
-        pos = torch.full_like(active, max(call - 1, 0)) if call >= 2 else torch.full_like(active, call)
-        t_now = table[active, pos]
-        eps = eps_fn(x[active], t_now)
-        if call == 0:
-            # Euler step from the start; remember where it started for the correction.
-            first_sample[active] = x[active]
-            history[active, 0] = eps
-            n_history[active] = 1
-            a_t, a_prev = alpha(t_now), alpha(table[active, 1])
-            x[active] = plms.prev_sample(x[active], eps, a_t.reshape((-1,) + spatial), a_prev.reshape((-1,) + spatial))
-        elif call == 1:
-            # Correction: redo the first step with the mean of the two noise estimates (history not extended).
-            a_t, a_prev = alpha(table[active, 0]), alpha(t_now)
-            eps_mean = (eps + history[active, 0]) / 2
-            x[active] = plms.prev_sample(
-                first_sample[active], eps_mean, a_t.reshape((-1,) + spatial), a_prev.reshape((-1,) + spatial)
-            )
-        else:
-            h = history[active]
-            history[active] = torch.cat([eps.unsqueeze(1), h[:, :-1]], dim=1)
-            n_history[active] = (n_history[active] + 1).clamp(max=plms.HISTORY)
-            eps_ms = plms.multistep_eps(history[active], n_history[active])
-            a_t, a_prev = alpha(t_now), alpha(table[active, pos + 1])
-            x[active] = plms.prev_sample(
-                x[active], eps_ms, a_t.reshape((-1,) + spatial), a_prev.reshape((-1,) + spatial)
-            )
+    while True:
+        left = total_calls - calls_done
+        if not bool((left > 0).any()):
+            break
+        # Most calls left first; the stable sort keeps ties in trajectory order, so the schedule is deterministic.
+        order = torch.argsort(-left, stable=True)
+        chosen = order[: min(tick_size, int((left > 0).sum()))]
+        done = calls_done[chosen]
+        # Grid position evaluated at call c: 0, 1, 1, 2, 3, ... (the warm-up repeats the second timestep).
+        pos = torch.where(done >= 2, done - 1, done)
+        idx = chosen.to(device)
+        eps = eps_fn(x[idx], table[idx, pos.to(device)])
+        # Euler step from the start; remember where it started for the correction.
+        euler = (done == 0).to(device)
+        if bool(euler.any()):
+            i = idx[euler]
+            first_sample[i] = x[i]
+            history[i, 0] = eps[euler]
+            n_history[i] = 1
+            x[i] = plms.prev_sample(x[i], eps[euler], alpha(table[i, 0]), alpha(table[i, 1]))
+        # Correction: redo the first step with the mean of the two noise estimates (history not extended).
+        correction = (done == 1).to(device)
+        if bool(correction.any()):
+            i = idx[correction]
+            eps_mean = (eps[correction] + history[i, 0]) / 2
+            x[i] = plms.prev_sample(first_sample[i], eps_mean, alpha(table[i, 0]), alpha(table[i, 1]))
+        multistep = (done >= 2).to(device)
+        if bool(multistep.any()):
+            i, p = idx[multistep], pos.to(device)[multistep]
+            history[i] = torch.cat([eps[multistep].unsqueeze(1), history[i, :-1]], dim=1)
+            n_history[i] = (n_history[i] + 1).clamp(max=plms.HISTORY)
+            eps_ms = plms.multistep_eps(history[i], n_history[i])
+            x[i] = plms.prev_sample(x[i], eps_ms, alpha(table[i, p]), alpha(table[i, p + 1]))
+        calls_done[chosen] += 1
     return _to_image(x, schedule.b_scale).reshape((n_starts, batch) + images.shape[1:])

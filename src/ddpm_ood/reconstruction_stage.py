@@ -212,8 +212,8 @@ def measure_batch(
 ) -> dict[str, torch.Tensor]:
     """Reconstruct a batch from every start t and measure it: ``{metric name: (S, B) float32 CPU}``.
 
-    images: (B, C, *spatial) in [0, 1] on the model's device; keys[b]: the noise key of image b (its path, see
-    ``reconstruction.row_seed``); S = len(start_ts), row s for start_ts[s]. Metric names: ``METRIC_COLUMNS``.
+    images: (B, C, *spatial) in [0, 1] on the model's device; keys[b]: the noise key of image b (for a file
+    ``reconstruction.noise_key(path)``); S = len(start_ts), row s for start_ts[s]. Metric names: ``METRIC_COLUMNS``.
     """
     from ddpm_ood.reconstruction import reconstruct_batched, reconstruct_reference
 
@@ -260,6 +260,7 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
     from ddpm_ood.data.datasets import dataset_from_csv
     from ddpm_ood.distributed import cleanup_distributed, init_distributed
     from ddpm_ood.metrics import ReconstructionMetrics
+    from ddpm_ood.reconstruction import NOISE_KEY_RULE
     from ddpm_ood.results_writer import ResumableResults
 
     if job.engine not in ENGINES:
@@ -310,6 +311,7 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
                 "start_timesteps": start_ts,
                 "use_ema": job.use_ema,
                 "amp": job.amp,
+                "noise_key": NOISE_KEY_RULE,
             }
             writer = ResumableResults(results_path(job.output_dir, job.model_name, name), settings, len(start_ts))
             written.append(writer.path)
@@ -325,6 +327,7 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, run, start_ts, eps_fn,
 
     from ddpm_ood.data.datasets import image_stem
     from ddpm_ood.distributed import barrier
+    from ddpm_ood.reconstruction import noise_key
 
     if writer.is_complete():
         if ctx.is_main:
@@ -346,12 +349,12 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, run, start_ts, eps_fn,
         started = time.perf_counter()
         if batch is not None:
             idx = [int(i) for i in batch["index"]]
-            paths = list(batch["path"])
+            keys = [noise_key(p) for p in batch["path"]]
             values = measure_batch(
-                eps_fn, run.schedule, metrics, batch["image"].to(ctx.device), paths, start_ts,
+                eps_fn, run.schedule, metrics, batch["image"].to(ctx.device), keys, start_ts,
                 job.num_inference_steps, job.seed, recon_steps=job.recon_steps, engine=job.engine,
             )
-            rows = result_rows(idx, [image_stem(p) for p in paths], row_type, start_ts, values)
+            rows = result_rows(idx, [image_stem(p) for p in batch["path"]], row_type, start_ts, values)
         rows = _gather_rows(rows, ctx)
         if ctx.is_main:
             writer.append(rows)

@@ -12,11 +12,10 @@ images' own scores (against the same ``ValidationReference``). An input is flagg
 strictly above it, so about ``1 - val_keep`` of in-distribution inputs are flagged (the expected false-positive
 rate); on the validation images themselves the flagged count is within one image of ``(1 - val_keep) * n_val``.
 
-Noise keys (``reconstruction.row_seed``): a file is keyed by its path (made absolute, as reconstruct.py does), so a
-file listed in a split CSV scores exactly as in ``results_<set>.csv``. An in-memory image is keyed by
-``ARRAY_KEY_PREFIX + sha256`` of its prepared float32 (C, *spatial) bytes (shape included): the same image always
-gets the same noise, wherever it sits in the batch. The key is already absolute, so ``row_seed``'s ``abspath`` leaves
-it unchanged (no dependence on the working directory).
+Noise keys (``reconstruction.row_seed``): a file is keyed by its stem (``reconstruction.noise_key``, as reconstruct.py
+does), so a file listed in a split CSV scores exactly as in ``results_<set>.csv``, wherever the data sits. An
+in-memory image is keyed by ``ARRAY_KEY_PREFIX + sha256`` of its prepared float32 (C, *spatial) bytes (shape
+included): the same image always gets the same noise, wherever it sits in the batch.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ DEFAULT_VAL_KEEP = 0.95
 OUTPUT_COLUMNS = ["path", "score", "is_ood", "mse_score", "perceptual_score", "error"]
 # Output column -> scoring.SCORE_NAMES entry it reports.
 SCORE_COLUMNS = {"score": DEFAULT_SCORE, "mse_score": "mse", "perceptual_score": "perceptual"}
-# Noise key of an in-memory image: this prefix + the sha256 hex digest of its prepared bytes (absolute on purpose).
+# Noise key of an in-memory image: this prefix + the sha256 hex digest of its prepared bytes (no file stem has "/").
 ARRAY_KEY_PREFIX = "/ddpm-ood-array/sha256/"
 SETTINGS_KEYS = (
     "checkpoint",
@@ -61,6 +60,7 @@ SETTINGS_KEYS = (
     "start_timesteps",
     "use_ema",
     "amp",
+    "noise_key",
 )
 
 ImageInput = Union[str, os.PathLike, np.ndarray, "torch.Tensor"]
@@ -141,6 +141,7 @@ class ReconSettings:
     start_timesteps: tuple[int, ...]
     use_ema: bool
     amp: bool
+    noise_key: str
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> ReconSettings:
@@ -155,9 +156,16 @@ class ReconSettings:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{path}: cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
+        from ddpm_ood.reconstruction import NOISE_KEY_RULE
+
         missing = [k for k in SETTINGS_KEYS if not isinstance(d, dict) or k not in d]
         if missing:
             raise UserError(f"{path}: missing setting(s) {', '.join(missing)}; rerun reconstruct.py with --run_val=1")
+        if d["noise_key"] != NOISE_KEY_RULE:
+            raise UserError(
+                f"{path}: noise keyed by {d['noise_key']!r}, this version keys it by {NOISE_KEY_RULE!r}; "
+                "rerun reconstruct.py with --run_val=1"
+            )
         return cls(
             checkpoint=str(d["checkpoint"]),
             checkpoint_epoch=d["checkpoint_epoch"],
@@ -168,6 +176,7 @@ class ReconSettings:
             start_timesteps=tuple(int(t) for t in d["start_timesteps"]),
             use_ema=bool(d["use_ema"]),
             amp=bool(d["amp"]),
+            noise_key=str(d["noise_key"]),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -430,6 +439,7 @@ class OODScorer:
         import torch
 
         from ddpm_ood.data.datasets import load_image
+        from ddpm_ood.reconstruction import noise_key
 
         if isinstance(item, torch.Tensor):
             name = f"images[{i}]"
@@ -459,7 +469,7 @@ class OODScorer:
             except (OSError, ValueError, RuntimeError) as exc:  # anything a reader raised past load_image's checks
                 raise UserError(f"{path}: cannot be loaded ({exc.__class__.__name__}: {exc})") from None
             self._check_loaded_shape(x, path)
-            return x, path  # the key reconstruct.py uses: row_seed makes it absolute
+            return x, noise_key(path)  # the key reconstruct.py uses
         raise UserError(f"images[{i}]: unsupported input type {type(item).__name__} (path, numpy array or tensor)")
 
     def _check_loaded_shape(self, x: torch.Tensor, name: str) -> None:

@@ -1,0 +1,60 @@
+"""benchmarks/recon_steps_auroc.py: its flags, and a whole sweep on tiny data."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_run import needs_lpips, save_tiny_checkpoint, write_npy_images
+
+from ddpm_ood.data.splits import write_split_csv
+from ddpm_ood.errors import UserError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recon_steps_auroc.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("recon_steps_auroc", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_parse_steps(sweep):
+    assert sweep.parse_steps("5, 10,full") == [5, 10, None]
+    for bad in ("0", "ten", "5,,full"):
+        with pytest.raises(UserError):
+            sweep.parse_steps(bad)
+
+
+@needs_lpips
+def test_sweep_end_to_end(sweep, tmp_path, capsys):
+    quickstart = tmp_path / "quickstart"
+    splits = quickstart / "data" / "data_splits"
+    for name, seed in (("FashionMNIST_val", 0), ("FashionMNIST_test", 1), ("MNIST_test", 2)):
+        write_split_csv(splits / f"{name}.csv", write_npy_images(tmp_path / name, name, 3, seed))
+    save_tiny_checkpoint(quickstart / "output" / "fashionmnist" / "checkpoint.pth")
+    assert sweep.main([f"--quickstart_dir={quickstart}", "--recon_steps=2,full", "--n=3", "--skip_factor=64",
+                       "--batch_size=2", "--amp=0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = lines[-3].split("\t")
+    rows = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[-2:]]
+    assert header[0] == "recon_steps" and header[-1] == "time_vs_full"
+    assert [r["recon_steps"] for r in rows] == ["2", "full"]
+    assert int(rows[0]["evaluations_per_image"]) < int(rows[1]["evaluations_per_image"])
+    assert rows[1]["time_vs_full"] == "1.000"
+    for r in rows:
+        assert 0.0 <= float(r["auroc_mse+perceptual"]) <= 1.0
+    # each N reconstructed from scratch, in its own folder
+    for label in ("2", "full"):
+        assert (quickstart / "recon_steps_sweep" / f"fashionmnist_recon_steps_{label}" / "ood" / "summary.json").is_file()
+
+
+def test_missing_checkpoint_is_one_line(sweep, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        sweep.main([f"--quickstart_dir={tmp_path}"])

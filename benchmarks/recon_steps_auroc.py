@@ -2,8 +2,10 @@
 
 For each N (and ``full``: the paper's whole PLMS path from every start t) this runs the entry scripts exactly as a
 user would, ``reconstruct.py`` (validation, Fashion-MNIST test, MNIST test) then ``ood_detection.py``, on the
-quickstart's checkpoint and settings (skip factor 16, the first 200 images of each set, bf16), and prints per N:
-the network evaluations per image, the reconstruction wall time, and the FashionMNIST-vs-MNIST AUROC of each score.
+quickstart's checkpoint and settings (skip factor 16, the first 200 images of each set, bf16), and prints per N (and
+per noise seed, ``--seeds``): the network evaluations per image, the reconstruction wall time, and the
+FashionMNIST-vs-MNIST AUROC of each score. With 200 images per set the AUROC moves between noise seeds; compare N
+with the full path at the same seed, and look at the spread over seeds before reading much into a difference.
 
 Each N works in its own model directory under ``--work_dir`` (the checkpoint is hard-linked or copied there) and
 starts from an empty ``ood/`` folder, so every time is a whole run, never a resumed one.
@@ -11,7 +13,7 @@ starts from an empty ``ood/`` folder, so every time is a whole run, never a resu
 Usage (repository root, venv active, after ``bash scripts/quickstart.sh``)::
 
     python benchmarks/recon_steps_auroc.py                        # N = 5, 10, 20 and full: ~20 min on 2 cores
-    python benchmarks/recon_steps_auroc.py --recon_steps 10,full --n 50
+    python benchmarks/recon_steps_auroc.py --recon_steps 10 --seeds 3,4,5,6      # the spread over noise draws
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_FLAGS = ["--beta_schedule=scaled_linear_beta", "--beta_start=0.0015", "--beta_end=0.0195"]
 NUM_INFERENCE_STEPS = 100
 SCORES = ("mse+perceptual", "mse", "perceptual")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'2,3' -> [2, 3]."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
 
 
 def parse_steps(text: str) -> list[int | None]:
@@ -73,9 +83,9 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def sweep_one(args: argparse.Namespace, recon_steps: int | None) -> dict:
+def sweep_one(args: argparse.Namespace, recon_steps: int | None, seed: int) -> dict:
     label = "full" if recon_steps is None else str(recon_steps)
-    name = f"{args.model_name}_recon_steps_{label}"
+    name = f"{args.model_name}_recon_steps_{label}_seed_{seed}"
     prepare_model_dir(args.checkpoint, args.work_dir, name)
     splits = args.quickstart_dir / "data" / "data_splits"
     reconstruct = [
@@ -84,17 +94,18 @@ def sweep_one(args: argparse.Namespace, recon_steps: int | None) -> dict:
         f"--out_ids={splits / 'MNIST_test.csv'}", "--is_grayscale=1", *SCHEDULE_FLAGS,
         f"--num_inference_steps={NUM_INFERENCE_STEPS}", f"--inference_skip_factor={args.skip_factor}",
         f"--first_n_val={args.n}", f"--first_n={args.n}", f"--batch_size={args.batch_size}", "--num_workers=0",
-        f"--amp={args.amp}", "--run_val=1", "--run_in=1", "--run_out=1",
+        f"--amp={args.amp}", "--run_val=1", "--run_in=1", "--run_out=1", f"--seed={seed}",
     ]
     if recon_steps is not None:
         reconstruct.append(f"--recon_steps={recon_steps}")
-    print(f"== recon_steps={label}", file=sys.stderr, flush=True)
+    print(f"== recon_steps={label} seed={seed}", file=sys.stderr, flush=True)
     seconds = run(reconstruct)
     run([sys.executable, "ood_detection.py", f"--output_dir={args.work_dir}", f"--model_name={name}"])
     summary = json.loads((args.work_dir / name / "ood" / "summary.json").read_text())
     aurocs = {row["score"]: row["auroc"] for row in summary["summary"] if row["out_set"] == "MNIST"}
     return {
         "recon_steps": label,
+        "seed": seed,
         "evaluations_per_image": evaluations_per_image(
             start_timesteps(NUM_INFERENCE_STEPS, args.skip_factor), NUM_INFERENCE_STEPS, recon_steps
         ),
@@ -111,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_name", default="fashionmnist", help="the quickstart's model name (default fashionmnist)")
     p.add_argument("--recon_steps", type=parse_steps, default=parse_steps("5,10,20,full"),
                    help="comma-separated N values and/or 'full' (default 5,10,20,full)")
+    p.add_argument("--seeds", type=parse_seeds, default=[2],
+                   help="comma-separated noise seeds (reconstruct.py --seed; default 2, its default)")
     p.add_argument("--n", type=int, default=200, help="images per set: validation, in, MNIST (default 200)")
     p.add_argument("--skip_factor", type=int, default=16, help="--inference_skip_factor (default 16, the quickstart's)")
     p.add_argument("--batch_size", type=int, default=50, help="reconstruct.py --batch_size (default 50)")
@@ -129,17 +142,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n < 1 or args.skip_factor < 1 or args.batch_size < 1:
         raise UserError("--n, --skip_factor and --batch_size must be >= 1")
     args.work_dir = (args.work_dir or args.quickstart_dir / "recon_steps_sweep").resolve()
-    rows = [sweep_one(args, steps) for steps in args.recon_steps]
-    full = next((r for r in rows if r["recon_steps"] == "full"), None)
-    header = ["recon_steps", "evaluations_per_image", "reconstruct_s", "images_per_s", *[f"auroc_{s}" for s in SCORES]]
+    rows = [sweep_one(args, steps, seed) for seed in args.seeds for steps in args.recon_steps]
+    full = {r["seed"]: r for r in rows if r["recon_steps"] == "full"}
+    header = ["recon_steps", "seed", "evaluations_per_image", "reconstruct_s", "images_per_s",
+              *[f"auroc_{s}" for s in SCORES]]
     if full:
-        header.append("time_vs_full")
+        header += ["auroc_minus_full", "time_vs_full"]  # against the full path at the same seed
     print("\t".join(header))
     for r in rows:
-        cells = [r["recon_steps"], str(r["evaluations_per_image"]), f"{r['reconstruct_s']:.1f}",
+        cells = [r["recon_steps"], str(r["seed"]), str(r["evaluations_per_image"]), f"{r['reconstruct_s']:.1f}",
                  f"{r['images'] / r['reconstruct_s']:.2f}", *[f"{r[f'auroc_{s}']:.4f}" for s in SCORES]]
         if full:
-            cells.append(f"{r['reconstruct_s'] / full['reconstruct_s']:.3f}")
+            ref = full.get(r["seed"])
+            cells += [f"{r[f'auroc_{SCORES[0]}'] - ref[f'auroc_{SCORES[0]}']:+.4f}" if ref else "",
+                      f"{r['reconstruct_s'] / ref['reconstruct_s']:.3f}" if ref else ""]
         print("\t".join(cells), flush=True)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -30,9 +31,13 @@ def test_parse_steps(sweep):
     for bad in ("0", "ten", "5,,full"):
         with pytest.raises(UserError):
             sweep.parse_steps(bad)
+    assert sweep.parse_seeds("2,3") == [2, 3]
+    with pytest.raises(UserError):
+        sweep.parse_seeds("2,x")
 
 
 @needs_lpips
+@pytest.mark.slow
 def test_sweep_end_to_end(sweep, tmp_path, capsys):
     quickstart = tmp_path / "quickstart"
     splits = quickstart / "data" / "data_splits"
@@ -40,19 +45,21 @@ def test_sweep_end_to_end(sweep, tmp_path, capsys):
         write_split_csv(splits / f"{name}.csv", write_npy_images(tmp_path / name, name, 3, seed))
     save_tiny_checkpoint(quickstart / "output" / "fashionmnist" / "checkpoint.pth")
     assert sweep.main([f"--quickstart_dir={quickstart}", "--recon_steps=2,full", "--n=3", "--skip_factor=64",
-                       "--batch_size=2", "--amp=0"]) == 0
+                       "--batch_size=2", "--amp=0", "--seeds=3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     header = lines[-3].split("\t")
     rows = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[-2:]]
-    assert header[0] == "recon_steps" and header[-1] == "time_vs_full"
-    assert [r["recon_steps"] for r in rows] == ["2", "full"]
+    assert header[:2] == ["recon_steps", "seed"] and header[-1] == "time_vs_full"
+    assert [(r["recon_steps"], r["seed"]) for r in rows] == [("2", "3"), ("full", "3")]
     assert int(rows[0]["evaluations_per_image"]) < int(rows[1]["evaluations_per_image"])
-    assert rows[1]["time_vs_full"] == "1.000"
+    assert rows[1]["time_vs_full"] == "1.000" and rows[1]["auroc_minus_full"] == "+0.0000"
     for r in rows:
         assert 0.0 <= float(r["auroc_mse+perceptual"]) <= 1.0
-    # each N reconstructed from scratch, in its own folder
-    for label in ("2", "full"):
-        assert (quickstart / "recon_steps_sweep" / f"fashionmnist_recon_steps_{label}" / "ood" / "summary.json").is_file()
+    # each run from scratch in its own folder, with the seed and recon_steps asked for
+    for label, steps in (("2", 2), ("full", None)):
+        ood = quickstart / "recon_steps_sweep" / f"fashionmnist_recon_steps_{label}_seed_3" / "ood"
+        settings = json.loads((ood / "results_MNIST.json").read_text())
+        assert settings["seed"] == 3 and settings["recon_steps"] == steps
 
 
 def test_missing_checkpoint_is_one_line(sweep, tmp_path):

@@ -124,6 +124,14 @@ def add_model_options(parser: argparse.ArgumentParser, *, from_checkpoint: bool)
     g.add_argument("--latent_pad", type=str, default=None, help="LDM latent padding: refused with --vqvae_checkpoint")
 
 
+def add_max_batch_option(group: argparse._ActionsContainer) -> None:
+    """--max_batch, shared by reconstruct.py and score.py."""
+    group.add_argument("--max_batch", type=optional_int, default=None,
+                       help="most samples per network call (memory budget; default: no limit - the batched engine "
+                       "calls the network with about (all network calls of a batch) / (the longest trajectory's) "
+                       "samples at a time)")
+
+
 def refuse_unsupported(args: argparse.Namespace) -> None:
     """Flags that upstream has but ddpm-ood does not implement: refused loudly instead of ignored."""
     from ddpm_ood.errors import UserError

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from ddpm_ood.cli.options import (
     add_data_options,
+    add_max_batch_option,
     add_model_options,
     add_run_options,
     add_schedule_options,
@@ -50,10 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recon_steps", type=optional_int, default=None,
                    help="denoise from each start t in at most N PLMS steps (default: the full path, as the paper)")
     g.add_argument("--engine", choices=("batched", "reference"), default="batched",
-                   help="batched: all start points of a batch advance together (fast, default); reference: one "
+                   help="batched: all start points of a batch share network calls (fast, default); reference: one "
                    "start point after another (the oracle; same numbers)")
-    g.add_argument("--max_batch", type=optional_int, default=None,
-                   help="most samples per network call in the batched engine (memory budget; default: all)")
+    add_max_batch_option(g)
     return p
 
 

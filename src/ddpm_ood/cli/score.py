@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_ood.cli.options import boolish, checked_number, optional_int, positive_int
+from ddpm_ood.cli.options import add_max_batch_option, boolish, checked_number, positive_int
 
 _val_keep = checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
@@ -43,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", type=boolish, default=None,
                    help="mixed precision for the network (fp16 on CUDA, bf16 on CPU); default: as the validation "
                    "results were made")
-    p.add_argument("--max_batch", type=optional_int, default=None,
-                   help="most samples per network call (memory budget; default: all)")
+    add_max_batch_option(p)
     return p
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ddpm_ood.errors import UserError
+from ddpm_ood.reconstruction import evaluations_per_image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reconstruct_speed.py"
 
@@ -99,6 +100,13 @@ def test_benchmark_fp32_paths_agree_and_report_format(bench, setup):
     assert float(report["single_image_latency_ratio"]) > 0
     assert report["start_points"] == "4" and report["batch_size"] == "3"
     assert "fast_fp32_images_per_s" not in report  # only reported when the fast path uses amp
+    # per-evaluation costs: both paths make evaluations_per_image x images evaluations
+    assert res["evaluations_per_image"] == evaluations_per_image(setup.start_ts, setup.num_inference_steps)
+    assert res["reference_ms_per_evaluation"] == pytest.approx(
+        1000 * res["reference_s"] / (res["evaluations_per_image"] * setup.batch_size))
+    assert report["floor_ms_per_evaluation"].endswith(f"(one fast-path call of {res['floor_tick_size']} samples)")
+    assert float(report["speedup_bound_at_floor"]) == pytest.approx(
+        res["reference_ms_per_evaluation"] / res["floor_ms_per_evaluation"], rel=1e-2)
 
 
 def test_amp_run_reports_fp32_fast_path_separately(bench, setup):

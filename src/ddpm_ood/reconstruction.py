@@ -10,8 +10,10 @@ Two paths with the same numbers:
 
 Conventions: images (B, C, *spatial) in [0, 1]; reconstructions (S, B, C, *spatial) in [0, 1], S = len(start_ts) in
 the order given; t indexes the 1000-step training schedule. The noise of (image, t) comes from a generator seeded from
-(seed, the image's noise key, t), so no number depends on batch size, order, resuming or the number of processes; a
-file's key is its stem (``noise_key``), so neither does moving the data or the working directory.
+(seed, the image's noise key, t), so the noise does not depend on batch size, order, resuming or the number of
+processes, and, a file's key being its stem (``noise_key``), not on where the data sits either. Batch composition
+still moves results by float rounding: the network's kernels round differently for other batch sizes (about 1e-6 in
+fp32).
 """
 
 from __future__ import annotations
@@ -180,10 +182,10 @@ def reconstruct_batched(
     Each tick advances the trajectories with the most calls left (critical path first: the longest trajectory is
     never held back, so the number of ticks stays at its length) by one call each. ``balanced`` sizes the ticks to
     ceil(all calls / longest trajectory's calls), so every call has about the same number of samples instead of
-    S*B at first and a handful at the end (on a CPU that is about 5-8% faster; benchmarks/README.md);
-    ``balanced=False`` advances every unfinished trajectory at each tick. A memory budget (``max_batch``) is the
-    eps_fn's business (``model_eps_fn`` chunks each call). Grouping changes no number: each trajectory's steps and
-    PLMS history are its own.
+    S*B at first and a handful at the end: the largest call halves (memory), the speed on a CPU is the same within
+    run-to-run noise (benchmarks/README.md); ``balanced=False`` advances every unfinished trajectory at each tick.
+    A memory budget (``max_batch``) is the eps_fn's business (``model_eps_fn`` chunks each call). Each trajectory's
+    steps and PLMS history are its own, so grouping changes results only by the network's float rounding.
     """
     device = images.device
     n_starts, batch = len(start_ts), images.shape[0]

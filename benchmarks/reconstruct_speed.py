@@ -44,7 +44,7 @@ from ddpm_ood.config import ModelConfig, ScheduleConfig
 from ddpm_ood.devices import DEVICE_CHOICES, autocast_context, resolve_device
 from ddpm_ood.errors import UserError
 from ddpm_ood.metrics import mse
-from ddpm_ood.networks import MODEL_PRESETS, build_unet, model_config_from_preset
+from ddpm_ood.networks import MODEL_PRESETS, build_unet, model_config_from_preset, randomize_zero_init_convs
 from ddpm_ood.reconstruction import (
     EpsFn,
     balanced_tick_size,
@@ -131,10 +131,7 @@ def build_model(setup: BenchmarkSetup) -> torch.nn.Module:
     instead: the network's output then depends on every layer, and the fp32 comparison means something.
     """
     torch.manual_seed(setup.seed)
-    model = build_unet(setup.model_config)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.conv._ConvNd) and not module.weight.any():
-            module.reset_parameters()
+    model = randomize_zero_init_convs(build_unet(setup.model_config))
     return model.eval().to(resolve_device(setup.device))
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart: the whole pipeline on real Fashion-MNIST (in) vs MNIST (out), on a CPU, in one command.
-#   bash scripts/quickstart.sh            # ~20 minutes on 2 CPU cores, FashionMNIST vs MNIST AUROC about 0.9
+#   bash scripts/quickstart.sh            # ~15 minutes on 2 CPU cores, FashionMNIST vs MNIST AUROC about 0.9
 #   QUICKSTART_FAST=1 bash scripts/quickstart.sh   # ~3-minute smoke version (CI runs it); AUROC not meaningful
 # Everything goes under runs/quickstart/ (data/, output/). Running it again resumes and finishes quickly.
 # Every step calls the four entry scripts with the README's flags, so this is also their integration test.

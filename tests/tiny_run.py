@@ -12,7 +12,7 @@ import torch
 
 from ddpm_ood.checkpoint import save_checkpoint
 from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
-from ddpm_ood.networks import build_unet
+from ddpm_ood.networks import build_unet, randomize_zero_init_convs
 
 TINY_MODEL = ModelConfig("test", 2, 1, (8, 16, 16), (False, False, True), 1, 16, 8)
 TINY_SCHEDULE = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
@@ -56,10 +56,7 @@ def save_tiny_checkpoint(path: Path, epoch: int = 1, seed: int = 0) -> RunConfig
     """
     torch.manual_seed(seed)
     run = RunConfig(TINY_MODEL, TINY_SCHEDULE, DataConfig(is_grayscale=True), (1, 8, 8))
-    model = build_unet(TINY_MODEL)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.conv._ConvNd) and not module.weight.any():
-            module.reset_parameters()
+    model = randomize_zero_init_convs(build_unet(TINY_MODEL))
     save_checkpoint(path, {"epoch": epoch, "model_state_dict": model.state_dict(), "config": run.to_dict()})
     return run
 

@@ -37,6 +37,21 @@ def model_config_from_preset(preset: str, spatial_dims: int, in_channels: int) -
     return ModelConfig(preset=preset, spatial_dims=spatial_dims, in_channels=in_channels, **MODEL_PRESETS[preset])
 
 
+def randomize_zero_init_convs(model):
+    """Give MONAI's zero-initialised convs (the output conv, the last conv of every residual block) PyTorch's default
+    random init, in place, from the global torch RNG; returns the model.
+
+    An untrained MONAI UNet predicts exactly 0 for every input, so tests and benchmarks on one would never exercise
+    the network (two samplers would agree trivially). Never used on a model that is trained or loaded.
+    """
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd) and not module.weight.any():
+            module.reset_parameters()
+    return model
+
+
 def build_unet(config: ModelConfig):
     """MONAI core DiffusionModelUNet, unconditioned, in_channels == out_channels.
 

@@ -48,11 +48,10 @@ from ddpm_ood.networks import MODEL_PRESETS, build_unet, model_config_from_prese
 from ddpm_ood.reconstruction import (
     EpsFn,
     balanced_tick_size,
-    calls_per_trajectory,
+    calls_per_start,
     model_eps_fn,
     reconstruct_batched,
     reconstruct_reference,
-    trajectory_timesteps,
 )
 from ddpm_ood.start_timesteps import start_timesteps
 
@@ -288,10 +287,7 @@ def network_floor(
     Both paths make the same evaluations, so reference cost / floor bounds the speed-up: beating it takes fewer
     evaluations or a faster network, not a better engine.
     """
-    calls = [
-        calls_per_trajectory(trajectory_timesteps(t, setup.num_inference_steps, None, setup.schedule.num_train_timesteps))
-        for t in setup.start_ts
-    ]
+    calls = calls_per_start(setup.start_ts, setup.num_inference_steps, None, setup.schedule.num_train_timesteps)
     batch_calls = calls * setup.batch_size
     tick = balanced_tick_size(batch_calls) if settings.balanced else len(batch_calls)
     device = resolve_device(setup.device)

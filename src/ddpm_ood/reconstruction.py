@@ -115,14 +115,21 @@ def calls_per_trajectory(timesteps: Sequence[int]) -> int:
     return len(timesteps) + 1 if len(timesteps) > 1 else len(timesteps)
 
 
+def calls_per_start(
+    start_ts: Sequence[int], num_inference_steps: int, recon_steps: int | None = None, num_train_timesteps: int = 1000
+) -> list[int]:
+    """Network calls of one image's trajectory from each start t, in the order of ``start_ts``."""
+    return [
+        calls_per_trajectory(trajectory_timesteps(t, num_inference_steps, recon_steps, num_train_timesteps))
+        for t in start_ts
+    ]
+
+
 def evaluations_per_image(
     start_ts: Sequence[int], num_inference_steps: int, recon_steps: int | None = None, num_train_timesteps: int = 1000
 ) -> int:
     """Network evaluations to reconstruct one image from every start t (both engines make exactly these)."""
-    return sum(
-        calls_per_trajectory(trajectory_timesteps(t, num_inference_steps, recon_steps, num_train_timesteps))
-        for t in start_ts
-    )
+    return sum(calls_per_start(start_ts, num_inference_steps, recon_steps, num_train_timesteps))
 
 
 def balanced_tick_size(calls: Sequence[int]) -> int:
@@ -205,10 +212,11 @@ def reconstruct_batched(
     total_calls = torch.tensor([calls_per_trajectory(g) for g in grids]).repeat_interleave(batch)  # (N,)
     tick_size = balanced_tick_size(total_calls.tolist()) if balanced else n
 
+    spatial = (1,) * (images.ndim - 1)
+
     def alpha(t_idx: torch.Tensor) -> torch.Tensor:
         return torch.where(t_idx >= 0, acp[t_idx.clamp(min=0)], one).reshape((-1,) + spatial)
 
-    spatial = (1,) * (images.ndim - 1)
     noise = noise_batch(seed, keys, start_ts, images.shape[1:]).to(device).reshape((n,) + images.shape[1:])
     x0 = images.repeat(n_starts, *([1] * (images.ndim - 1)))
     x = _noised(x0, noise, alpha(table[:, 0]), schedule.b_scale)
@@ -226,26 +234,27 @@ def reconstruct_batched(
         chosen = order[: min(tick_size, int((left > 0).sum()))]
         done = calls_done[chosen]
         # Grid position evaluated at call c: 0, 1, 1, 2, 3, ... (the warm-up repeats the second timestep).
-        pos = torch.where(done >= 2, done - 1, done)
+        pos = torch.where(done >= 2, done - 1, done).to(device)
         idx = chosen.to(device)
-        eps = eps_fn(x[idx], table[idx, pos.to(device)])
+        eps = eps_fn(x[idx], table[idx, pos])
+        # Phase tests run on the CPU copy of ``done``: no device sync per tick.
         # Euler step from the start; remember where it started for the correction.
-        euler = (done == 0).to(device)
-        if bool(euler.any()):
+        if bool((done == 0).any()):
+            euler = (done == 0).to(device)
             i = idx[euler]
             first_sample[i] = x[i]
             history[i, 0] = eps[euler]
             n_history[i] = 1
             x[i] = plms.prev_sample(x[i], eps[euler], alpha(table[i, 0]), alpha(table[i, 1]))
         # Correction: redo the first step with the mean of the two noise estimates (history not extended).
-        correction = (done == 1).to(device)
-        if bool(correction.any()):
+        if bool((done == 1).any()):
+            correction = (done == 1).to(device)
             i = idx[correction]
             eps_mean = (eps[correction] + history[i, 0]) / 2
             x[i] = plms.prev_sample(first_sample[i], eps_mean, alpha(table[i, 0]), alpha(table[i, 1]))
-        multistep = (done >= 2).to(device)
-        if bool(multistep.any()):
-            i, p = idx[multistep], pos.to(device)[multistep]
+        if bool((done >= 2).any()):
+            multistep = (done >= 2).to(device)
+            i, p = idx[multistep], pos[multistep]
             history[i] = torch.cat([eps[multistep].unsqueeze(1), history[i, :-1]], dim=1)
             n_history[i] = (n_history[i] + 1).clamp(max=plms.HISTORY)
             eps_ms = plms.multistep_eps(history[i], n_history[i])

@@ -2,7 +2,7 @@
 
 For each N (and ``full``: the paper's whole PLMS path from every start t) this runs the entry scripts exactly as a
 user would, ``reconstruct.py`` (validation, Fashion-MNIST test, MNIST test) then ``ood_detection.py``, on the
-quickstart's checkpoint and settings (skip factor 16, the first 200 images of each set, bf16), and prints per N (and
+quickstart's checkpoint and settings (skip factor 16, the first 200 images of each set, --amp=1), and prints per N (and
 per noise seed, ``--seeds``): the network evaluations per image, the reconstruction wall time, and the
 FashionMNIST-vs-MNIST AUROC of each score. With 200 images per set the AUROC moves between noise seeds; compare N
 with the full path at the same seed, and look at the spread over seeds before reading much into a difference.
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quickstart_dir", type=Path, default=Path("runs/quickstart"),
                    help="the quickstart's run folder (data/ and output/; default runs/quickstart)")
-    p.add_argument("--model_name", default="fashionmnist", help="the quickstart's model name (default fashionmnist)")
+    p.add_argument("--model_name", default="fashionmnist_tiny_fast",
+                   help="the quickstart's model name (default fashionmnist_tiny_fast)")
     p.add_argument("--recon_steps", type=parse_steps, default=parse_steps("5,10,20,full"),
                    help="comma-separated N values and/or 'full' (default 5,10,20,full)")
     p.add_argument("--seeds", type=parse_seeds, default=[2],
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="images per set: validation, in, MNIST (default 200)")
     p.add_argument("--skip_factor", type=int, default=16, help="--inference_skip_factor (default 16, the quickstart's)")
     p.add_argument("--batch_size", type=int, default=50, help="reconstruct.py --batch_size (default 50)")
-    p.add_argument("--amp", type=int, choices=(0, 1), default=1, help="reconstruct.py --amp (default 1, bf16 on CPU)")
+    p.add_argument("--amp", type=int, choices=(0, 1), default=1,
+                   help="reconstruct.py --amp (default 1: bf16 on a CPU with native bf16, else fp32)")
     p.add_argument("--work_dir", type=Path, default=None,
                    help="where the per-N model folders go (default <quickstart_dir>/recon_steps_sweep)")
     return p

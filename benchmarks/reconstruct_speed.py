@@ -32,7 +32,6 @@ import argparse
 import copy
 import dataclasses
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,15 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_ood.config import ModelConfig, ScheduleConfig
-from ddpm_ood.devices import DEVICE_CHOICES, autocast_context, resolve_device
+from ddpm_ood.devices import (
+    DEVICE_CHOICES,
+    PRECISIONS,
+    autocast_context,
+    cpu_has_native_bf16,
+    describe_device,
+    fastest_native_precision,
+    resolve_device,
+)
 from ddpm_ood.errors import UserError
 from ddpm_ood.metrics import mse
 from ddpm_ood.networks import MODEL_PRESETS, build_unet, model_config_from_preset, randomize_zero_init_convs
@@ -65,7 +72,7 @@ class FastSettings:
     """What the fast path runs with on top of batching. ``max_batch`` = samples per network call (None: all);
     ``balanced``: ticks of even size (``reconstruct_batched``), else every unfinished trajectory at each tick."""
 
-    amp: bool = False
+    precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
     max_batch: int | None = None
@@ -73,17 +80,22 @@ class FastSettings:
 
     def describe(self) -> str:
         return (
-            f"amp={int(self.amp)} channels_last={int(self.channels_last)} compile={int(self.compile)} "
+            f"precision={self.precision} channels_last={int(self.channels_last)} compile={int(self.compile)} "
             f"max_batch={self.max_batch} balanced={int(self.balanced)}"
         )
 
+    @property
+    def mixed(self) -> bool:
+        """True when the network runs under autocast (bf16/fp16): its numbers then differ from fp32's."""
+        return self.precision in ("bf16", "fp16")
 
-# Best settings per device type, from the --ablation measurements in benchmarks/README.md (CPU) and common practice
-# (CUDA: fp16 autocast + channels_last; not measured here, there is no GPU on the benchmark machine).
-BEST_SETTINGS: dict[str, FastSettings] = {
-    "cpu": FastSettings(amp=True, channels_last=False, compile=False, max_batch=None),
-    "cuda": FastSettings(amp=True, channels_last=True, compile=False, max_batch=None),
-}
+
+def best_settings(device: torch.device) -> FastSettings:
+    """The fast path's settings for what this machine computes natively (``devices.fastest_native_precision``:
+    bf16 only on a CPU with AVX512-BF16/AMX, fp32 on an AVX2 CPU where bf16 is emulated, fp16 on CUDA), from the
+    --ablation measurements in benchmarks/README.md; channels_last on CUDA is common practice, not measured here."""
+    precision, _ = fastest_native_precision(device)
+    return FastSettings(precision=precision, channels_last=device.type == "cuda", compile=False, max_batch=None)
 
 
 @dataclass(frozen=True)
@@ -146,7 +158,7 @@ def fast_eps_fn(model: torch.nn.Module, setup: BenchmarkSetup, settings: FastSet
         # dynamic=True: the number of active trajectories changes from tick to tick (one shape per start point).
         net = torch.compile(net, dynamic=True)
     eps_fn = model_eps_fn(
-        net, setup.schedule, max_batch=settings.max_batch, autocast=lambda: autocast_context(device, settings.amp)
+        net, setup.schedule, max_batch=settings.max_batch, autocast=lambda: autocast_context(device, settings.precision)
     )
     if not settings.channels_last or len(setup.image_shape) != 3:
         return eps_fn
@@ -219,17 +231,17 @@ def run_benchmark(setup: BenchmarkSetup, settings: FastSettings) -> dict:
 
     Keys: ``reference_s`` / ``fast_s`` (seconds for their image counts), ``*_images_per_s``, ``speedup_vs_reference``,
     ``single_image_*``, ``max_abs_diff_mse`` / ``max_abs_diff_recon`` (fp32 fast vs fp32 reference) and, when the
-    fast path uses amp, the same for the fp32 fast path (``fast_fp32_*``) and the amp differences (``*_amp``).
+    fast path runs bf16/fp16, the same for the fp32 fast path (``fast_fp32_*``) and its own differences (``*_amp``).
     """
     device = resolve_device(setup.device)
     model = build_model(setup)
     images, paths = make_inputs(setup)
     n_ref = setup.n_reference
     ref_eps = model_eps_fn(model, setup.schedule)  # fp32, one network call per start point and grid step
-    fp32_settings = dataclasses.replace(settings, amp=False)
+    fp32_settings = dataclasses.replace(settings, precision="fp32")
     compile_s = 0.0
     fast_eps = fast_eps_fn(model, setup, settings)
-    fast_fp32_eps = fast_eps if not settings.amp else fast_eps_fn(model, setup, fp32_settings)
+    fast_fp32_eps = fast_eps if not settings.mixed else fast_eps_fn(model, setup, fp32_settings)
 
     def fast_run(eps_fn: EpsFn, imgs: torch.Tensor, pths: Sequence[str]) -> torch.Tensor:
         return run_fast(eps_fn, setup, imgs, pths, settings.balanced)
@@ -247,7 +259,7 @@ def run_benchmark(setup: BenchmarkSetup, settings: FastSettings) -> dict:
     res["reference_s"], ref = timed(lambda: run_reference(ref_eps, setup, images[:n_ref], paths[:n_ref]), device)
     log(f"fast path ({settings.describe()}) on {setup.batch_size} image(s) ...")
     res["fast_s"], fast = timed(lambda: fast_run(fast_eps, images, paths), device)
-    if settings.amp:
+    if settings.mixed:
         log("fast path in fp32 ...")
         res["fast_fp32_s"], fast_fp32 = timed(lambda: fast_run(fast_fp32_eps, images, paths), device)
         diff_amp = differences(images, ref, fast)
@@ -302,18 +314,6 @@ def network_floor(
     }
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu ({cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-
-
 def format_report(setup: BenchmarkSetup, settings: FastSettings, res: dict) -> list[str]:
     """``key: value`` lines; ``speedup_vs_reference`` is the last one."""
     device = resolve_device(setup.device)
@@ -341,7 +341,7 @@ def format_report(setup: BenchmarkSetup, settings: FastSettings, res: dict) -> l
         f"max_abs_diff_mse: {res['max_abs_diff_mse']:.3e}",
         f"fp32_check: {check} (max_abs_diff_mse < {FP32_TOLERANCE:g})",
     ]
-    if settings.amp:
+    if settings.mixed:
         lines += [
             f"max_abs_diff_recon_amp: {res['max_abs_diff_recon_amp']:.3e}",
             f"max_abs_diff_mse_amp: {res['max_abs_diff_mse_amp']:.3e}",
@@ -351,7 +351,7 @@ def format_report(setup: BenchmarkSetup, settings: FastSettings, res: dict) -> l
         f"fast_s: {res['fast_s']:.2f}",
         f"reference_images_per_s: {res['reference_images_per_s']:.3f}",
     ]
-    if settings.amp:
+    if settings.mixed:
         lines += [
             f"fast_fp32_images_per_s: {res['fast_fp32_images_per_s']:.3f}",
             f"fast_fp32_speedup_vs_reference: {res['fast_fp32_speedup_vs_reference']:.2f}",
@@ -393,7 +393,10 @@ def run_ablation(setup: BenchmarkSetup, max_batches: Sequence[int] = (32, 64), w
     model = build_model(setup)
     images, paths = make_inputs(setup)
     base = FastSettings()
-    variants = [("fp32 (base)", base), ("amp", dataclasses.replace(base, amp=True))]
+    low = "fp16" if device.type == "cuda" else "bf16"
+    native = device.type == "cuda" or cpu_has_native_bf16()
+    variants = [("fp32 (base)", base),
+                (f"{low} ({'native' if native else 'emulated'})", dataclasses.replace(base, precision=low))]
     variants += [("unbalanced ticks", dataclasses.replace(base, balanced=False))]
     variants += [("channels_last", dataclasses.replace(base, channels_last=True))]
     variants += [(f"max_batch={m}", dataclasses.replace(base, max_batch=m)) for m in max_batches]
@@ -480,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference_images", type=int, default=None,
                    help="time the reference on the first N images of the batch only (default: all of them)")
     p.add_argument("--device", type=str, choices=DEVICE_CHOICES, default="auto", help="auto, cpu or cuda")
-    p.add_argument("--amp", type=str, choices=SWITCH_CHOICES, default="auto",
-                   help="fast path mixed precision (bf16 on CPU, fp16 on CUDA): auto = best for the device, 0, 1")
+    p.add_argument("--precision", type=str, choices=("auto", *PRECISIONS), default="auto",
+                   help="fast path precision: auto = the fastest this machine computes natively (bf16 only on a "
+                   "CPU with AVX512-BF16/AMX, fp16 on CUDA, else fp32)")
     p.add_argument("--channels_last", type=str, choices=SWITCH_CHOICES, default="auto",
                    help="fast path channels_last memory format: auto = best for the device, 0, 1")
     p.add_argument("--compile", type=str, choices=SWITCH_CHOICES, default="auto",
@@ -493,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "that other jobs share, 1 thread is steadier: benchmarks/README.md")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, images and noise (default 0)")
     p.add_argument("--ablation", action="store_true",
-                   help="also measure, one by one, what pays on top of batching (amp, channels_last, chunk size, "
+                   help="also measure, one by one, what pays on top of batching (bf16/fp16, channels_last, chunk size, "
                    "grad mode, LPIPS batching)")
     p.add_argument("--ablation_compile", action="store_true",
                    help="with --ablation: also torch.compile (several minutes of compilation on a small CPU)")
@@ -518,9 +522,9 @@ def setup_from_args(args: argparse.Namespace) -> tuple[BenchmarkSetup, FastSetti
     if args.image_size % (2**levels):
         raise UserError(f"--image_size={args.image_size} must be divisible by {2**levels} for the {preset} preset")
     device = resolve_device(args.device)
-    best = BEST_SETTINGS[device.type]
+    best = best_settings(device)
     settings = FastSettings(
-        amp=best.amp if args.amp == "auto" else args.amp == "1",
+        precision=best.precision if args.precision == "auto" else args.precision,
         channels_last=best.channels_last if args.channels_last == "auto" else args.channels_last == "1",
         compile=best.compile if args.compile == "auto" else args.compile == "1",
         max_batch=args.max_batch if args.max_batch is not None else best.max_batch,

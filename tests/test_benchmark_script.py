@@ -99,7 +99,7 @@ def test_benchmark_fp32_paths_agree_and_report_format(bench, setup):
     assert report["fp32_check"].startswith("pass")
     assert float(report["single_image_latency_ratio"]) > 0
     assert report["start_points"] == "4" and report["batch_size"] == "3"
-    assert "fast_fp32_images_per_s" not in report  # only reported when the fast path uses amp
+    assert "fast_fp32_images_per_s" not in report  # only reported when the fast path runs bf16/fp16
     # per-evaluation costs: both paths make evaluations_per_image x images evaluations
     assert res["evaluations_per_image"] == evaluations_per_image(setup.start_ts, setup.num_inference_steps)
     assert res["reference_ms_per_evaluation"] == pytest.approx(
@@ -111,7 +111,7 @@ def test_benchmark_fp32_paths_agree_and_report_format(bench, setup):
 
 def test_amp_run_reports_fp32_fast_path_separately(bench, setup):
     setup = bench.dataclasses.replace(setup, batch_size=2, reference_images=1)
-    settings = bench.FastSettings(amp=True, channels_last=True)
+    settings = bench.FastSettings(precision="bf16", channels_last=True)
     res = bench.run_benchmark(setup, settings)
     assert res["n_reference"] == 1
     assert res["max_abs_diff_mse"] < bench.FP32_TOLERANCE  # fp32 fast (channels_last) vs fp32 reference
@@ -127,9 +127,10 @@ def test_flags(bench):
     setup, settings = bench.setup_from_args(parser.parse_args(["--quick", "--device=cpu"]))
     assert setup.model_config.preset == "tiny" and setup.image_shape == (1, 28, 28)
     assert setup.batch_size == 4 and len(setup.start_ts) == 25
-    assert settings == bench.BEST_SETTINGS["cpu"]
-    _, settings = bench.setup_from_args(parser.parse_args(["--quick", "--device=cpu", "--amp=1", "--max_batch=64"]))
-    assert settings.amp and settings.max_batch == 64
+    assert settings == bench.best_settings(torch.device("cpu"))
+    _, settings = bench.setup_from_args(parser.parse_args(["--quick", "--device=cpu", "--precision=bf16",
+                                                           "--max_batch=64"]))
+    assert settings.precision == "bf16" and settings.mixed and settings.max_batch == 64
     setup, _ = bench.setup_from_args(parser.parse_args(["--device=cpu"]))
     assert setup.model_config.preset == "small"
     with pytest.raises(UserError, match="--image_size"):
@@ -137,4 +138,12 @@ def test_flags(bench):
     with pytest.raises(UserError, match="--batch_size"):
         bench.setup_from_args(parser.parse_args(["--quick", "--device=cpu", "--batch_size=0"]))
     with pytest.raises(SystemExit):
-        parser.parse_args(["--amp=2"])
+        parser.parse_args(["--precision=fp8"])
+
+
+@pytest.mark.parametrize("native,expected", [("1", "bf16"), ("0", "fp32")])
+def test_fast_path_precision_follows_what_the_cpu_computes_natively(bench, monkeypatch, native, expected):
+    monkeypatch.setenv("DDPM_OOD_CPU_NATIVE_BF16", native)
+    assert bench.best_settings(torch.device("cpu")).precision == expected
+    _, settings = bench.setup_from_args(bench.build_parser().parse_args(["--quick", "--device=cpu"]))
+    assert settings.precision == expected

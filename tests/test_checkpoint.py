@@ -85,13 +85,13 @@ def test_failed_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def exploding_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"half")
-        raise OSError("disk full")
+        f.write(b"half")  # torch.save is given the open temporary file
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", exploding_save)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as err:
         save_checkpoint(path, {"epoch": 2, "model_state_dict": {}})
+    assert err.value.filename == str(path)  # named after the checkpoint, not the temporary file
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pth"]
     assert ddpm_io  # the atomic write lives in ddpm_ood.io

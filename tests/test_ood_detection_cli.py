@@ -238,3 +238,16 @@ def test_bad_files(tmp_path, capsys):
 
     write_run(tmp_path, "m1", {"val": make_results("v", "val", 1, seed=1), "in": inn, "A": inn})
     assert "results_val.csv" in (e := run_error(base, capsys)) and "t=1" in e and "std" in e
+
+
+def test_results_made_at_different_precisions_are_refused(tmp_path, capsys):
+    d = write_run(tmp_path, "m1", upstream_index=False)
+    for name in ("val", "in", "MNIST", "MNIST_vflip"):
+        (d / f"results_{name}.json").write_text(json.dumps({"precision": "bf16"}))
+    assert main([f"--output_dir={tmp_path}", "--model_name=m1"]) == 0
+    assert json.loads((d / "summary.json").read_text())["precision"] == "bf16"
+    (d / "results_MNIST.json").write_text(json.dumps({"amp": False}))  # written before precision was named: fp32
+    capsys.readouterr()
+    assert run_cli(main, [f"--output_dir={tmp_path}", "--model_name=m1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different precisions" in err[0] and "MNIST: fp32" in err[0] and "val: bf16" in err[0]

@@ -43,7 +43,7 @@ def test_sweep_end_to_end(sweep, tmp_path, capsys):
     splits = quickstart / "data" / "data_splits"
     for name, seed in (("FashionMNIST_val", 0), ("FashionMNIST_test", 1), ("MNIST_test", 2)):
         write_split_csv(splits / f"{name}.csv", write_npy_images(tmp_path / name, name, 3, seed))
-    save_tiny_checkpoint(quickstart / "output" / "fashionmnist" / "checkpoint.pth")
+    save_tiny_checkpoint(quickstart / "output" / "fashionmnist_tiny_fast" / "checkpoint.pth")
     assert sweep.main([f"--quickstart_dir={quickstart}", "--recon_steps=2,full", "--n=3", "--skip_factor=64",
                        "--batch_size=2", "--amp=0", "--seeds=3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -57,7 +57,7 @@ def test_sweep_end_to_end(sweep, tmp_path, capsys):
         assert 0.0 <= float(r["auroc_mse+perceptual"]) <= 1.0
     # each run from scratch in its own folder, with the seed and recon_steps asked for
     for label, steps in (("2", 2), ("full", None)):
-        ood = quickstart / "recon_steps_sweep" / f"fashionmnist_recon_steps_{label}_seed_3" / "ood"
+        ood = quickstart / "recon_steps_sweep" / f"fashionmnist_tiny_fast_recon_steps_{label}_seed_3" / "ood"
         settings = json.loads((ood / "results_MNIST.json").read_text())
         assert settings["seed"] == 3 and settings["recon_steps"] == steps
 

@@ -226,3 +226,30 @@ def test_torchrun_two_processes_equal_one(setup, baseline, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_results(tmp_path / "toy" / "ood", baseline)
+
+
+def test_precision_is_recorded_and_a_file_is_never_continued_at_another(setup, tmp_path, capsys, monkeypatch):
+    import json
+
+    _, splits, out = setup
+    _copy_checkpoint(out, tmp_path)
+    args = _args(splits, tmp_path, "--run_in=0", "--run_out=0")
+    sidecar = tmp_path / "toy" / "ood" / "results_val.json"
+    monkeypatch.setenv("DDPM_OOD_CPU_NATIVE_BF16", "0")
+    assert main([*args, "--amp=1"]) == 0  # bf16 emulated here: --amp=1 resolves to fp32
+    assert json.loads(sidecar.read_text())["precision"] == "fp32"
+    fp32_rows = pd.read_csv(tmp_path / "toy" / "ood" / "results_val.csv")
+    capsys.readouterr()
+    # A partial file at fp32 (as an interrupted fp32 run leaves), then a run at bf16: the final fp32 file is
+    # recomputed and the fp32 rows of the partial file are discarded, not mixed in.
+    partial = tmp_path / "toy" / "ood" / "results_val.csv.partial"
+    fp32_rows.head(3).assign(index=0)[["index", *RESULT_COLUMNS]].to_csv(partial, index=False)
+    partial.with_name(partial.name + ".json").write_text(sidecar.read_text())
+    assert main([*args, "--precision=bf16"]) == 0
+    out_text = capsys.readouterr().out
+    assert "recomputing results_val.csv" in out_text and "precision: fp32 -> bf16" in out_text
+    assert "discarding results_val.csv.partial" in out_text
+    assert json.loads(sidecar.read_text())["precision"] == "bf16"
+    bf16_rows = pd.read_csv(tmp_path / "toy" / "ood" / "results_val.csv")
+    assert not np.allclose(bf16_rows["mse"], fp32_rows["mse"], rtol=0, atol=1e-9)  # really recomputed in bf16
+    assert not partial.exists()

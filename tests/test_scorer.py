@@ -112,7 +112,8 @@ def _save_run(out: Path, model_name: str, epoch: int = 1) -> Path:
     return ckpt
 
 
-def _write_synthetic_val(out: Path, model_name: str, ckpt: Path, n_val: int = 6, epoch: int = 1) -> None:
+def _write_synthetic_val(out: Path, model_name: str, ckpt: Path, n_val: int = 6, epoch: int = 1,
+                         precision: dict | None = None) -> None:
     """results_val.csv with random metrics at START_TS, and the results_val.json reconstruct.py writes beside it."""
     rng = np.random.default_rng(0)
     rows = [
@@ -126,7 +127,7 @@ def _write_synthetic_val(out: Path, model_name: str, ckpt: Path, n_val: int = 6,
     settings = {
         "checkpoint": str(ckpt.resolve()), "checkpoint_epoch": epoch, "csv": "val.csv", "first_n": None, "seed": 2,
         "num_inference_steps": 4, "inference_skip_factor": 2, "recon_steps": None, "start_timesteps": START_TS,
-        "use_ema": True, "amp": False, "noise_key": NOISE_KEY_RULE,
+        "use_ema": True, "noise_key": NOISE_KEY_RULE, **(precision or {"precision": "fp32"}),
     }
     path.with_suffix(".json").write_text(json.dumps(settings))
 
@@ -259,3 +260,34 @@ def test_retrained_checkpoint_is_refused(tmp_path):
     _write_synthetic_val(tmp_path, "m", ckpt, epoch=2)
     with pytest.raises(UserError, match="is now epoch 3 but results_val.csv was made with epoch 2"):
         OODScorer.from_run(tmp_path, "m", device="cpu")
+
+
+@pytest.mark.parametrize("legacy,expected", [({"amp": False}, "fp32"), ({"precision": "bf16"}, "bf16")])
+def test_scoring_runs_at_the_validation_results_precision(tmp_path, legacy, expected):
+    ckpt = _save_run(tmp_path, "m")
+    _write_synthetic_val(tmp_path, "m", ckpt, precision=legacy)
+    assert OODScorer.from_run(tmp_path, "m", device="cpu").settings.precision == expected
+
+
+@pytest.mark.parametrize(
+    "recorded,kwargs,native,message",
+    [
+        ({"amp": True}, {}, "1", "does not say whether it was fp16"),
+        ({"precision": "fp16"}, {}, "1", "reconstructed in fp16, which this device cannot run"),
+        ({"precision": "fp32"}, {"amp": True}, "1", "reconstructed in fp32 but bf16 was asked for"),
+        ({"precision": "bf16"}, {"precision": "fp32"}, "1", "reconstructed in bf16 but fp32 was asked for"),
+    ],
+)
+def test_scoring_at_another_precision_is_refused(tmp_path, monkeypatch, recorded, kwargs, native, message):
+    monkeypatch.setenv("DDPM_OOD_CPU_NATIVE_BF16", native)
+    ckpt = _save_run(tmp_path, "m")
+    _write_synthetic_val(tmp_path, "m", ckpt, precision=recorded)
+    with pytest.raises(UserError, match=message):
+        OODScorer.from_run(tmp_path, "m", device="cpu", **kwargs)
+
+
+def test_amp_that_resolves_to_the_validation_precision_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_OOD_CPU_NATIVE_BF16", "0")  # --amp=1 means fp32 on this (faked) CPU
+    ckpt = _save_run(tmp_path, "m")
+    _write_synthetic_val(tmp_path, "m", ckpt, precision={"precision": "fp32"})
+    assert OODScorer.from_run(tmp_path, "m", device="cpu", amp=True).settings.precision == "fp32"

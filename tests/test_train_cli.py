@@ -74,7 +74,7 @@ def test_parser_defaults_and_help():
     args = parser.parse_args(["--output_dir=o", "--model_name=m", "--training_ids=t.csv", "--validation_ids=v.csv"])
     assert (args.n_epochs, args.eval_freq, args.checkpoint_every, args.batch_size) == (300, 10, 100, 512)
     assert args.ddpm_checkpoint_epoch is None and args.quick_test is False
-    assert (args.lr, args.ema_decay, args.seed, args.amp) == (2.5e-5, 0.0, 2, False)
+    assert (args.lr, args.ema_decay, args.seed, args.amp, args.precision) == (2.5e-5, 0.0, 2, False, None)
     assert (args.model_type, args.beta_schedule, args.prediction_type) == ("small", "linear_beta", "epsilon")
     for action in parser._actions:
         if action.dest != "help":
@@ -302,3 +302,13 @@ def test_root_script_bad_inputs_exit_2_with_one_line(trained_run, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr
     assert (run / LAST_CHECKPOINT).read_bytes() == before
+
+
+@pytest.mark.parametrize("native,recorded", [("0", "fp32"), ("1", "bf16")])
+def test_amp_records_what_it_resolved_to(data, monkeypatch, capsys, native, recorded):
+    monkeypatch.setenv("DDPM_OOD_CPU_NATIVE_BF16", native)
+    assert run_cli(main, argv(data, n_epochs=1, amp=1)) == 0
+    assert load_checkpoint(run_dir(data) / LAST_CHECKPOINT)["train_config"]["precision"] == recorded
+    captured = capsys.readouterr()
+    assert f"precision: {recorded}" in captured.out
+    assert ("bf16 is emulated on this CPU" in captured.err) == (native == "0")

@@ -343,9 +343,15 @@ def test_3d_training(tmp_path):
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path, tiny_model_config):
-    summary = _train(_run_config(tiny_model_config), _cfg(tmp_path, n_epochs=1, amp=True))
+    summary = _train(_run_config(tiny_model_config), _cfg(tmp_path, n_epochs=1, precision="bf16"))
     assert math.isfinite(summary.epoch_losses[0])
-    assert load_checkpoint(tmp_path / "run" / LAST_CHECKPOINT)["scaler_state_dict"] is None
+    ckpt = load_checkpoint(tmp_path / "run" / LAST_CHECKPOINT)
+    assert ckpt["scaler_state_dict"] is None and ckpt["train_config"]["precision"] == "bf16"
+
+
+def test_precision_is_one_of_the_named_ones(tmp_path):
+    with pytest.raises(UserError, match="precision must be one of"):
+        _cfg(tmp_path, precision="amp")
 
 
 def test_image_size_must_fit_the_unet(tiny_model_config):

@@ -58,7 +58,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
+        not_a_folder = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f" ({not_a_folder} is a file, not a folder)" if not_a_folder is not None else ""
+        raise UserError(f"{path}: checkpoint not found{why}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,

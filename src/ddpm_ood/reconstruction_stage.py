@@ -68,6 +68,7 @@ class ReconstructionJob:
     engine: str = "batched"
     max_batch: int | None = None
     amp: bool = False
+    precision: str | None = None
     device: str = "auto"
     flags: ModelFlags = ModelFlags()
 
@@ -179,12 +180,12 @@ def load_eps_fn(
     *,
     use_ema: bool = True,
     max_batch: int | None = None,
-    amp: bool = False,
+    precision: str = "fp32",
 ) -> EpsFn:
     """The checkpoint's UNet (EMA weights if present and ``use_ema``) on ``device`` in eval mode, as an EpsFn.
 
     Shared by reconstruct.py and score.py so both run the same network the same way. ``source`` names the
-    checkpoint in error messages; ``amp`` turns on autocast (fp16 on CUDA, bf16 on CPU) for the forward pass.
+    checkpoint in error messages; ``precision`` (resolved, ``devices.PRECISIONS``) is the forward pass's.
     """
     from ddpm_ood.checkpoint import inference_state_dict, load_unet_state
     from ddpm_ood.devices import autocast_context
@@ -194,7 +195,8 @@ def load_eps_fn(
     model = build_unet(run.model)
     load_unet_state(model, inference_state_dict(ckpt, use_ema=use_ema), str(source))
     model.to(device).eval()
-    return model_eps_fn(model, run.schedule, max_batch=max_batch, autocast=lambda: autocast_context(device, amp))
+    return model_eps_fn(model, run.schedule, max_batch=max_batch,
+                        autocast=lambda: autocast_context(device, precision))
 
 
 def measure_batch(
@@ -258,10 +260,9 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
     """Reconstruct every planned set; return the results files written (or already complete)."""
     from ddpm_ood.checkpoint import load_checkpoint
     from ddpm_ood.data.datasets import dataset_from_csv
+    from ddpm_ood.devices import describe_device, resolve_precision
     from ddpm_ood.distributed import cleanup_distributed, init_distributed
-    from ddpm_ood.metrics import ReconstructionMetrics
-    from ddpm_ood.reconstruction import NOISE_KEY_RULE
-    from ddpm_ood.results_writer import ResumableResults
+    from ddpm_ood.io import check_output_dir, run_lock
 
     if job.engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {job.engine!r}")
@@ -269,7 +270,8 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
         raise UserError("--recon_steps needs the batched engine (the reference loop walks the full grid)")
     sets = planned_sets(job)
     ckpt_file = checkpoint_path(job)
-    ckpt = load_checkpoint(ckpt_file)
+    ckpt = load_checkpoint(ckpt_file)  # first: a typo'd --model_name must not leave an empty folder behind
+    results_dir = check_output_dir(ood_dir(job.output_dir, job.model_name), "--output_dir/--model_name")
     run = resolve_run_config(ckpt, job.flags, ckpt_file)
     data_config = run.data if run is not None else data_config_for_upstream(job.flags)
 
@@ -292,33 +294,46 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
     start_ts = start_timesteps(job.num_inference_steps, job.inference_skip_factor, run.schedule.num_train_timesteps)
     ctx = init_distributed(job.device)
     try:
-        eps_fn = load_eps_fn(
-            ckpt, run, ckpt_file, ctx.device, use_ema=job.use_ema, max_batch=job.max_batch, amp=job.amp
-        )
-        metrics = ReconstructionMetrics(ctx.device)
-        ood_dir(job.output_dir, job.model_name).mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, csv, row_type, first_n in sets:
-            settings = {
-                "checkpoint": str(Path(ckpt_file).resolve()),
-                "checkpoint_epoch": ckpt.get("epoch"),
-                "csv": str(csv),
-                "first_n": first_n,
-                "seed": job.seed,
-                "num_inference_steps": job.num_inference_steps,
-                "inference_skip_factor": job.inference_skip_factor,
-                "recon_steps": job.recon_steps,
-                "start_timesteps": start_ts,
-                "use_ema": job.use_ema,
-                "amp": job.amp,
-                "noise_key": NOISE_KEY_RULE,
-            }
-            writer = ResumableResults(results_path(job.output_dir, job.model_name, name), settings, len(start_ts))
-            written.append(writer.path)
-            _reconstruct_set(job, ctx, writer, datasets[name], row_type, run, start_ts, eps_fn, metrics, name)
-        return written
+        precision = resolve_precision(ctx.device, precision=job.precision, amp=job.amp)
+        if ctx.is_main:
+            print(f"device: {describe_device(ctx.device)}; precision: {precision}")
+        with run_lock(results_dir, "reconstruct", enabled=ctx.is_main):
+            return _reconstruct_sets(job, ctx, sets, datasets, ckpt, ckpt_file, run, start_ts, precision)
     finally:
         cleanup_distributed()
+
+
+def _reconstruct_sets(job: ReconstructionJob, ctx, sets: list[tuple[str, str, str, int | None]], datasets: dict,
+                      ckpt: dict, ckpt_file: Path, run: RunConfig, start_ts: list[int], precision: str) -> list[Path]:
+    """Every planned set in turn (the caller holds the run lock); returns the results files."""
+    from ddpm_ood.metrics import ReconstructionMetrics
+    from ddpm_ood.reconstruction import NOISE_KEY_RULE
+    from ddpm_ood.results_writer import ResumableResults
+
+    eps_fn = load_eps_fn(
+        ckpt, run, ckpt_file, ctx.device, use_ema=job.use_ema, max_batch=job.max_batch, precision=precision
+    )
+    metrics = ReconstructionMetrics(ctx.device)
+    written = []
+    for name, csv, row_type, first_n in sets:
+        settings = {
+            "checkpoint": str(Path(ckpt_file).resolve()),
+            "checkpoint_epoch": ckpt.get("epoch"),
+            "csv": str(csv),
+            "first_n": first_n,
+            "seed": job.seed,
+            "num_inference_steps": job.num_inference_steps,
+            "inference_skip_factor": job.inference_skip_factor,
+            "recon_steps": job.recon_steps,
+            "start_timesteps": start_ts,
+            "use_ema": job.use_ema,
+            "precision": precision,
+            "noise_key": NOISE_KEY_RULE,
+        }
+        writer = ResumableResults(results_path(job.output_dir, job.model_name, name), settings, len(start_ts))
+        written.append(writer.path)
+        _reconstruct_set(job, ctx, writer, datasets[name], row_type, run, start_ts, eps_fn, metrics, name)
+    return written
 
 
 def _reconstruct_set(job, ctx, writer, dataset, row_type, run, start_ts, eps_fn, metrics, name) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ddpm_ood.devices import precision_from_legacy
 from ddpm_ood.errors import UserError
 from ddpm_ood.io import atomic_write_csv, atomic_write_text
 from ddpm_ood.results import RESULT_COLUMNS
@@ -37,16 +38,21 @@ class ResumableResults:
 
     @staticmethod
     def _read_json(path: Path) -> dict | None:
-        if not path.is_file():
-            return None
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
+            return read_settings(path)
+        except (OSError, json.JSONDecodeError):
             return None
 
     def is_complete(self) -> bool:
-        """True when the final CSV exists and was produced with the same settings."""
-        return self.path.is_file() and self._read_json(self.settings_path) == self.settings
+        """True when the final CSV exists and was produced with the same settings. A final CSV made with other
+        settings (another precision, checkpoint, seed, ...) is recomputed, and this says which settings differ."""
+        if not self.path.is_file():
+            return False
+        saved = self._read_json(self.settings_path)
+        if saved == self.settings:
+            return True
+        print(f"recomputing {self.path.name}: it was made with other settings ({settings_difference(saved, self.settings)})")
+        return False
 
     def start(self) -> set[int]:
         """Prepare for (re)computation; return the indices of images already complete in the partial file.
@@ -66,7 +72,8 @@ class ResumableResults:
                 print(f"resuming {self.path.name}: {len(done)} images already done")
         else:
             if self.partial.is_file():
-                print(f"discarding {self.partial.name}: it was made with other settings")
+                print(f"discarding {self.partial.name}: it was made with other settings "
+                      f"({settings_difference(saved, self.settings)})")
             pd.DataFrame(columns=PARTIAL_COLUMNS).to_csv(self.partial, index=False)
         atomic_write_text(self.partial_settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
         return done
@@ -88,17 +95,51 @@ class ResumableResults:
         if not rows:
             return
         frame = pd.DataFrame(list(rows), columns=PARTIAL_COLUMNS)
-        with open(self.partial, "a") as f:
-            frame.to_csv(f, header=False, index=False)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.partial, "a") as f:
+                frame.to_csv(f, header=False, index=False)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            # A torn last batch is harmless: start() keeps only complete images of the partial file.
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.partial)) from exc
 
     def finish(self) -> pd.DataFrame:
         """Write the final CSV (sorted by image index then t, no index column) and remove the partial file."""
         rows = self._read_partial().sort_values(["index", "t"], kind="stable")
         final = rows[RESULT_COLUMNS].reset_index(drop=True)
+        # The old sidecar goes first: a fault between the two writes must not leave new rows beside old settings
+        # (a missing sidecar means "recompute").
+        self.settings_path.unlink(missing_ok=True)
         atomic_write_csv(final, self.path)
         atomic_write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
         self.partial.unlink(missing_ok=True)
         self.partial_settings_path.unlink(missing_ok=True)
         return final
+
+
+def settings_difference(saved: dict | None, wanted: dict) -> str:
+    """``"precision: bf16 -> fp32; seed: 2 -> 3"`` for the keys whose values differ (missing = absent)."""
+    if not isinstance(saved, dict):
+        return "no readable settings file"
+    keys = sorted(set(saved) | set(wanted))
+    parts = [f"{k}: {saved.get(k, 'absent')} -> {wanted.get(k, 'absent')}" for k in keys if saved.get(k) != wanted.get(k)]
+    return "; ".join(parts)
+
+
+def read_settings(path: str | os.PathLike) -> dict | None:
+    """The settings sidecar at ``path`` (None if absent); JSON errors propagate.
+
+    Settings written before precision was named read as ``precision: fp32`` when they say ``amp: false`` (so
+    finished fp32 files are not recomputed for nothing); ``amp: true`` (fp16 on CUDA or bf16 on a CPU: the file
+    does not say which) keeps its ``amp`` key and has no ``precision``, so it matches no current settings.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if isinstance(saved, dict) and "precision" not in saved and "amp" in saved:
+        legacy = precision_from_legacy(saved)
+        if legacy is not None:
+            saved = {**{k: v for k, v in saved.items() if k != "amp"}, "precision": legacy}
+    return saved

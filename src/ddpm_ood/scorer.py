@@ -59,7 +59,7 @@ SETTINGS_KEYS = (
     "recon_steps",
     "start_timesteps",
     "use_ema",
-    "amp",
+    "precision",
     "noise_key",
 )
 
@@ -140,7 +140,7 @@ class ReconSettings:
     recon_steps: int | None
     start_timesteps: tuple[int, ...]
     use_ema: bool
-    amp: bool
+    precision: str
     noise_key: str
 
     @classmethod
@@ -152,12 +152,16 @@ class ReconSettings:
                 f"{path}: not found, so the settings behind the validation results are unknown; "
                 "rerun reconstruct.py with --run_val=1"
             )
+        from ddpm_ood.reconstruction import NOISE_KEY_RULE
+        from ddpm_ood.results_writer import read_settings
+
         try:
-            d = json.loads(path.read_text())
+            d = read_settings(path)
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{path}: cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
-        from ddpm_ood.reconstruction import NOISE_KEY_RULE
-
+        if isinstance(d, dict) and "precision" not in d and "amp" in d:
+            raise UserError(f"{path}: made with amp=1, which does not say whether it was fp16 (CUDA) or bf16 "
+                            "(CPU); rerun reconstruct.py with --run_val=1")
         missing = [k for k in SETTINGS_KEYS if not isinstance(d, dict) or k not in d]
         if missing:
             raise UserError(f"{path}: missing setting(s) {', '.join(missing)}; rerun reconstruct.py with --run_val=1")
@@ -175,7 +179,7 @@ class ReconSettings:
             recon_steps=None if d["recon_steps"] is None else int(d["recon_steps"]),
             start_timesteps=tuple(int(t) for t in d["start_timesteps"]),
             use_ema=bool(d["use_ema"]),
-            amp=bool(d["amp"]),
+            precision=str(d["precision"]),
             noise_key=str(d["noise_key"]),
         )
 
@@ -183,6 +187,26 @@ class ReconSettings:
         d = asdict(self)
         d["start_timesteps"] = list(self.start_timesteps)
         return d
+
+
+def _scoring_precision(settings: ReconSettings, device: torch.device, val_path: Path, *, precision: str | None,
+                       amp: bool | None) -> str:
+    """The validation results' precision, refused where this device cannot run it or the caller asked for another
+    (scores of inputs reconstructed at another precision are not comparable with the validation scores)."""
+    from ddpm_ood.devices import resolve_precision
+
+    wanted = settings.precision
+    if precision is not None or amp is not None:
+        asked = resolve_precision(device, precision=precision, amp=bool(amp))
+        if asked != wanted:
+            raise UserError(f"{val_path.name} was reconstructed in {wanted} but {asked} was asked for; scores would "
+                            f"not be comparable: drop --precision/--amp, or rerun reconstruct.py --run_val=1 "
+                            f"--precision={asked}")
+    try:
+        return resolve_precision(device, precision=wanted)
+    except UserError as exc:
+        raise UserError(f"{val_path.name} was reconstructed in {wanted}, which this device cannot run ({exc}); "
+                        "rerun reconstruct.py --run_val=1 here") from None
 
 
 # ------------------------------------------------------------------------------------------------------- inputs
@@ -297,13 +321,15 @@ class OODScorer:
         val_keep: float = DEFAULT_VAL_KEEP,
         batch_size: int = 64,
         amp: bool | None = None,
+        precision: str | None = None,
         max_batch: int | None = None,
     ) -> OODScorer:
         """Load the run ``<output_dir>/<model_name>``: validation results, their settings, the checkpoint.
 
         device: "auto" (CUDA if available), "cpu" or "cuda". val_keep: in (0, 1], see ``calibrate_threshold``.
-        batch_size: images reconstructed together (each becomes one trajectory per start t). amp: None = as the
-        validation results were made (recommended: scores stay comparable). max_batch: most samples per network
+        batch_size: images reconstructed together (each becomes one trajectory per start t). Precision is always the
+        one the validation results were made with (scores would not be comparable otherwise): ``precision`` or
+        ``amp``, if given, must resolve to it on this device, else UserError. max_batch: most samples per network
         call (memory budget; no effect on the numbers). Bad or missing files raise UserError.
         """
         from ddpm_ood.checkpoint import load_checkpoint
@@ -345,7 +371,7 @@ class OODScorer:
         dev = resolve_device(device)
         eps_fn = load_eps_fn(
             ckpt, run, ckpt_file, dev, use_ema=settings.use_ema, max_batch=max_batch,
-            amp=settings.amp if amp is None else bool(amp),
+            precision=_scoring_precision(settings, dev, val_path, precision=precision, amp=amp),
         )
         return cls(run, eps_fn, ReconstructionMetrics(dev), reference, calibration, settings, dev, batch_size)
 

@@ -37,7 +37,13 @@ from ddpm_ood.checkpoint import (
     save_checkpoint,
 )
 from ddpm_ood.config import ModelConfig, RunConfig, ScheduleConfig
-from ddpm_ood.devices import autocast_context, make_grad_scaler
+from ddpm_ood.devices import (
+    PRECISIONS,
+    autocast_context,
+    configure_precision,
+    make_grad_scaler,
+    precision_from_legacy,
+)
 from ddpm_ood.distributed import DistContext, all_reduce_sum
 from ddpm_ood.errors import UserError
 from ddpm_ood.networks import build_unet
@@ -49,6 +55,8 @@ _STREAM_VAL = 1
 _STREAM_SAMPLES = 2
 _STREAM_GLOBAL = 3
 _STREAM_LOADER = 4
+# Consecutive non-finite fp16 losses (each a step the GradScaler skipped) after which training is called diverged.
+MAX_NON_FINITE_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class TrainConfig:
     ``ema_decay``: 0 = no EMA; else the EMA weights are updated after every step as
     ``ema = decay * ema + (1 - decay) * weights`` and used for validation, samples and inference.
     ``sample_steps``: DDIM steps of the TensorBoard sample grid drawn at each evaluation (0 = no grid).
+    ``precision``: one of ``devices.PRECISIONS``, already resolved for the device (``devices.resolve_precision``).
     """
 
     run_dir: str
@@ -73,7 +82,7 @@ class TrainConfig:
     batch_size: int = 512
     num_workers: int = 8
     seed: int = 2
-    amp: bool = False
+    precision: str = "fp32"
     sample_steps: int = 50
 
     def __post_init__(self) -> None:
@@ -85,6 +94,8 @@ class TrainConfig:
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"--ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.resume_epoch is not None and self.resume_epoch < 1:
             raise UserError(f"--ddpm_checkpoint_epoch must be >= 1, got {self.resume_epoch}")
 
@@ -274,7 +285,7 @@ def train_step(
     noise: torch.Tensor,
     schedule: ScheduleConfig,
     *,
-    amp: bool = False,
+    precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """One optimizer step on a batch. Returns the detached fp32 loss (scalar tensor).
@@ -283,7 +294,7 @@ def train_step(
     """
     clean = images * schedule.b_scale
     x_t = scheduler.add_noise(original_samples=clean, noise=noise, timesteps=timesteps)
-    with autocast_context(images.device, amp):
+    with autocast_context(images.device, precision):
         prediction = model(x_t, timesteps)
     target = training_target(scheduler, clean, noise, timesteps, schedule.prediction_type)
     loss = F.mse_loss(prediction.float(), target.float())
@@ -317,7 +328,7 @@ def validation_loss_sums(
     seed: int,
     device: torch.device,
     *,
-    amp: bool = False,
+    precision: str = "fp32",
     max_batches: int | None = None,
 ) -> tuple[float, int]:
     """(sum over images of the per-image MSE loss, number of images).
@@ -340,7 +351,7 @@ def validation_loss_sums(
         noise = torch.stack(noises).to(device)
         clean = images.to(device) * schedule.b_scale
         x_t = scheduler.add_noise(original_samples=clean, noise=noise, timesteps=timesteps)
-        with autocast_context(device, amp):
+        with autocast_context(device, precision):
             prediction = model(x_t, timesteps)
         target = training_target(scheduler, clean, noise, timesteps, schedule.prediction_type)
         per_image = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
@@ -359,7 +370,7 @@ def sample_images(
     generator: torch.Generator,
     device: torch.device,
     *,
-    amp: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Draw ``n`` images with a deterministic DDIM sampler (eta = 0, ``num_steps`` steps).
 
@@ -372,7 +383,7 @@ def sample_images(
     x = torch.randn((n, *image_shape), generator=generator).to(device)
     for t in scheduler.timesteps:
         t_int = int(t)
-        with autocast_context(device, amp):
+        with autocast_context(device, precision):
             out = model(x, torch.full((n,), t_int, device=device, dtype=torch.long))
         x, _ = scheduler.step(out.float(), t_int, x)
     return (x / schedule.b_scale).clamp(0.0, 1.0).float().cpu()
@@ -504,7 +515,8 @@ def train(
         load_unet_state(model, resume.ckpt["model_state_dict"], str(resume.path))
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = make_grad_scaler(device, cfg.amp)
+    configure_precision(cfg.precision, device)
+    scaler = make_grad_scaler(device, cfg.precision)
     ema = None
     if resume is not None:
         ck = resume.ckpt
@@ -522,6 +534,10 @@ def train(
             _log(ctx, f"note: {resume.path} was written by the upstream code; its best_loss is ignored")
         else:
             best_loss = float(ck.get("best_loss", math.inf))
+        trained_in = precision_from_legacy(ck.get("train_config") or {})
+        if trained_in is not None and trained_in != cfg.precision:
+            _log(ctx, f"note: {resume.path} was trained in {trained_in}; continuing in {cfg.precision} (the run no "
+                      "longer equals an uninterrupted one)")
         if scaler is not None and ck.get("scaler_state_dict"):
             scaler.load_state_dict(ck["scaler_state_dict"])
         restore_rng_state(ck.get("rng_state"))
@@ -562,6 +578,7 @@ def train(
     from tqdm import tqdm
 
     epoch = start_epoch
+    non_finite_run = 0
     try:
         for epoch in range(start_epoch, cfg.n_epochs):
             sampler.set_epoch(epoch)
@@ -582,16 +599,24 @@ def train(
                     timesteps, noise = draw_train_noise(cfg.seed, epoch, step, ctx.rank, tuple(images.shape),
                                                         schedule.num_train_timesteps)
                     loss = train_step(train_model, optimizer, scheduler, images, timesteps.to(device),
-                                      noise.to(device), schedule, amp=cfg.amp, scaler=scaler)
+                                      noise.to(device), schedule, precision=cfg.precision, scaler=scaler)
                     if ema is not None:
                         ema.update(model)
                     global_step += 1
                     n_images += images.shape[0]
-                    losses.append(loss)
                     loss_value = float(loss)
-                    if not math.isfinite(loss_value):
-                        raise UserError(f"training diverged: loss is {loss_value} at epoch {epoch + 1}, step "
-                                        f"{step + 1}; lower --lr or use --amp=0")
+                    if math.isfinite(loss_value):
+                        losses.append(loss)
+                        non_finite_run = 0
+                    else:
+                        # fp16: the GradScaler has skipped this step and lowered its scale; only a persistent
+                        # non-finite loss is divergence. Without a scaler the step was taken: stop now.
+                        non_finite_run += 1
+                        if scaler is None or non_finite_run >= MAX_NON_FINITE_STEPS:
+                            raise UserError(f"training diverged: loss is {loss_value} at epoch {epoch + 1}, step "
+                                            f"{step + 1}; lower --lr or use --precision=fp32")
+                        _log(ctx, f"note: non-finite fp16 loss at epoch {epoch + 1}, step {step + 1}: "
+                                  "the GradScaler skipped the step")
                     if writers:
                         writers["train"].add_scalar("loss", loss_value, global_step)
                     elapsed = time.perf_counter() - start
@@ -615,7 +640,7 @@ def train(
                 eval_model = ema.module if ema is not None else model
                 val_sum, val_count = validation_loss_sums(
                     eval_model, scheduler, _clean_loader_errors(val_loader), schedule, cfg.seed, device,
-                    amp=cfg.amp, max_batches=1 if cfg.quick_test else None)
+                    precision=cfg.precision, max_batches=1 if cfg.quick_test else None)
                 val_sum, val_count = all_reduce_sum([val_sum, val_count], ctx)
                 val_loss = val_sum / max(val_count, 1)
                 summary.val_losses[done] = val_loss
@@ -629,7 +654,7 @@ def train(
                         shape = tuple(run_config.image_shape)
                         samples = sample_images(eval_model, schedule, shape, num_grid_samples(shape),
                                                 cfg.sample_steps, derive_generator(cfg.seed, _STREAM_SAMPLES),
-                                                device, amp=cfg.amp)
+                                                device, precision=cfg.precision)
                         writers["val"].add_image("samples", image_grid(samples), global_step)
                     writers["val"].flush()
                 train_model.train()

@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ddpm_ood.io import check_output_dir
+
     args = build_parser().parse_args(argv)
+    check_output_dir(args.data_root, "--data_root")
     names = list(args.datasets)
     if "CelebA" in names and not args.download_celeba:
         names.remove("CelebA")

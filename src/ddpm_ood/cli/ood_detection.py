@@ -28,7 +28,7 @@ import pandas as pd
 from ddpm_ood.cli.options import positive_int
 from ddpm_ood.errors import UserError
 from ddpm_ood.evaluation import auroc_per_t, summary_table
-from ddpm_ood.io import atomic_write_csv, atomic_write_text
+from ddpm_ood.io import atomic_write_csv, atomic_write_text, check_output_dir, run_lock
 from ddpm_ood.plots import plot_auroc_per_t, plot_roc_curves, plot_zscore_vs_t
 from ddpm_ood.results import IN_NAME, VAL_NAME, ood_dir, out_set_names, read_results, results_path
 from ddpm_ood.scoring import (
@@ -100,6 +100,34 @@ def evaluate_model(args: argparse.Namespace, model_name: str) -> pd.DataFrame:
     directory = ood_dir(args.output_dir, model_name)
     if not directory.is_dir():
         raise UserError(f"{directory}: results directory not found (run reconstruct.py for this model first)")
+    check_output_dir(directory, "--output_dir/--model_name")
+    with run_lock(directory, "ood_detection"):
+        return _evaluate_model(args, model_name, directory)
+
+
+def _common_precision(directory: Path, names: list[str]) -> str | None:
+    """The precision every results file was reconstructed in (from its ``results_<name>.json``; None when no
+    sidecar says, as for upstream results). Files made at different precisions are refused: their z-scores would
+    mix two numerics."""
+    from ddpm_ood.results_writer import read_settings
+
+    found: dict[str, str] = {}
+    for name in names:
+        sidecar = directory / f"results_{name}.json"
+        try:
+            settings = read_settings(sidecar) or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(settings, dict) and settings.get("precision"):
+            found[name] = str(settings["precision"])
+    if len(set(found.values())) > 1:
+        listing = ", ".join(f"{name}: {p}" for name, p in found.items())
+        raise UserError(f"{directory}: results were reconstructed at different precisions ({listing}); rerun "
+                        "reconstruct.py for the odd ones out with the same --precision/--amp")
+    return next(iter(found.values()), None)
+
+
+def _evaluate_model(args: argparse.Namespace, model_name: str, directory: Path) -> pd.DataFrame:
     val_path = results_path(args.output_dir, model_name, VAL_NAME)
     in_path = results_path(args.output_dir, model_name, IN_NAME)
     val = read_results(val_path)
@@ -109,6 +137,7 @@ def evaluate_model(args: argparse.Namespace, model_name: str) -> pd.DataFrame:
     in_scores = mean_over_t(in_z)
 
     out_sets = _choose_out_sets(directory, args.out_sets)
+    precision = _common_precision(directory, [VAL_NAME, IN_NAME, *out_sets])
     out_z, out_scores = {}, {}
     for name in out_sets:
         path = results_path(args.output_dir, model_name, name)
@@ -129,6 +158,7 @@ def evaluate_model(args: argparse.Namespace, model_name: str) -> pd.DataFrame:
         "model_name": model_name,
         "t_values": list(ref.t_values),
         "n_val": ref.n_val,
+        "precision": precision,
         "settings": {"min_t": args.min_t, "max_t": args.max_t, "t_skip": args.t_skip, "score": args.score,
                      "out_sets": out_sets, "seed": args.seed},
         "summary": summary.to_dict(orient="records"),

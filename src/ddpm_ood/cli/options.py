@@ -70,11 +70,30 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model_name", type=str, required=True, help="run name: files go to <output_dir>/<model_name>/")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda if available, else cpu")
-    g.add_argument("--amp", type=boolish, default=False,
-                   help="mixed precision for the network: fp16 on CUDA, bf16 on CPU (default 0 = fp32)")
+    add_precision_options(g, amp_default=False)
+
+
+def add_precision_options(group: argparse._ActionsContainer, *, amp_default: bool | None) -> None:
+    """--amp and --precision (the rule is ``devices.resolve_precision``)."""
+    from ddpm_ood.devices import PRECISIONS
+
+    default = "default 0 = fp32" if amp_default is False else "default: as the validation results were made"
+    group.add_argument("--amp", type=boolish, default=amp_default,
+                       help="1 = the fastest precision this device computes natively: fp16 on CUDA, bf16 on a CPU "
+                       f"with AVX512-BF16/AMX, else fp32 (said in one line); {default}")
+    group.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="numeric precision of the network, overriding --amp: fp32 (IEEE, TF32 off on CUDA), "
+                       "tf32 (CUDA), bf16, fp16 (CUDA); recorded in checkpoints and results sidecars")
 
 
 def add_data_options(parser: argparse.ArgumentParser, *, batch_size: int, num_workers: int = 8) -> None:
+    """Data flags; ``num_workers`` is upstream's default, capped at the cores this process has (an explicit
+    --num_workers is obeyed)."""
+    import os
+
+    from ddpm_ood.devices import default_num_workers
+
+    workers = default_num_workers(num_workers, processes_sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     g = parser.add_argument_group("data")
     g.add_argument("--spatial_dimension", type=int, choices=(2, 3), default=2, help="2D images or 3D volumes")
     g.add_argument("--image_size", type=optional_int, default=None,
@@ -84,8 +103,9 @@ def add_data_options(parser: argparse.ArgumentParser, *, batch_size: int, num_wo
     g.add_argument("--is_grayscale", type=boolish, default=False,
                    help="1 = single-channel images (keeps channel 0), 0 = 3-channel RGB")
     g.add_argument("--batch_size", type=positive_int, default=batch_size, help=f"default {batch_size}")
-    g.add_argument("--num_workers", type=non_negative_int, default=num_workers,
-                   help="data-loading worker processes")
+    g.add_argument("--num_workers", type=non_negative_int, default=workers,
+                   help=f"data-loading worker processes (default: upstream's {num_workers}, capped at this "
+                   f"machine's cores minus one: {workers} here)")
     g.add_argument("--cache_data", type=boolish, default=True, help="keep decoded images in memory")
     g.add_argument("--augmentation", type=boolish, default=False,
                    help="accepted for compatibility; only 0 is supported (upstream's flag was a no-op)")

@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine=args.engine,
         max_batch=args.max_batch,
         amp=args.amp,
+        precision=args.precision,
         device=args.device,
         flags=flags,
     )

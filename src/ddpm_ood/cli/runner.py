@@ -1,23 +1,35 @@
-"""The error boundary of every entry script: UserError -> one line on stderr, exit status 2."""
+"""The error boundary of every entry script: bad input and file-system faults become one line on stderr."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
 
+# Exit status of a file-system fault (sysexits' EX_IOERR), so scripts can tell it from bad input (2).
+EXIT_IO_ERROR = 74
+
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; a UserError (bad input) prints ``error: <message>`` and returns 2, no traceback.
+    """Run ``main(argv)``; no traceback for what the user can fix:
 
-    Ctrl-C returns 130 after the stage has saved what it can (each stage handles KeyboardInterrupt itself).
+    - a UserError (bad input) prints ``error: <message>`` and returns 2;
+    - an OSError (a full disk, a read-only or vanished folder, permissions, an I/O error) prints
+      ``error: <file>: <cause> (<ERRNO>)`` and returns 74. Every stage writes through ``io``'s atomic writers, so
+      the previous complete version of that file is still in place, and running the same command again resumes;
+    - Ctrl-C returns 130 after the stage has saved what it can (each stage handles KeyboardInterrupt itself).
     """
     from ddpm_ood.errors import UserError
+    from ddpm_ood.io import describe_os_error
 
     try:
         return main(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc)}; nothing complete was lost, fix it and run the same command again",
+              file=sys.stderr)
+        return EXIT_IO_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_ood.cli.options import add_max_batch_option, boolish, checked_number, positive_int
+from ddpm_ood.cli.options import add_max_batch_option, add_precision_options, checked_number, positive_int
 
 _val_keep = checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
@@ -40,16 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images reconstructed together (default 64)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda if available, else cpu")
-    p.add_argument("--amp", type=boolish, default=None,
-                   help="mixed precision for the network (fp16 on CUDA, bf16 on CPU); default: as the validation "
-                   "results were made")
+    add_precision_options(p, amp_default=None)
     add_max_batch_option(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ddpm_ood.devices import describe_device
     from ddpm_ood.errors import UserError
-    from ddpm_ood.io import atomic_write_csv, atomic_write_text
+    from ddpm_ood.io import atomic_write_csv, atomic_write_text, check_output_dir
     from ddpm_ood.results import VAL_NAME, results_path
     from ddpm_ood.scorer import OODScorer, collect_inputs
     from ddpm_ood.scoring import DEFAULT_SCORE
@@ -58,17 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_csv = Path(args.out_csv)
     if out_csv.is_dir():
         raise UserError(f"--out_csv: {out_csv} is a folder; give a file name such as {out_csv / 'scores.csv'}")
+    check_output_dir(out_csv.parent, "--out_csv")  # created if missing, as every stage's output folder
     inputs = collect_inputs(args.inputs)
     scorer = OODScorer.from_run(
         args.output_dir, args.model_name, device=args.device, val_keep=args.val_keep,
-        batch_size=args.batch_size, amp=args.amp, max_batch=args.max_batch,
+        batch_size=args.batch_size, amp=args.amp, precision=args.precision, max_batch=args.max_batch,
     )
     cal = scorer.calibration
     val_path = results_path(args.output_dir, args.model_name, VAL_NAME)
-    amp = scorer.settings.amp if args.amp is None else args.amp
-    if amp != scorer.settings.amp:
-        print(f"note: --amp={int(amp)} but {val_path.name} was made with amp={int(scorer.settings.amp)}; "
-              "scores may shift slightly")
+    print(f"device: {describe_device(scorer.device)}; precision: {scorer.settings.precision} (as {val_path.name})")
     print(
         f"threshold {cal.threshold:.6g}: the {cal.val_keep:.1%} quantile of the {DEFAULT_SCORE} score over "
         f"{cal.n_val} validation images; expected false-positive rate {cal.expected_fpr:.1%} "
@@ -85,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "score": DEFAULT_SCORE,
         "validation_results": str(val_path.resolve()),
         "reconstruction": scorer.settings.to_dict(),
-        "amp": bool(amp),
+        "precision": scorer.settings.precision,
         "inputs": args.inputs,
         "n_inputs": len(result),
         "n_scored": n_scored,

@@ -61,18 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
-    from ddpm_ood.data.datasets import dataset_from_csv
+    import dataclasses
+
+    from ddpm_ood.config import DataConfig, ScheduleConfig
+    from ddpm_ood.devices import describe_device, resolve_precision
     from ddpm_ood.distributed import cleanup_distributed, init_distributed
-    from ddpm_ood.errors import UserError
+    from ddpm_ood.io import check_output_dir, run_lock
     from ddpm_ood.networks import model_config_from_preset
-    from ddpm_ood.training import (
-        TrainConfig,
-        check_image_fits_unet,
-        check_resume_config,
-        find_resume_point,
-        train,
-    )
+    from ddpm_ood.training import TrainConfig
 
     args = build_parser().parse_args(argv)
     refuse_unsupported(args)
@@ -85,33 +81,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = TrainConfig(run_dir=str(run_dir), n_epochs=args.n_epochs, eval_freq=args.eval_freq,
                       checkpoint_every=args.checkpoint_every, resume_epoch=args.ddpm_checkpoint_epoch,
                       quick_test=args.quick_test, lr=args.lr, ema_decay=args.ema_decay, batch_size=args.batch_size,
-                      num_workers=args.num_workers, seed=args.seed, amp=args.amp, sample_steps=args.sample_steps)
+                      num_workers=args.num_workers, seed=args.seed, sample_steps=args.sample_steps)
 
     ctx = init_distributed(args.device)
     try:
-        resume = find_resume_point(run_dir, cfg.resume_epoch)
-        if resume is not None:
-            # Settings first (cheap); the image shape is compared once the data are loaded.
-            check_resume_config(resume, RunConfig(model, schedule, data, image_shape=()), compare_image_shape=False)
-            if resume.epochs_completed >= cfg.n_epochs:
-                if ctx.is_main:
-                    print(f"training already complete: {resume.path} holds {resume.epochs_completed} epoch(s), "
-                          f"--n_epochs={cfg.n_epochs}; nothing to do")
-                return 0
-        train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
-        image_shape = tuple(train_set.image_shape)
-        check_image_fits_unet(image_shape, model, args.training_ids)
-        val_set = dataset_from_csv(args.validation_ids, data, cache=args.cache_data)
-        if tuple(val_set.image_shape) != image_shape:
-            raise UserError(f"{args.validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
-                            f"but training images ({args.training_ids}) have {image_shape}")
-        run_config = RunConfig(model=model, schedule=schedule, data=data, image_shape=image_shape)
-        if resume is not None:
-            check_resume_config(resume, run_config, compare_image_shape=True)
-        summary = train(run_config, cfg, train_set, val_set, ctx, resume=resume)
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(ctx.device, precision=args.precision,
+                                                                   amp=args.amp))
         if ctx.is_main:
-            print(f"trained {summary.epochs_completed}/{cfg.n_epochs} epochs; best validation loss "
-                  f"{summary.best_loss:.5f}; checkpoints in {run_dir}")
-        return 0
+            check_output_dir(run_dir, "--output_dir/--model_name")
+            print(f"device: {describe_device(ctx.device)}; precision: {cfg.precision}")
+        with run_lock(run_dir, "train_ddpm", enabled=ctx.is_main):
+            return _train(args, cfg, ctx, data, schedule, model, run_dir)
     finally:
         cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: Path) -> int:
+    """Resume point, datasets, checks, then ``training.train``; the caller holds the run lock."""
+    from ddpm_ood.config import RunConfig
+    from ddpm_ood.data.datasets import dataset_from_csv
+    from ddpm_ood.errors import UserError
+    from ddpm_ood.training import check_image_fits_unet, check_resume_config, find_resume_point, train
+
+    resume = find_resume_point(run_dir, cfg.resume_epoch)
+    if resume is not None:
+        # Settings first (cheap); the image shape is compared once the data are loaded.
+        check_resume_config(resume, RunConfig(model, schedule, data, image_shape=()), compare_image_shape=False)
+        if resume.epochs_completed >= cfg.n_epochs:
+            if ctx.is_main:
+                print(f"training already complete: {resume.path} holds {resume.epochs_completed} epoch(s), "
+                      f"--n_epochs={cfg.n_epochs}; nothing to do")
+            return 0
+    train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
+    image_shape = tuple(train_set.image_shape)
+    check_image_fits_unet(image_shape, model, args.training_ids)
+    val_set = dataset_from_csv(args.validation_ids, data, cache=args.cache_data)
+    if tuple(val_set.image_shape) != image_shape:
+        raise UserError(f"{args.validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
+                        f"but training images ({args.training_ids}) have {image_shape}")
+    run_config = RunConfig(model=model, schedule=schedule, data=data, image_shape=image_shape)
+    if resume is not None:
+        check_resume_config(resume, run_config, compare_image_shape=True)
+    summary = train(run_config, cfg, train_set, val_set, ctx, resume=resume)
+    if ctx.is_main:
+        print(f"trained {summary.epochs_completed}/{cfg.n_epochs} epochs; best validation loss "
+              f"{summary.best_loss:.5f}; checkpoints in {run_dir}")
+    return 0

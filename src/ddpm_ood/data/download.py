@@ -134,6 +134,8 @@ def decompress_present_gz(raw: Path, names: Sequence[str]) -> None:
                 with gzip.open(gz, "rb") as src, atomic_path(target) as tmp, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
             except (OSError, EOFError) as exc:
+                if isinstance(exc, OSError) and exc.filename == str(target):
+                    raise  # writing failed (a full disk, ...), not the archive: the error boundary says so
                 raise DatasetUnavailable(f"{gz}: cannot be decompressed ({_one_line(exc)})") from None
 
 

@@ -1,0 +1,65 @@
+"""ResumableResults: finished files are skipped only under the same settings (legacy sidecars included), and a
+fault between the final CSV and its sidecar never leaves new rows beside old settings."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+
+from ddpm_ood.results_writer import ResumableResults, read_settings
+
+SETTINGS = {"seed": 2, "precision": "fp32", "start_timesteps": [1, 501]}
+
+
+def _finish(path, settings) -> ResumableResults:
+    writer = ResumableResults(path, settings, n_timesteps=2)
+    assert writer.start() == set()
+    writer.append([{"index": 0, "filename": "a", "type": "val", "t": t, "perceptual_difference": 0.1, "mse": 0.2}
+                   for t in (1, 501)])
+    writer.finish()
+    return writer
+
+
+def test_a_legacy_amp_false_sidecar_is_fp32_and_not_recomputed(tmp_path):
+    writer = _finish(tmp_path / "results_val.csv", SETTINGS)
+    legacy = {k: v for k, v in SETTINGS.items() if k != "precision"} | {"amp": False}
+    writer.settings_path.write_text(json.dumps(legacy))
+    assert read_settings(writer.settings_path) == SETTINGS
+    assert ResumableResults(writer.path, SETTINGS, 2).is_complete()
+
+
+def test_a_legacy_amp_true_sidecar_matches_no_precision(tmp_path, capsys):
+    writer = _finish(tmp_path / "results_val.csv", SETTINGS)
+    legacy = {k: v for k, v in SETTINGS.items() if k != "precision"} | {"amp": True}
+    writer.settings_path.write_text(json.dumps(legacy))
+    for precision in ("fp32", "bf16"):
+        assert not ResumableResults(writer.path, SETTINGS | {"precision": precision}, 2).is_complete()
+    assert "amp: True -> absent" in capsys.readouterr().out
+
+
+def test_fault_between_csv_and_sidecar_leaves_no_stale_sidecar(tmp_path, monkeypatch):
+    writer = _finish(tmp_path / "results_val.csv", SETTINGS)
+    bf16 = SETTINGS | {"precision": "bf16"}
+    redo = ResumableResults(writer.path, bf16, 2)
+    assert not redo.is_complete()
+    redo.start()
+    redo.append([{"index": 0, "filename": "a", "type": "val", "t": t, "perceptual_difference": 0.3, "mse": 0.4}
+                 for t in (1, 501)])
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".results_val.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        redo.finish()
+    # The bf16 CSV is in place; the fp32 sidecar is gone, so nothing takes the file for fp32 (or bf16) results.
+    assert "0.4" in writer.path.read_text()
+    assert not writer.settings_path.exists()
+    assert not ResumableResults(writer.path, SETTINGS, 2).is_complete()
+    assert not ResumableResults(writer.path, bf16, 2).is_complete()

@@ -28,9 +28,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.errors import UserError
-from ddpm_ood.reconstruction import evaluations_per_image
-from ddpm_ood.start_timesteps import start_timesteps
+from ddpm_ood.reconstruction.engine import evaluations_per_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The quickstart's schedule and reconstruction settings (scripts/quickstart.sh).

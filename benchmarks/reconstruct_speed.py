@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_ood.autoencoder.base import IdentityAutoencoder, to_image
 from ddpm_ood.config import ModelConfig, ScheduleConfig
 from ddpm_ood.devices import (
     DEVICE_CHOICES,
@@ -49,10 +50,15 @@ from ddpm_ood.devices import (
     fastest_native_precision,
     resolve_device,
 )
+from ddpm_ood.diffusion.timesteps import start_timesteps
+from ddpm_ood.diffusion.unet import (
+    MODEL_PRESETS,
+    build_unet,
+    model_config_from_preset,
+    randomize_zero_init_convs,
+)
 from ddpm_ood.errors import UserError
-from ddpm_ood.metrics import mse
-from ddpm_ood.networks import MODEL_PRESETS, build_unet, model_config_from_preset, randomize_zero_init_convs
-from ddpm_ood.reconstruction import (
+from ddpm_ood.reconstruction.engine import (
     EpsFn,
     balanced_tick_size,
     calls_per_start,
@@ -60,7 +66,7 @@ from ddpm_ood.reconstruction import (
     reconstruct_batched,
     reconstruct_reference,
 )
-from ddpm_ood.start_timesteps import start_timesteps
+from ddpm_ood.reconstruction.metrics import mse
 
 # The FashionMNIST recipe of the upstream README (scaled_linear 0.0015..0.0195); speed does not depend on it.
 SCHEDULE = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
@@ -185,19 +191,22 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, 
 
 def run_reference(eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, paths: Sequence[str]) -> torch.Tensor:
     """(S, B, *image_shape) reconstructions in [0, 1] by the plain loop."""
-    return reconstruct_reference(
-        eps_fn, setup.schedule, images, paths, setup.start_ts, setup.num_inference_steps, setup.seed
-    )
+    pixels = IdentityAutoencoder(setup.schedule.b_scale)
+    return to_image(pixels.decode(reconstruct_reference(
+        eps_fn, setup.schedule, pixels.encode(images), paths, setup.start_ts, setup.num_inference_steps, setup.seed
+    )))
 
 
 def run_fast(
     eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, paths: Sequence[str], balanced: bool = True
 ) -> torch.Tensor:
-    """(S, B, *image_shape) reconstructions in [0, 1] by the batched engine."""
-    return reconstruct_batched(
-        eps_fn, setup.schedule, images, paths, setup.start_ts, setup.num_inference_steps, setup.seed,
+    """(S, B, *image_shape) reconstructions in [0, 1] by the batched engine (encode, engine, decode, clamp: the
+    path of ``reconstruction.pipeline.reconstruct_images``, with the tick balancing exposed for the ablation)."""
+    pixels = IdentityAutoencoder(setup.schedule.b_scale)
+    return to_image(pixels.decode(reconstruct_batched(
+        eps_fn, setup.schedule, pixels.encode(images), paths, setup.start_ts, setup.num_inference_steps, setup.seed,
         balanced=balanced,
-    )
+    )))
 
 
 def mse_scores(images: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
@@ -444,7 +453,8 @@ def _lpips_ablation(setup: BenchmarkSetup, images: torch.Tensor, recons: torch.T
 
     LPIPS with lpips' random AlexNet trunk: the cost is the same as with the real weights (tests/benchmarks only).
     """
-    from ddpm_ood.metrics import ReconstructionMetrics, build_lpips
+    from ddpm_ood.perceptual.lpips import build_lpips
+    from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
 
     device = resolve_device(setup.device)
     torch.manual_seed(setup.seed)

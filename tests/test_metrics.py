@@ -1,6 +1,6 @@
 """The per-(image, t) metric set: MSE closed form, LPIPS padding/channels/2.5D/batching, and the real backbone.
 
-Tests marked "real backbone" skip until ``python -m ddpm_ood.lpips_weights`` has installed it.
+Tests marked "real backbone" skip until ``python -m ddpm_ood.perceptual.weights`` has installed it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.lpips_weights import INSTALL_COMMAND, find_backbone_weights
-from ddpm_ood.metrics import ReconstructionMetrics, build_lpips, mse, pad_to_min_size
-from ddpm_ood.results import METRIC_COLUMNS
+from ddpm_ood.perceptual.lpips import build_lpips, pad_to_min_size
+from ddpm_ood.perceptual.weights import INSTALL_COMMAND, find_backbone_weights
+from ddpm_ood.reconstruction.metrics import ReconstructionMetrics, mse
+from ddpm_ood.results.schema import METRIC_COLUMNS
 
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ddpm_ood.plots import plot_auroc_per_t, plot_roc_curves, plot_zscore_vs_t
-from ddpm_ood.scoring import SCORE_NAMES
+from ddpm_ood.ood.plots import plot_auroc_per_t, plot_roc_curves, plot_zscore_vs_t
+from ddpm_ood.ood.zscore import SCORE_NAMES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TS = [1, 11, 21, 31]

@@ -15,7 +15,7 @@ from tiny_run import FLOAT_ROUNDING, needs_lpips, save_tiny_checkpoint, write_np
 from ddpm_ood.cli.reconstruct import main
 from ddpm_ood.cli.runner import run_cli
 from ddpm_ood.data.splits import write_split_csv
-from ddpm_ood.results import RESULT_COLUMNS
+from ddpm_ood.results.schema import RESULT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_reference_engine_gives_the_same_numbers(setup, baseline, tmp_path):
 
 
 def test_resume_after_interruption_gives_identical_files(setup, tmp_path, monkeypatch):
-    from ddpm_ood import results_writer
+    from ddpm_ood.results import writer as results_writer
 
     _, splits, out = setup
     uninterrupted = tmp_path / "uninterrupted"

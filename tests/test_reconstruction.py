@@ -3,18 +3,19 @@
 import pytest
 import torch
 
+from ddpm_ood.autoencoder.base import IdentityAutoencoder
 from ddpm_ood.config import ScheduleConfig
-from ddpm_ood.networks import build_unet
-from ddpm_ood.noise_schedule import alphas_cumprod, make_pndm_scheduler
-from ddpm_ood.reconstruction import (
+from ddpm_ood.diffusion.schedule import alphas_cumprod, make_pndm_scheduler
+from ddpm_ood.diffusion.timesteps import denoising_timesteps, start_timesteps
+from ddpm_ood.diffusion.unet import build_unet
+from ddpm_ood.reconstruction.engine import (
     evaluations_per_image,
     model_eps_fn,
     reconstruct_batched,
     reconstruct_reference,
-    row_noise,
     trajectory_timesteps,
 )
-from ddpm_ood.start_timesteps import denoising_timesteps, start_timesteps
+from ddpm_ood.seeding import row_noise
 
 SCHEDULE = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
 PATHS = [f"/data/img_{i}.npy" for i in range(7)]
@@ -47,7 +48,10 @@ def test_oracle_returns_the_clean_image(engine, schedule):
     torch.manual_seed(1)
     clean = torch.rand(1, 1, 8, 8)
     images = clean.repeat(3, 1, 1, 1)
-    recons = engine(oracle_for(clean, schedule), schedule, images, PATHS[:3], start_timesteps(100, 16), 100, 2)
+    pixels = IdentityAutoencoder(schedule.b_scale)  # the engine works in model space: b_scale * image
+    samples = engine(oracle_for(clean, schedule), schedule, pixels.encode(images), PATHS[:3], start_timesteps(100, 16),
+                     100, 2)
+    recons = pixels.decode(samples)
     assert recons.shape == (7, 3, 1, 8, 8)
     assert (recons - clean).abs().max() < 1e-4
 

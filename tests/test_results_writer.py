@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from ddpm_ood.results_writer import ResumableResults, read_settings
+from ddpm_ood.results.writer import ResumableResults, read_settings
 
 SETTINGS = {"seed": 2, "precision": "fp32", "start_timesteps": [1, 501]}
 

@@ -18,9 +18,9 @@ from ddpm_ood.cli.runner import run_cli
 from ddpm_ood.cli.score import main
 from ddpm_ood.data.datasets import image_stem
 from ddpm_ood.data.splits import read_split_csv, write_split_csv
-from ddpm_ood.results import read_results, results_path
-from ddpm_ood.scorer import OUTPUT_COLUMNS, OODScorer
-from ddpm_ood.scoring import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
+from ddpm_ood.ood.scorer import OUTPUT_COLUMNS, OODScorer
+from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
+from ddpm_ood.results.schema import read_results, results_path
 
 REPO = Path(__file__).resolve().parents[1]
 SCORE_COLS = {"score": DEFAULT_SCORE, "mse_score": "mse", "perceptual_score": "perceptual"}

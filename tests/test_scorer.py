@@ -1,4 +1,4 @@
-"""OODScorer (ddpm_ood.scorer): threshold calibration, input collection, the docstring example, in-memory inputs.
+"""OODScorer (ddpm_ood.ood.scorer): threshold calibration, input collection, the docstring example, in-memory inputs.
 
 The API tests use a run whose results_val.csv is synthetic (random metrics at the two start points), so no
 reconstruct.py run is needed; tests/test_score_cli.py checks scores against a real reconstruct.py run.
@@ -20,9 +20,7 @@ from tiny_run import FLOAT_ROUNDING, needs_lpips, save_tiny_checkpoint
 from ddpm_ood.data.datasets import load_image
 from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.errors import UserError
-from ddpm_ood.reconstruction import NOISE_KEY_RULE
-from ddpm_ood.results import RESULT_COLUMNS, results_path
-from ddpm_ood.scorer import (
+from ddpm_ood.ood.scorer import (
     ARRAY_KEY_PREFIX,
     OUTPUT_COLUMNS,
     OODScorer,
@@ -30,6 +28,8 @@ from ddpm_ood.scorer import (
     calibrate_threshold,
     collect_inputs,
 )
+from ddpm_ood.results.schema import RESULT_COLUMNS, results_path
+from ddpm_ood.seeding import NOISE_KEY_RULE
 
 START_TS = [1, 501]  # num_inference_steps=4, inference_skip_factor=2
 
@@ -96,7 +96,7 @@ def test_collect_inputs_errors(tmp_path):
 
 
 def test_array_key_is_content_based_and_never_a_file_key():
-    from ddpm_ood.reconstruction import noise_key
+    from ddpm_ood.seeding import noise_key
 
     x = torch.rand(1, 8, 8)
     assert array_key(x) == array_key(x.clone()) and array_key(x).startswith(ARRAY_KEY_PREFIX)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.scoring import (
+from ddpm_ood.ood.zscore import (
     DEFAULT_SCORE,
     SCORE_NAMES,
     ValidationReference,

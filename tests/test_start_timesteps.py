@@ -5,9 +5,9 @@ import math
 import pytest
 
 from ddpm_ood.config import ScheduleConfig
+from ddpm_ood.diffusion.schedule import make_pndm_scheduler
+from ddpm_ood.diffusion.timesteps import denoising_timesteps, inference_timesteps, start_timesteps
 from ddpm_ood.errors import UserError
-from ddpm_ood.noise_schedule import make_pndm_scheduler
-from ddpm_ood.start_timesteps import denoising_timesteps, inference_timesteps, start_timesteps
 
 # The README's skip-factor table: k -> number of start points for 100 inference steps.
 README_TABLE = {1: 100, 2: 50, 3: 34, 4: 25, 5: 20, 8: 13, 16: 7, 32: 4, 64: 2}

@@ -17,11 +17,11 @@ import pytest
 import torch
 from tiny_run import one_torch_thread
 
-from ddpm_ood import training
 from ddpm_ood.checkpoint import LAST_CHECKPOINT, load_checkpoint, periodic_checkpoint_name, run_config_of
 from ddpm_ood.cli.runner import run_cli
 from ddpm_ood.cli.train_ddpm import build_parser, main
-from ddpm_ood.networks import build_unet, model_config_from_preset
+from ddpm_ood.diffusion.unet import build_unet, model_config_from_preset
+from ddpm_ood.training import ddpm as training
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,22 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_ood import training
+from ddpm_ood.autoencoder.base import IdentityAutoencoder
 from ddpm_ood.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, periodic_checkpoint_name
 from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
+from ddpm_ood.diffusion.schedule import make_ddpm_scheduler
+from ddpm_ood.diffusion.unet import build_unet, check_image_fits_unet
 from ddpm_ood.errors import UserError
-from ddpm_ood.networks import build_unet
-from ddpm_ood.noise_schedule import make_ddpm_scheduler
-from ddpm_ood.training import (
-    TrainConfig,
-    check_image_fits_unet,
-    derive_seed,
-    draw_train_noise,
-    find_resume_point,
-    image_grid,
-    train,
-    train_step,
-)
+from ddpm_ood.seeding import derive_seed
+from ddpm_ood.training import ddpm as training
+from ddpm_ood.training.ddpm import draw_train_noise, image_grid, train, train_step
+from ddpm_ood.training.loop import TrainConfig, find_resume_point
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,7 +103,8 @@ def test_train_step_regresses_the_target_of_the_prediction_type(prediction_type)
     timesteps = torch.tensor([0, 10, 500, 999])
     noise = torch.randn(images.shape, generator=g)
     model = _ZeroModel()
-    loss = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), scheduler, images, timesteps, noise,
+    clean = IdentityAutoencoder(schedule.b_scale).encode(images)  # what the DDPM task feeds train_step
+    loss = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), scheduler, clean, timesteps, noise,
                       schedule)
     # Closed forms with x0 = b_scale * image, a = alphas_cumprod[t] (linear betas 1e-4..2e-2 over 1000 steps).
     betas = np.linspace(1e-4, 2e-2, 1000)
@@ -209,7 +204,8 @@ def test_validation_loss_independent_of_batch_size(tiny_model_config):
     results = []
     for bs in (1, 4):
         loader = torch.utils.data.DataLoader(val, batch_size=bs)
-        total, count = training.validation_loss_sums(model, scheduler, loader, schedule, 7, torch.device("cpu"))
+        total, count = training.validation_loss_sums(model, scheduler, loader, schedule, 7, torch.device("cpu"),
+                                                     autoencoder=IdentityAutoencoder(schedule.b_scale))
         results.append(total / count)
         assert count == 6
     assert results[0] == pytest.approx(results[1], rel=1e-5)
@@ -321,7 +317,8 @@ def test_sample_images_in_unit_range_and_grids(tiny_model_config):
     torch.manual_seed(0)
     model = build_unet(tiny_model_config)
     samples = training.sample_images(model, ScheduleConfig(b_scale=2.0), (1, 8, 8), 3, 4,
-                                     torch.Generator().manual_seed(0), torch.device("cpu"))
+                                     torch.Generator().manual_seed(0), torch.device("cpu"),
+                                     autoencoder=IdentityAutoencoder(2.0))
     assert samples.shape == (3, 1, 8, 8) and samples.min() >= 0 and samples.max() <= 1
     vol = torch.rand(2, 1, 8, 8, 8)
     grid = image_grid(vol)

@@ -12,7 +12,7 @@ import torch
 
 from ddpm_ood.checkpoint import save_checkpoint
 from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
-from ddpm_ood.networks import build_unet, randomize_zero_init_convs
+from ddpm_ood.diffusion.unet import build_unet, randomize_zero_init_convs
 
 TINY_MODEL = ModelConfig("test", 2, 1, (8, 16, 16), (False, False, True), 1, 16, 8)
 TINY_SCHEDULE = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
@@ -22,7 +22,7 @@ FLOAT_ROUNDING = 1e-5
 
 
 def lpips_installed() -> bool:
-    from ddpm_ood.metrics import build_lpips
+    from ddpm_ood.perceptual.lpips import build_lpips
 
     try:
         build_lpips("cpu")
@@ -32,7 +32,7 @@ def lpips_installed() -> bool:
 
 
 needs_lpips = pytest.mark.skipif(
-    not lpips_installed(), reason="LPIPS AlexNet weights not installed: run `python -m ddpm_ood.lpips_weights`"
+    not lpips_installed(), reason="LPIPS AlexNet weights not installed: run `python -m ddpm_ood.perceptual.weights`"
 )
 
 

@@ -8,7 +8,7 @@ __all__ = ["UserError", "OODScorer"]
 def __getattr__(name: str):
     # OODScorer pulls in torch and MONAI; import it lazily so `import ddpm_ood` stays cheap.
     if name == "OODScorer":
-        from ddpm_ood.scorer import OODScorer
+        from ddpm_ood.ood.scorer import OODScorer
 
         return OODScorer
     raise AttributeError(name)

@@ -23,17 +23,19 @@ names), optimizer_state_dict and best_loss (the best TRAIN loss); it carries no 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ddpm_ood.config import RunConfig
+from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
 from ddpm_ood.errors import UserError
 from ddpm_ood.io import atomic_torch_save
 
@@ -112,7 +114,7 @@ def _shape_signature(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[int, 
 def guess_model_flags(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """Which preset/grayscale/dimension flags build a UNet with exactly these tensor shapes, e.g.
     ``--model_type=small --is_grayscale=1 --spatial_dimension=2``; None if no preset fits."""
-    from ddpm_ood.networks import MODEL_PRESETS, build_unet, model_config_from_preset
+    from ddpm_ood.diffusion.unet import MODEL_PRESETS, build_unet, model_config_from_preset
 
     state_dict = _strip_prefix(state_dict)
     conv_in = state_dict.get("conv_in.conv.weight")
@@ -180,32 +182,127 @@ def load_unet_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tenso
                               f"{len(remaining)} checkpoint tensor(s) unused, first {next(iter(remaining))}")
 
 
+def flag_values(run: RunConfig) -> dict[str, Any]:
+    """A run's settings under the command-line flags that set them (``--is_grayscale`` as 0/1)."""
+    return {
+        "--model_type": run.model.preset,
+        "--spatial_dimension": run.data.spatial_dims,
+        "--is_grayscale": int(run.data.is_grayscale),
+        "--image_size": run.data.image_size,
+        "--image_roi": None if run.data.image_roi is None else tuple(run.data.image_roi),
+        "--beta_schedule": run.schedule.beta_schedule,
+        "--beta_start": run.schedule.beta_start,
+        "--beta_end": run.schedule.beta_end,
+        "--prediction_type": run.schedule.prediction_type,
+        "--b_scale": run.schedule.b_scale,
+        "--snr_shift": run.schedule.snr_shift,
+    }
+
+
+def flag_conflicts(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(flag, stored value, given value) for every flag in ``given`` (None = not given, skipped) whose value
+    differs from ``stored`` (floats within a relative 1e-12). The one comparison of flags against a checkpoint's
+    configuration, used when training resumes and when reconstruction reads a checkpoint."""
+    out = []
+    for flag, value in given.items():
+        if value is None:
+            continue
+        want = stored[flag]
+        if isinstance(want, float) and isinstance(value, (int, float)):
+            same = abs(value - want) <= 1e-12 * max(1.0, abs(want))
+        else:
+            same = value == want
+        if not same:
+            out.append((flag, want, value))
+    return out
+
+
 def config_conflicts(saved: RunConfig, given: RunConfig, *, compare_image_shape: bool = True) -> list[str]:
     """Human-readable differences between a checkpoint's config and the one the flags build.
 
     Each entry names the flag and both values, e.g. ``--model_type: checkpoint tiny, flags small``.
     """
-    out: list[str] = []
-
-    def check(flag: str, a: Any, b: Any) -> None:
-        if a != b:
-            out.append(f"{flag}: checkpoint {a}, flags {b}")
-
-    check("--model_type", saved.model.preset, given.model.preset)
-    if saved.model.preset == given.model.preset:
-        check("model architecture", saved.model.to_dict(), given.model.to_dict())
-    check("--spatial_dimension", saved.data.spatial_dims, given.data.spatial_dims)
-    check("--is_grayscale", int(saved.data.is_grayscale), int(given.data.is_grayscale))
-    check("--image_size", saved.data.image_size, given.data.image_size)
-    check("--image_roi", saved.data.image_roi, given.data.image_roi)
-    s, g = saved.schedule, given.schedule
-    check("--beta_schedule", s.beta_schedule, g.beta_schedule)
-    check("--beta_start", s.beta_start, g.beta_start)
-    check("--beta_end", s.beta_end, g.beta_end)
-    check("--prediction_type", s.prediction_type, g.prediction_type)
-    check("--b_scale", s.b_scale, g.b_scale)
-    check("--snr_shift", s.snr_shift, g.snr_shift)
-    check("num_train_timesteps", s.num_train_timesteps, g.num_train_timesteps)
+    stored, wanted = flag_values(saved), flag_values(given)
+    wanted["model architecture"] = given.model.to_dict()
+    stored["model architecture"] = saved.model.to_dict() if saved.model.preset == given.model.preset else None
+    wanted["num_train_timesteps"] = given.schedule.num_train_timesteps
+    stored["num_train_timesteps"] = saved.schedule.num_train_timesteps
     if compare_image_shape:
-        check("image shape (C, *spatial)", tuple(saved.image_shape), tuple(given.image_shape))
-    return out
+        wanted["image shape (C, *spatial)"] = tuple(given.image_shape)
+        stored["image shape (C, *spatial)"] = tuple(saved.image_shape)
+    if stored["model architecture"] is None:
+        del wanted["model architecture"]  # another preset: --model_type already says so
+    return [f"{flag}: checkpoint {a}, flags {b}" for flag, a, b in flag_conflicts(stored, wanted)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The one resolve-config-or-upstream path
+
+
+@dataclass(frozen=True)
+class ModelFlags:
+    """Model/schedule/data flags given explicitly on the command line (None = not given).
+
+    With a ddpm-ood checkpoint they must agree with its stored config; with an upstream checkpoint (no config) they
+    define the model, upstream's defaults filling the rest.
+    """
+
+    model_type: str | None = None
+    is_grayscale: bool | None = None
+    spatial_dims: int | None = None
+    image_size: int | None = None
+    image_roi: tuple[int, ...] | None = None
+    beta_schedule: str | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    prediction_type: str | None = None
+    b_scale: float | None = None
+    snr_shift: float | None = None
+
+
+def resolve_run_config(ckpt: dict, flags: ModelFlags, source: Path) -> RunConfig | None:
+    """The checkpoint's config, checked against explicit flags; None for an upstream checkpoint (no config)."""
+    from ddpm_ood.diffusion.schedule import canonical_schedule_name
+
+    run = run_config_of(ckpt)
+    if run is None:
+        return None
+    given = {("--spatial_dimension" if name == "spatial_dims" else f"--{name}"): value
+             for name, value in dataclasses.asdict(flags).items()}
+    if flags.beta_schedule is not None:
+        given["--beta_schedule"] = canonical_schedule_name(flags.beta_schedule)
+    if flags.image_roi is not None:
+        given["--image_roi"] = tuple(flags.image_roi)
+    if flags.is_grayscale is not None:
+        given["--is_grayscale"] = int(flags.is_grayscale)
+    conflicts = flag_conflicts(flag_values(run), given)
+    if conflicts:
+        flag, want, value = conflicts[0]
+        raise UserError(f"{flag}={value} contradicts {source} which was trained with {want}; drop the flag")
+    return run
+
+
+def run_config_from_flags(flags: ModelFlags, image_shape: Sequence[int]) -> RunConfig:
+    """For upstream checkpoints: the model defined by the flags (upstream defaults otherwise)."""
+    from ddpm_ood.diffusion.unet import model_config_from_preset
+
+    data = data_config_for_upstream(flags)
+    schedule = ScheduleConfig(
+        beta_schedule=flags.beta_schedule or "linear_beta",
+        beta_start=flags.beta_start,
+        beta_end=flags.beta_end,
+        prediction_type=flags.prediction_type or "epsilon",
+        b_scale=flags.b_scale if flags.b_scale is not None else 1.0,
+        snr_shift=flags.snr_shift if flags.snr_shift is not None else 1.0,
+    )
+    model = model_config_from_preset(flags.model_type or "small", data.spatial_dims, data.channels)
+    return RunConfig(model=model, schedule=schedule, data=data, image_shape=tuple(image_shape))
+
+
+def data_config_for_upstream(flags: ModelFlags) -> DataConfig:
+    return DataConfig(
+        is_grayscale=bool(flags.is_grayscale),
+        spatial_dims=flags.spatial_dims or 2,
+        image_size=flags.image_size,
+        image_roi=flags.image_roi,
+    )

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ddpm_ood.errors import UserError
-from ddpm_ood.noise_schedule import (
+from ddpm_ood.diffusion.schedule import (
     DEFAULT_BETA_END,
     DEFAULT_BETA_START,
     NUM_TRAIN_TIMESTEPS,
@@ -16,6 +15,7 @@ from ddpm_ood.noise_schedule import (
     SCHEDULES_WITH_BETA_RANGE,
     canonical_schedule_name,
 )
+from ddpm_ood.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 from ddpm_ood.cli.options import boolish, positive_float
-from ddpm_ood.data.download import DATASETS, DOWNLOAD_TIMEOUT_S, DatasetUnavailable, prepare_dataset
+from ddpm_ood.data.prepare import DATASETS, DOWNLOAD_TIMEOUT_S, DatasetUnavailable, prepare_dataset
 
 
 def dataset_list(value: str) -> tuple[str, ...]:

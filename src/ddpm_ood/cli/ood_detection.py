@@ -2,7 +2,7 @@
 
 Reads ``<output_dir>/<model_name>/ood/results_{val,in,<Name>}.csv`` (written by reconstruct.py; upstream's
 files with their stray index column are accepted). Every ``results_<Name>.csv`` other than val and in is an
-out set (``--out_sets`` may pick some). The score of an image (higher = more OOD; ``ddpm_ood.scoring``) is,
+out set (``--out_sets`` may pick some). The score of an image (higher = more OOD; ``ddpm_ood.ood.zscore``) is,
 for each start t, the reconstruction MSE and LPIPS z-scored against the validation images at that t (mean,
 sample std), summed (``mse+perceptual``, the paper's) or alone (``mse``, ``perceptual``), averaged over t.
 
@@ -27,11 +27,10 @@ import pandas as pd
 
 from ddpm_ood.cli.options import positive_int
 from ddpm_ood.errors import UserError
-from ddpm_ood.evaluation import auroc_per_t, summary_table
 from ddpm_ood.io import atomic_write_csv, atomic_write_text, check_output_dir, run_lock
-from ddpm_ood.plots import plot_auroc_per_t, plot_roc_curves, plot_zscore_vs_t
-from ddpm_ood.results import IN_NAME, VAL_NAME, ood_dir, out_set_names, read_results, results_path
-from ddpm_ood.scoring import (
+from ddpm_ood.ood.detection import auroc_per_t, summary_table
+from ddpm_ood.ood.plots import plot_auroc_per_t, plot_roc_curves, plot_zscore_vs_t
+from ddpm_ood.ood.zscore import (
     DEFAULT_SCORE,
     SCORE_NAMES,
     ValidationReference,
@@ -39,6 +38,7 @@ from ddpm_ood.scoring import (
     select_timesteps,
     z_scores,
 )
+from ddpm_ood.results.schema import IN_NAME, VAL_NAME, ood_dir, out_set_names, read_results, results_path
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
@@ -109,7 +109,7 @@ def _common_precision(directory: Path, names: list[str]) -> str | None:
     """The precision every results file was reconstructed in (from its ``results_<name>.json``; None when no
     sidecar says, as for upstream results). Files made at different precisions are refused: their z-scores would
     mix two numerics."""
-    from ddpm_ood.results_writer import read_settings
+    from ddpm_ood.results.writer import read_settings
 
     found: dict[str, str] = {}
     for name in names:

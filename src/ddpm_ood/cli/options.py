@@ -6,7 +6,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from ddpm_ood.noise_schedule import PREDICTION_TYPES, SCHEDULE_ALIASES
+from ddpm_ood.diffusion.schedule import PREDICTION_TYPES, SCHEDULE_ALIASES
 
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
@@ -134,7 +134,7 @@ def add_schedule_options(parser: argparse.ArgumentParser, *, from_checkpoint: bo
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, from_checkpoint: bool) -> None:
-    from ddpm_ood.networks import MODEL_PRESETS
+    from ddpm_ood.diffusion.unet import MODEL_PRESETS
 
     g = parser.add_argument_group("model")
     g.add_argument("--model_type", choices=tuple(MODEL_PRESETS), default=None if from_checkpoint else "small",

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ddpm_ood.reconstruction_stage import ModelFlags, ReconstructionJob, run_reconstruction
+    from ddpm_ood.checkpoint import ModelFlags
+    from ddpm_ood.reconstruction.stage import ReconstructionJob, run_reconstruction
 
     args = build_parser().parse_args(argv)
     refuse_unsupported(args)

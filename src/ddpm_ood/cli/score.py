@@ -49,9 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ddpm_ood.devices import describe_device
     from ddpm_ood.errors import UserError
     from ddpm_ood.io import atomic_write_csv, atomic_write_text, check_output_dir
-    from ddpm_ood.results import VAL_NAME, results_path
-    from ddpm_ood.scorer import OODScorer, collect_inputs
-    from ddpm_ood.scoring import DEFAULT_SCORE
+    from ddpm_ood.ood.scorer import OODScorer, collect_inputs
+    from ddpm_ood.ood.zscore import DEFAULT_SCORE
+    from ddpm_ood.results.schema import VAL_NAME, results_path
 
     args = build_parser().parse_args(argv)
     out_csv = Path(args.out_csv)

@@ -65,10 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ddpm_ood.config import DataConfig, ScheduleConfig
     from ddpm_ood.devices import describe_device, resolve_precision
+    from ddpm_ood.diffusion.unet import model_config_from_preset
     from ddpm_ood.distributed import cleanup_distributed, init_distributed
     from ddpm_ood.io import check_output_dir, run_lock
-    from ddpm_ood.networks import model_config_from_preset
-    from ddpm_ood.training import TrainConfig
+    from ddpm_ood.training.loop import TrainConfig
 
     args = build_parser().parse_args(argv)
     refuse_unsupported(args)
@@ -100,8 +100,10 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
     """Resume point, datasets, checks, then ``training.train``; the caller holds the run lock."""
     from ddpm_ood.config import RunConfig
     from ddpm_ood.data.datasets import dataset_from_csv
+    from ddpm_ood.diffusion.unet import check_image_fits_unet
     from ddpm_ood.errors import UserError
-    from ddpm_ood.training import check_image_fits_unet, check_resume_config, find_resume_point, train
+    from ddpm_ood.training.ddpm import train
+    from ddpm_ood.training.loop import check_resume_config, find_resume_point
 
     resume = find_resume_point(run_dir, cfg.resume_epoch)
     if resume is not None:

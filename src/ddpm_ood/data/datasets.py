@@ -250,7 +250,7 @@ def dataset_from_csv(
     sharding). Item 0 is loaded at once, so an unreadable first image fails here.
     """
     from ddpm_ood.data.splits import read_split_csv
-    from ddpm_ood.results import split_flip
+    from ddpm_ood.results.schema import split_flip
 
     base, flip = split_flip(str(csv_path))
     if flip is not None and not os.path.isfile(base):

@@ -1,4 +1,4 @@
-"""The reconstruction engine: noise each image to every start t, denoise with PLMS, return the reconstructions.
+"""The reconstruction engine: noise each sample to every start t, denoise with PLMS, return the denoised samples.
 
 Two paths with the same numbers:
 - ``reconstruct_reference``: the plain loop, one start point after another, MONAI's ``PNDMScheduler`` driven with the
@@ -8,8 +8,9 @@ Two paths with the same numbers:
   cost max(calls per trajectory) network calls of about sum(calls)/max(calls) samples each (balanced ticks) instead
   of sum(calls) calls of B samples; ``model_eps_fn`` chunks a call to ``max_batch`` samples.
 
-Conventions: images (B, C, *spatial) in [0, 1]; reconstructions (S, B, C, *spatial) in [0, 1], S = len(start_ts) in
-the order given; t indexes the 1000-step training schedule. The noise of (image, t) comes from a generator seeded from
+Conventions: the engine works in model space (``autoencoder``): inputs ``x0`` (B, C, *spatial) are encoded samples
+(pixel space: images in [0, 1] times b_scale), outputs (S, B, C, *spatial) are denoised samples, NOT clamped, S =
+len(start_ts) in the order given; ``pipeline.py`` decodes and clamps. t indexes the 1000-step training schedule. The noise of (image, t) comes from a generator seeded from
 (seed, the image's noise key, t), so the noise does not depend on batch size, order, resuming or the number of
 processes, and, a file's key being its stem (``noise_key``), not on where the data sits either. Batch composition
 still moves results by float rounding: the network's kernels round differently for other batch sizes (about 1e-6 in
@@ -18,56 +19,21 @@ fp32).
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
 
-from ddpm_ood import plms
 from ddpm_ood.config import ScheduleConfig
+from ddpm_ood.diffusion import plms
+from ddpm_ood.diffusion.schedule import alphas_cumprod, make_pndm_scheduler, to_epsilon
+from ddpm_ood.diffusion.timesteps import denoising_timesteps
 from ddpm_ood.errors import UserError
-from ddpm_ood.noise_schedule import alphas_cumprod, make_pndm_scheduler, to_epsilon
-from ddpm_ood.start_timesteps import denoising_timesteps
+from ddpm_ood.seeding import noise_batch
 
 # eps_fn(x_t: (N, C, *spatial) float32, t: (N,) long) -> noise estimate (N, C, *spatial) float32
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# How a file's noise key is made; recorded with every results file, so results made under another rule are redone.
-NOISE_KEY_RULE = "file stem"
-
-
-def noise_key(path: str | os.PathLike) -> str:
-    """The noise key of an image file: its stem, the results CSV's ``filename`` (``D/x/MNIST_7.npy`` -> ``MNIST_7``).
-
-    Not the path: the same data moved elsewhere, or listed with relative paths and read from another working
-    directory, must give the same numbers. Two files with one stem get the same noise, which biases nothing.
-    """
-    from ddpm_ood.data.datasets import image_stem
-
-    return image_stem(path)
-
-
-def row_seed(seed: int, key: str, t: int) -> int:
-    """A 63-bit generator seed for the noise of one (image, t) row; ``key`` names the image (``noise_key``)."""
-    digest = hashlib.sha256(f"{seed}|{key}|{int(t)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def row_noise(seed: int, key: str, t: int, shape: Sequence[int]) -> torch.Tensor:
-    """Standard normal noise (shape) for one (image, t), drawn on the CPU so every device gets the same numbers."""
-    generator = torch.Generator().manual_seed(row_seed(seed, key, t))
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-
-
-def noise_batch(seed: int, keys: Sequence[str], start_ts: Sequence[int], image_shape: Sequence[int]) -> torch.Tensor:
-    """(S, B, *image_shape) noise, row (s, b) seeded from (seed, keys[b], start_ts[s])."""
-    return torch.stack(
-        [torch.stack([row_noise(seed, k, t, image_shape) for k in keys]) for t in start_ts]
-    )
 
 
 def model_eps_fn(
@@ -137,45 +103,41 @@ def balanced_tick_size(calls: Sequence[int]) -> int:
     return -(-sum(calls) // max(calls))
 
 
-def _noised(x0: torch.Tensor, noise: torch.Tensor, a_t: torch.Tensor, b_scale: float) -> torch.Tensor:
-    """x_t = sqrt(a_t) * (b_scale x0) + sqrt(1 - a_t) * noise, as MONAI's add_noise computes it."""
-    return a_t**0.5 * (x0 * b_scale) + (1 - a_t) ** 0.5 * noise
-
-
-def _to_image(x: torch.Tensor, b_scale: float) -> torch.Tensor:
-    return (x / b_scale).clamp(0.0, 1.0)
+def _noised(x0: torch.Tensor, noise: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a_t) * x0 + sqrt(1 - a_t) * noise, as MONAI's add_noise computes it."""
+    return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * noise
 
 
 def reconstruct_reference(
     eps_fn: EpsFn,
     schedule: ScheduleConfig,
-    images: torch.Tensor,
+    x0: torch.Tensor,
     keys: Sequence[str],
     start_ts: Sequence[int],
     num_inference_steps: int,
     seed: int,
 ) -> torch.Tensor:
     """One start point after another with a fresh MONAI PNDMScheduler each (history reset). -> (S, B, ...)."""
-    noise = noise_batch(seed, keys, start_ts, images.shape[1:]).to(images.device)
+    noise = noise_batch(seed, keys, start_ts, x0.shape[1:]).to(x0.device)
     recons = []
     for s, start_t in enumerate(start_ts):
         scheduler = make_pndm_scheduler(schedule, num_inference_steps)
         grid = denoising_timesteps(start_t, num_inference_steps, schedule.num_train_timesteps)
         # MONAI's PNDM omits the repeated second timestep of PLMS without PRK steps; drive it with t0, t1, t1, t2, ...
         calls = grid[:1] + [t for t in grid[1:2] for _ in range(2)] + grid[2:]
-        t_tensor = torch.full((images.shape[0],), start_t, dtype=torch.long, device=images.device)
-        x = scheduler.add_noise(images * schedule.b_scale, noise[s], t_tensor)
+        t_tensor = torch.full((x0.shape[0],), start_t, dtype=torch.long, device=x0.device)
+        x = scheduler.add_noise(x0, noise[s], t_tensor)
         for t in calls:
             eps = eps_fn(x, torch.full_like(t_tensor, t))
             x, _ = scheduler.step(eps, t, x)
-        recons.append(_to_image(x, schedule.b_scale))
+        recons.append(x)
     return torch.stack(recons)
 
 
 def reconstruct_batched(
     eps_fn: EpsFn,
     schedule: ScheduleConfig,
-    images: torch.Tensor,
+    x0: torch.Tensor,
     keys: Sequence[str],
     start_ts: Sequence[int],
     num_inference_steps: int,
@@ -194,8 +156,8 @@ def reconstruct_batched(
     A memory budget (``max_batch``) is the eps_fn's business (``model_eps_fn`` chunks each call). Each trajectory's
     steps and PLMS history are its own, so grouping changes results only by the network's float rounding.
     """
-    device = images.device
-    n_starts, batch = len(start_ts), images.shape[0]
+    device = x0.device
+    n_starts, batch = len(start_ts), x0.shape[0]
     n = n_starts * batch
     acp = alphas_cumprod(schedule).to(device)
     one = torch.ones((), device=device)
@@ -212,15 +174,14 @@ def reconstruct_batched(
     total_calls = torch.tensor([calls_per_trajectory(g) for g in grids]).repeat_interleave(batch)  # (N,)
     tick_size = balanced_tick_size(total_calls.tolist()) if balanced else n
 
-    spatial = (1,) * (images.ndim - 1)
+    spatial = (1,) * (x0.ndim - 1)
 
     def alpha(t_idx: torch.Tensor) -> torch.Tensor:
         return torch.where(t_idx >= 0, acp[t_idx.clamp(min=0)], one).reshape((-1,) + spatial)
 
-    noise = noise_batch(seed, keys, start_ts, images.shape[1:]).to(device).reshape((n,) + images.shape[1:])
-    x0 = images.repeat(n_starts, *([1] * (images.ndim - 1)))
-    x = _noised(x0, noise, alpha(table[:, 0]), schedule.b_scale)
-    history = torch.zeros((n, plms.HISTORY) + images.shape[1:], device=device)
+    noise = noise_batch(seed, keys, start_ts, x0.shape[1:]).to(device).reshape((n,) + x0.shape[1:])
+    x = _noised(x0.repeat(n_starts, *([1] * (x0.ndim - 1))), noise, alpha(table[:, 0]))
+    history = torch.zeros((n, plms.HISTORY) + x0.shape[1:], device=device)
     n_history = torch.zeros(n, dtype=torch.long, device=device)
     first_sample = torch.zeros_like(x)
     calls_done = torch.zeros(n, dtype=torch.long)  # scheduling state stays on the CPU
@@ -260,4 +221,4 @@ def reconstruct_batched(
             eps_ms = plms.multistep_eps(history[i], n_history[i])
             x[i] = plms.prev_sample(x[i], eps_ms, alpha(table[i, p]), alpha(table[i, p + 1]))
         calls_done[chosen] += 1
-    return _to_image(x, schedule.b_scale).reshape((n_starts, batch) + images.shape[1:])
+    return x.reshape((n_starts, batch) + x0.shape[1:])

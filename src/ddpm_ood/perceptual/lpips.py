@@ -1,15 +1,11 @@
-"""The per-(image, t) metric set, defined once: MSE and LPIPS between an image and its reconstruction.
+"""LPIPS, the perceptual distance of the metric set: 2D, and 2.5D for volumes.
 
-Names and order are ``ddpm_ood.results.METRIC_COLUMNS`` = ("mse", "perceptual_difference"); both are >= 0 and
-higher means a worse reconstruction (more OOD-like).
-
-- ``mse``: mean over all non-batch dims of (x - y)^2, both in [0, 1].
-- ``perceptual_difference``: LPIPS v0.1 with the ImageNet-pretrained AlexNet trunk and lpips' calibrated
-  linear heads, spatially averaged, ``normalize=True`` (inputs in [0, 1] mapped to [-1, 1]). 1-channel images
-  are repeated to 3 channels (what LPIPS's scaling layer broadcasting did upstream). 2D images with H or W
-  below 32 are zero-padded symmetrically to 32 first (28x28 -> 2 px per side, upstream's MNIST padding;
-  AlexNet cannot take smaller inputs). 3D volumes: 2.5D LPIPS = mean over the three axes of the mean over
-  the 2D slices along that axis (upstream intended this; its loop kept only the last axis).
+LPIPS v0.1 with the ImageNet-pretrained AlexNet trunk and lpips' calibrated linear heads, spatially averaged,
+``normalize=True`` (inputs in [0, 1] mapped to [-1, 1]). 1-channel images are repeated to 3 channels (what LPIPS's
+scaling layer broadcasting did upstream). 2D images with H or W below 32 are zero-padded symmetrically to 32 first
+(28x28 -> 2 px per side, upstream's MNIST padding; AlexNet cannot take smaller inputs). 3D volumes: 2.5D LPIPS =
+mean over the three axes of the mean over the 2D slices along that axis (upstream intended this; its loop kept only
+the last axis). The trunk's weights are installed offline by ``perceptual.weights``; never a random fallback.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.lpips_weights import (
+from ddpm_ood.perceptual.weights import (
     FEATURES_FILENAME,
     INSTALL_COMMAND,
     checkpoints_dir,
@@ -31,7 +27,6 @@ from ddpm_ood.lpips_weights import (
     load_features,
     lpips_alex_heads_path,
 )
-from ddpm_ood.results import METRIC_COLUMNS
 
 LPIPS_MIN_SIZE = 32  # AlexNet needs >= 31 px per side; upstream padded 28x28 to 32x32
 
@@ -49,7 +44,7 @@ def build_lpips(device: str | torch.device = "cpu", pretrained_backbone: bool = 
     """``lpips.LPIPS(net="alex")`` v0.1, eval mode, frozen, built offline.
 
     The linear heads come from lpips' own ``weights/v0.1/alex.pth``. The AlexNet trunk comes from the file
-    installed by ``python -m ddpm_ood.lpips_weights`` (or torchvision's genuine cached ``alexnet-owt`` file);
+    installed by ``python -m ddpm_ood.perceptual.weights`` (or torchvision's genuine cached ``alexnet-owt`` file);
     without it, UserError says how to install it. ``pretrained_backbone=False`` keeps lpips' randomly
     initialised trunk (seed with ``torch.manual_seed`` first) and is meant for tests only: a random trunk
     gives meaningless distances, so it is never a fallback.
@@ -93,60 +88,19 @@ def pad_to_min_size(x: torch.Tensor, min_size: int = LPIPS_MIN_SIZE) -> torch.Te
     return F.pad(x, pads) if any(pads) else x
 
 
-def _autocast_off() -> contextlib.ExitStack:
-    # Metrics are computed in fp32 whatever autocast region the caller is in (CPU bf16 or CUDA fp16).
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast("cpu", enabled=False))
-    if torch.cuda.is_available():
-        stack.enter_context(torch.autocast("cuda", enabled=False))
-    return stack
+class PerceptualDistance:
+    """``distance(x, y) -> (B,)`` LPIPS per pair of (B, C, H, W) or (B, C, D, H, W) images in [0, 1], C = 1 or 3.
 
-
-class ReconstructionMetrics:
-    """The metric set, built once per run: ``metrics(original, reconstruction) -> {name: (B,) float32}``.
-
-    Args:
-        device: where LPIPS runs; inputs are moved there.
-        lpips_net: an ``lpips.LPIPS``-like module (``forward(x, y, normalize=True) -> (N, 1, 1, 1)``);
-            default ``build_lpips(device)`` with the real backbone.
-        lpips_batch_size: at most this many 2D pairs (images, or slices of volumes) per LPIPS forward pass;
-            bounds memory only, values do not depend on it.
+    ``net``: an ``lpips.LPIPS``-like module (``forward(x, y, normalize=True) -> (N, 1, 1, 1)``), e.g.
+    ``build_lpips(device)``; ``batch_size``: at most this many 2D pairs (images, or slices of volumes) per forward
+    pass (memory only: values do not depend on it).
     """
 
-    names = METRIC_COLUMNS
+    def __init__(self, net: torch.nn.Module, batch_size: int = 256) -> None:
+        self.net = net.eval()
+        self.batch_size = int(batch_size)
 
-    def __init__(
-        self,
-        device: str | torch.device = "cpu",
-        lpips_net: torch.nn.Module | None = None,
-        lpips_batch_size: int = 256,
-    ) -> None:
-        self.device = torch.device(device)
-        net = lpips_net if lpips_net is not None else build_lpips(self.device)
-        self.lpips = net.to(self.device).eval()
-        self.lpips_batch_size = int(lpips_batch_size)
-
-    def __call__(self, original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-pair metrics of (B, C, H, W) or (B, C, D, H, W) images in [0, 1], C = 1 or 3.
-
-        Returns ``{"mse": (B,), "perceptual_difference": (B,)}``, float32 on the CPU, row i for pair i
-        (independent of B and of the other rows).
-        """
-        if original.shape != reconstruction.shape:
-            raise ValueError(
-                f"original {tuple(original.shape)} and reconstruction {tuple(reconstruction.shape)} differ"
-            )
-        if original.ndim not in (4, 5) or original.shape[1] not in (1, 3):
-            raise ValueError(
-                f"expected (B, C, H, W) or (B, C, D, H, W) with C = 1 or 3, got {tuple(original.shape)}"
-            )
-        with _autocast_off(), torch.no_grad():
-            x = original.to(self.device, torch.float32)
-            y = reconstruction.to(self.device, torch.float32)
-            values = {"mse": mse(x, y), "perceptual_difference": self.perceptual_difference(x, y)}
-        return {name: values[name].float().cpu() for name in self.names}
-
-    def perceptual_difference(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """LPIPS per pair, (B,): 2D directly, 3D as the 2.5D mean over axes of the mean over slices."""
         if x.ndim == 4:
             return self._lpips_2d(x, y)
@@ -164,14 +118,9 @@ class ReconstructionMetrics:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         x, y = pad_to_min_size(x), pad_to_min_size(y)
         out = [
-            self.lpips(
-                x[i : i + self.lpips_batch_size], y[i : i + self.lpips_batch_size], normalize=True
+            self.net(
+                x[i : i + self.batch_size], y[i : i + self.batch_size], normalize=True
             ).reshape(-1)
-            for i in range(0, x.shape[0], self.lpips_batch_size)
+            for i in range(0, x.shape[0], self.batch_size)
         ]
         return torch.cat(out)
-
-
-def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dims of (x - y)^2: (B, ...) -> (B,)."""
-    return (x - y).pow(2).flatten(1).mean(dim=1)

@@ -1,6 +1,6 @@
 """The OOD score, defined once: reconstruction errors z-scored against validation, averaged over start t.
 
-Input: long-format results (``ddpm_ood.results`` schema), one row per (image, start t) with the metrics
+Input: long-format results (``ddpm_ood.results.schema`` schema), one row per (image, start t) with the metrics
 ``mse`` and ``perceptual_difference``. For each metric m and each kept start t (on the 1000-step schedule)::
 
     z_m(image, t) = (m(image, t) - mean_t) / std_t
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.results import METRIC_COLUMNS
+from ddpm_ood.results.schema import METRIC_COLUMNS
 
 # Score name -> the metric columns whose z-scores are summed per t. Default (the paper's) first.
 SCORE_METRICS: dict[str, tuple[str, ...]] = {

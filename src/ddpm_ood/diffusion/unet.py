@@ -78,3 +78,22 @@ def build_unet(config: ModelConfig):
         num_head_channels=config.num_head_channels,
         norm_num_groups=config.norm_num_groups,
     )
+
+
+def check_image_fits_unet(image_shape: tuple[int, ...], model: ModelConfig, source: str) -> None:
+    """UserError naming ``source`` unless (C, *spatial) images fit the UNet: C == in_channels, one size per
+    spatial dim, each divisible by 2 ** (number of downsamplings)."""
+    spatial = tuple(image_shape[1:])
+    if len(spatial) != model.spatial_dims:
+        raise UserError(f"{source}: images have {len(spatial)} spatial dimensions {spatial} but "
+                        f"--spatial_dimension={model.spatial_dims}")
+    if image_shape[0] != model.in_channels:
+        raise UserError(f"{source}: images have {image_shape[0]} channel(s) but the model expects "
+                        f"{model.in_channels}")
+    factor = 2 ** (len(model.channels) - 1)
+    if any(s % factor for s in spatial):
+        raise UserError(
+            f"{source}: image size {'x'.join(map(str, spatial))} is not divisible by {factor}, as the "
+            f"{model.preset} UNet's {len(model.channels) - 1} downsamplings need; resize with --image_size "
+            f"or crop with --image_roi"
+        )

@@ -8,8 +8,8 @@ k = 1, 2, 3, 4, 5, 8, 16, 32, 64 (the README table).
 
 from __future__ import annotations
 
+from ddpm_ood.diffusion.schedule import NUM_TRAIN_TIMESTEPS
 from ddpm_ood.errors import UserError
-from ddpm_ood.noise_schedule import NUM_TRAIN_TIMESTEPS
 
 STEPS_OFFSET = 1
 

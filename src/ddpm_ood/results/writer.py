@@ -20,7 +20,7 @@ import pandas as pd
 from ddpm_ood.devices import precision_from_legacy
 from ddpm_ood.errors import UserError
 from ddpm_ood.io import atomic_write_csv, atomic_write_text
-from ddpm_ood.results import RESULT_COLUMNS
+from ddpm_ood.results.schema import RESULT_COLUMNS
 
 PARTIAL_COLUMNS = ["index", *RESULT_COLUMNS]
 

@@ -33,15 +33,15 @@ import numpy as np
 import pandas as pd
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.results import VAL_NAME, read_results, results_path
-from ddpm_ood.scoring import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
+from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
+from ddpm_ood.results.schema import VAL_NAME, read_results, results_path
 
 if TYPE_CHECKING:
     import torch
 
     from ddpm_ood.config import RunConfig
-    from ddpm_ood.metrics import ReconstructionMetrics
-    from ddpm_ood.reconstruction import EpsFn
+    from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
+    from ddpm_ood.reconstruction.pipeline import ReconstructionModel
 
 DEFAULT_VAL_KEEP = 0.95
 # Output columns, in order; "error" is empty for a scored input, the one-line reason otherwise (scores NaN).
@@ -152,8 +152,8 @@ class ReconSettings:
                 f"{path}: not found, so the settings behind the validation results are unknown; "
                 "rerun reconstruct.py with --run_val=1"
             )
-        from ddpm_ood.reconstruction import NOISE_KEY_RULE
-        from ddpm_ood.results_writer import read_settings
+        from ddpm_ood.results.writer import read_settings
+        from ddpm_ood.seeding import NOISE_KEY_RULE
 
         try:
             d = read_settings(path)
@@ -287,7 +287,7 @@ class OODScorer:
     def __init__(
         self,
         run: RunConfig,
-        eps_fn: EpsFn,
+        model: ReconstructionModel,
         metrics: ReconstructionMetrics,
         reference: ValidationReference,
         calibration: Calibration,
@@ -298,7 +298,7 @@ class OODScorer:
         if batch_size < 1:
             raise UserError(f"--batch_size must be >= 1, got {batch_size}")
         self.run = run
-        self.eps_fn = eps_fn
+        self.model = model
         self.metrics = metrics
         self.reference = reference
         self.calibration = calibration
@@ -332,10 +332,10 @@ class OODScorer:
         ``amp``, if given, must resolve to it on this device, else UserError. max_batch: most samples per network
         call (memory budget; no effect on the numbers). Bad or missing files raise UserError.
         """
-        from ddpm_ood.checkpoint import load_checkpoint
+        from ddpm_ood.checkpoint import ModelFlags, load_checkpoint, resolve_run_config
         from ddpm_ood.devices import resolve_device
-        from ddpm_ood.metrics import ReconstructionMetrics
-        from ddpm_ood.reconstruction_stage import ModelFlags, load_eps_fn, resolve_run_config
+        from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
+        from ddpm_ood.reconstruction.pipeline import load_model
 
         val_keep = check_val_keep(val_keep)
         val_path = results_path(output_dir, model_name, VAL_NAME)
@@ -369,11 +369,11 @@ class OODScorer:
                 "written by ddpm-ood's train_ddpm.py"
             )
         dev = resolve_device(device)
-        eps_fn = load_eps_fn(
+        model = load_model(
             ckpt, run, ckpt_file, dev, use_ema=settings.use_ema, max_batch=max_batch,
             precision=_scoring_precision(settings, dev, val_path, precision=precision, amp=amp),
         )
-        return cls(run, eps_fn, ReconstructionMetrics(dev), reference, calibration, settings, dev, batch_size)
+        return cls(run, model, ReconstructionMetrics(dev), reference, calibration, settings, dev, batch_size)
 
     # -------------------------------------------------------------------------------------------------------
     def score(
@@ -397,7 +397,7 @@ class OODScorer:
         """
         from tqdm import tqdm
 
-        from ddpm_ood.reconstruction_stage import measure_batch, result_rows
+        from ddpm_ood.reconstruction.pipeline import measure_batch, result_rows
 
         items = self._as_items(images)
         n = len(items)
@@ -419,7 +419,7 @@ class OODScorer:
                 if indices:
                     batch = self._stack(tensors)
                     values = measure_batch(
-                        self.eps_fn, self.run.schedule, self.metrics, batch, keys, self.settings.start_timesteps,
+                        self.model, self.metrics, batch, keys, self.settings.start_timesteps,
                         self.settings.num_inference_steps, self.settings.seed, recon_steps=self.settings.recon_steps,
                     )
                     # filename = the input's position: unique even when two inputs share a file stem.
@@ -465,7 +465,7 @@ class OODScorer:
         import torch
 
         from ddpm_ood.data.datasets import load_image
-        from ddpm_ood.reconstruction import noise_key
+        from ddpm_ood.seeding import noise_key
 
         if isinstance(item, torch.Tensor):
             name = f"images[{i}]"

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from ddpm_ood.scoring import SCORE_NAMES
+from ddpm_ood.ood.zscore import SCORE_NAMES
 
 TPR_LEVEL = 0.95
 METRIC_NAMES = ("auroc", "fpr95", "aupr_in", "aupr_out")

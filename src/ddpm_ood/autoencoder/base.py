@@ -1,0 +1,54 @@
+"""The autoencoder seam: the diffusion model works in "model space", an autoencoder maps images there and back.
+
+Pixel-space diffusion is the identity autoencoder scaled by upstream's ``b_scale`` (data are multiplied by it before
+noising); latent diffusion (a VQ-VAE) plugs in the same way. Training encodes its batches, reconstruction encodes,
+noises and denoises in model space (no clamping there), decodes, and only then clamps to the image range, so neither
+asks "latent or not".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from ddpm_ood.config import RunConfig
+
+
+class Autoencoder(Protocol):
+    """``encode``: images (B, C, *spatial) float32 in [0, 1] -> model-space samples (B, C', *spatial'), which the
+    diffusion model noises and denoises; ``decode``: model-space samples -> images (B, C, *spatial), not clamped."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor: ...
+
+
+class IdentityAutoencoder:
+    """Pixel space: ``encode(x) = b_scale * x``, ``decode(z) = z / b_scale`` (b_scale > 0; upstream's knob, 1 by
+    default). The only place ``b_scale`` is applied."""
+
+    def __init__(self, b_scale: float = 1.0) -> None:
+        if not b_scale > 0:
+            raise ValueError(f"b_scale must be > 0, got {b_scale}")
+        self.b_scale = float(b_scale)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.b_scale
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        return samples / self.b_scale
+
+    def __repr__(self) -> str:
+        return f"IdentityAutoencoder(b_scale={self.b_scale:g})"
+
+
+def to_image(decoded: torch.Tensor) -> torch.Tensor:
+    """Decoded samples clamped to the image range [0, 1] (where reconstructions are measured)."""
+    return decoded.clamp(0.0, 1.0)
+
+
+def autoencoder_for(run: RunConfig) -> Autoencoder:
+    """The autoencoder a run's diffusion model works with: pixel space scaled by its schedule's ``b_scale``."""
+    return IdentityAutoencoder(run.schedule.b_scale)

@@ -1,0 +1,106 @@
+"""Every seed derivation of ddpm-ood, in one place.
+
+- Training draws every random number from generators seeded from (seed, stream, epoch, step, rank)
+  (``derive_seed``/``derive_generator``): a resumed run takes bit-for-bit the same steps as an uninterrupted one.
+- Reconstruction noise for one (image, t) row comes from a generator seeded from (seed, the image's noise key, t)
+  (``row_seed``/``row_noise``): batch size, order, resuming, the number of processes and where the data sit change
+  no noise. ``NOISE_KEY_RULE`` names the key rule and is recorded with every results file.
+- ``seed_everything`` seeds the global RNGs (model initialisation draws from torch's); ``capture_rng_state`` /
+  ``restore_rng_state`` carry them through checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 64-bit seed mixed from ``seed`` and integer ``keys`` (numpy SeedSequence: nearby keys give unrelated
+    streams). Deterministic across machines and processes."""
+    entropy = [int(seed) % 2**64, *(int(k) % 2**64 for k in keys)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
+def derive_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed` (draw on CPU, then move: same numbers on any
+    device)."""
+    g = torch.Generator()
+    g.manual_seed(derive_seed(seed, *keys))
+    return g
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch's global RNGs (model initialisation draws from torch's)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict:
+    """Global RNG states in a form ``torch.load(weights_only=True)`` accepts (tensors, ints, floats, lists)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        # Only the current device's state, and only if CUDA is already in use (never initialise other GPUs).
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def restore_rng_state(state: dict | None) -> None:
+    """Inverse of :func:`capture_rng_state` (missing parts are skipped)."""
+    if not state:
+        return
+    if state.get("torch") is not None:
+        torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state.get("numpy")
+    if n:
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    p = state.get("python")
+    if p:
+        random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+# How a file's noise key is made; recorded with every results file, so results made under another rule are redone.
+NOISE_KEY_RULE = "file stem"
+
+
+def noise_key(path: str | os.PathLike) -> str:
+    """The noise key of an image file: its stem, the results CSV's ``filename`` (``D/x/MNIST_7.npy`` -> ``MNIST_7``).
+
+    Not the path: the same data moved elsewhere, or listed with relative paths and read from another working
+    directory, must give the same numbers. Two files with one stem get the same noise, which biases nothing.
+    """
+    from ddpm_ood.data.datasets import image_stem
+
+    return image_stem(path)
+
+
+def row_seed(seed: int, key: str, t: int) -> int:
+    """A 63-bit generator seed for the noise of one (image, t) row; ``key`` names the image (``noise_key``)."""
+    digest = hashlib.sha256(f"{seed}|{key}|{int(t)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def row_noise(seed: int, key: str, t: int, shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal noise (shape) for one (image, t), drawn on the CPU so every device gets the same numbers."""
+    generator = torch.Generator().manual_seed(row_seed(seed, key, t))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def noise_batch(seed: int, keys: Sequence[str], start_ts: Sequence[int], image_shape: Sequence[int]) -> torch.Tensor:
+    """(S, B, *image_shape) noise, row (s, b) seeded from (seed, keys[b], start_ts[s])."""
+    return torch.stack(
+        [torch.stack([row_noise(seed, k, t, image_shape) for k in keys]) for t in start_ts]
+    )

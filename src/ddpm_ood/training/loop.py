@@ -1,0 +1,417 @@
+"""The training loop every model family plugs into: ``fit(task, ...)`` owns epochs, resume, evaluation cadence, the
+best/periodic/last checkpoints, TensorBoard, DDP data sharding and Ctrl-C; a task (``training.ddpm.DDPMTask``) owns
+its networks, optimizers, loss, validation loss and logged images.
+
+Reproducibility: the epoch's shuffling comes from a generator seeded with (seed, epoch), the global RNG is re-seeded
+from (seed, epoch, rank) every epoch, and tasks draw their randomness from ``seeding`` generators keyed by (seed,
+stream, epoch, step, rank), so a run resumed from ``checkpoint_last.pth`` takes the same steps as an uninterrupted
+one. ``checkpoint_last.pth`` is written last in every epoch, atomically: it always holds a finished epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from ddpm_ood.checkpoint import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    config_conflicts,
+    is_upstream_checkpoint,
+    load_checkpoint,
+    periodic_checkpoint_name,
+    run_config_of,
+    save_checkpoint,
+)
+from ddpm_ood.config import RunConfig
+from ddpm_ood.devices import PRECISIONS
+from ddpm_ood.distributed import DistContext, all_reduce_sum
+from ddpm_ood.errors import UserError
+from ddpm_ood.seeding import capture_rng_state, derive_generator, derive_seed
+
+# Independent random streams (first key after the seed).
+STREAM_TRAIN = 0
+STREAM_VAL = 1
+STREAM_SAMPLES = 2
+STREAM_GLOBAL = 3
+STREAM_LOADER = 4
+# Consecutive non-finite fp16 losses (each a step the GradScaler skipped) after which training is called diverged.
+MAX_NON_FINITE_STEPS = 20
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the training loop (not of the model; those are in RunConfig and travel with the weights).
+
+    ``resume_epoch``: resume from ``checkpoint_<resume_epoch>.pth`` instead of ``checkpoint_last.pth``.
+    ``quick_test``: one training batch and one validation batch per epoch (smoke tests).
+    ``ema_decay``: 0 = no EMA; else the EMA weights are updated after every step as
+    ``ema = decay * ema + (1 - decay) * weights`` and used for validation, samples and inference.
+    ``sample_steps``: DDIM steps of the TensorBoard sample grid drawn at each evaluation (0 = no grid).
+    ``precision``: one of ``devices.PRECISIONS``, already resolved for the device (``devices.resolve_precision``).
+    """
+
+    run_dir: str
+    n_epochs: int = 300
+    eval_freq: int = 10
+    checkpoint_every: int = 100
+    resume_epoch: int | None = None
+    quick_test: bool = False
+    lr: float = 2.5e-5
+    ema_decay: float = 0.0
+    batch_size: int = 512
+    num_workers: int = 8
+    seed: int = 2
+    precision: str = "fp32"
+    sample_steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.n_epochs < 1 or self.eval_freq < 1 or self.batch_size < 1:
+            raise UserError("--n_epochs, --eval_freq and --batch_size must be >= 1")
+        if self.checkpoint_every < 0 or self.num_workers < 0 or self.sample_steps < 0:
+            raise UserError("--checkpoint_every, --num_workers and --sample_steps must be >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"--ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.resume_epoch is not None and self.resume_epoch < 1:
+            raise UserError(f"--ddpm_checkpoint_epoch must be >= 1, got {self.resume_epoch}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ResumePoint:
+    """A loaded checkpoint to continue from: ``epochs_completed`` epochs are done, the next one runs next."""
+
+    path: Path
+    ckpt: dict
+
+    @property
+    def epochs_completed(self) -> int:
+        return int(self.ckpt.get("epoch", 0))
+
+    @property
+    def upstream(self) -> bool:
+        return is_upstream_checkpoint(self.ckpt)
+
+
+@dataclass
+class TrainSummary:
+    """What a call to :func:`fit` did. Losses are in the task's units (for a DDPM: MSE of the training target)."""
+
+    start_epoch: int
+    epochs_completed: int
+    global_step: int
+    best_loss: float
+    epoch_losses: list[float] = field(default_factory=list)
+    val_losses: dict[int, float] = field(default_factory=dict)  # epochs completed -> validation loss
+
+
+class TrainingTask(Protocol):
+    """One model family's training, as ``fit`` drives it (see ``training.ddpm.DDPMTask``)."""
+
+    train_module: torch.nn.Module  # put in train mode at each epoch start (DDP-wrapped where distributed)
+    skips_non_finite: bool  # True when a non-finite loss means the step was skipped (fp16 GradScaler)
+
+    def train_step(self, batch: dict, epoch: int, step: int) -> torch.Tensor:
+        """One optimizer step; the detached scalar loss."""
+
+    def validation_loss(self, loader: Iterable[dict], max_batches: int | None) -> tuple[float, int]:
+        """(sum of per-item losses, number of items) over this rank's validation shard."""
+
+    def log_evaluation(self, writer: Any, global_step: int) -> None:
+        """Images (samples, reconstructions) to the validation TensorBoard writer, on the main rank."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The task's part of a checkpoint (weights, optimizer states, its configuration)."""
+
+    def scalars(self) -> dict[str, float]:
+        """Per-epoch values for the training TensorBoard writer (e.g. the learning rate)."""
+
+
+def find_resume_point(run_dir: str | Path, resume_epoch: int | None) -> ResumePoint | None:
+    """The checkpoint to continue from, or None to start afresh.
+
+    ``resume_epoch`` given: ``checkpoint_<resume_epoch>.pth`` must exist (UserError otherwise). Else
+    ``checkpoint_last.pth`` if present, else ``checkpoint.pth`` (what upstream resumed from, and all an upstream
+    run directory has).
+    """
+    run_dir = Path(run_dir)
+    if resume_epoch is not None:
+        path = run_dir / periodic_checkpoint_name(resume_epoch)
+        if not path.is_file():
+            present = sorted(p.name for p in run_dir.glob("checkpoint_*.pth") if p.name != LAST_CHECKPOINT)
+            raise UserError(f"--ddpm_checkpoint_epoch={resume_epoch}: {path} not found "
+                            f"(periodic checkpoints present: {', '.join(present) or 'none'})")
+        return ResumePoint(path, load_checkpoint(path))
+    for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
+        path = run_dir / name
+        if path.is_file():
+            return ResumePoint(path, load_checkpoint(path))
+    return None
+
+
+def check_resume_config(resume: ResumePoint, given: RunConfig, *, compare_image_shape: bool) -> None:
+    """UserError naming the checkpoint and both values of every setting where the flags contradict it."""
+    saved = run_config_of(resume.ckpt, resume.path)
+    if saved is None:
+        return  # upstream checkpoint: the flags define the model; load_unet_state checks the weights fit
+    conflicts = config_conflicts(saved, given, compare_image_shape=compare_image_shape)
+    if conflicts:
+        raise UserError(
+            f"{resume.path}: flags contradict the checkpoint's configuration ({'; '.join(conflicts)}); "
+            f"resume with the checkpoint's settings or train under another --model_name"
+        )
+
+
+def optimizer_state_fits(optimizer: torch.optim.Optimizer, state_dict: dict) -> bool:
+    """True if a saved optimizer state matches the parameters (count and moment shapes), so that loading it
+    cannot fail later inside ``step``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    groups = state_dict.get("param_groups", [])
+    if len(groups) != len(optimizer.param_groups):
+        return False
+    if sum(len(g["params"]) for g in groups) != len(params):
+        return False
+    ids = [i for g in groups for i in g["params"]]
+    for param_id, param in zip(ids, params, strict=True):
+        st = state_dict.get("state", {}).get(param_id, {})
+        for v in st.values():
+            if torch.is_tensor(v) and v.ndim > 0 and tuple(v.shape) != tuple(param.shape):
+                return False
+    return True
+
+
+def _clean_loader_errors(batches: Iterable[dict]) -> Iterator[dict]:
+    """Re-raise a UserError from a DataLoader worker as a one-line UserError (the worker wrapper adds the
+    worker's traceback to the message)."""
+    try:
+        yield from batches
+    except UserError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        prefix = "ddpm_ood.errors.UserError: "
+        raise UserError(last[len(prefix):] if last.startswith(prefix) else last) from None
+
+
+def clean_loader_errors(batches: Iterable[dict]) -> Iterator[dict]:
+    """Re-raise a UserError from a DataLoader worker as a one-line UserError (the worker wrapper adds the
+    worker's traceback to the message)."""
+    try:
+        yield from batches
+    except UserError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        prefix = "ddpm_ood.errors.UserError: "
+        raise UserError(last[len(prefix):] if last.startswith(prefix) else last) from None
+
+
+def log(ctx: DistContext, message: str) -> None:
+    """A line on the main rank, above any progress bar."""
+    if ctx.is_main:
+        from tqdm import tqdm
+
+        tqdm.write(message)
+
+
+def _make_loaders(train_set: Dataset, val_set: Dataset, cfg: TrainConfig, ctx: DistContext):
+    # DistributedSampler also with one process: its permutation comes from a generator seeded with
+    # seed + epoch (set_epoch), so shuffling never depends on global RNG state.
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=False)
+    common = {
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.num_workers,
+        "persistent_workers": cfg.num_workers > 0,
+        "pin_memory": ctx.device.type == "cuda",
+    }
+    train_loader = DataLoader(train_set, sampler=sampler, drop_last=False,
+                              generator=derive_generator(cfg.seed, STREAM_LOADER, ctx.rank), **common)
+    # Validation shards are disjoint and unpadded (no repeated images), so sums over ranks are exact.
+    val_shard = Subset(val_set, list(range(ctx.rank, len(val_set), ctx.world_size)))
+    val_loader = DataLoader(val_shard, shuffle=False, drop_last=False, **common)
+    return sampler, train_loader, val_loader
+
+
+class _Fit:
+    """The state of one ``fit`` call: counters, loaders, writers; one method per phase of an epoch."""
+
+    def __init__(self, task: TrainingTask, cfg: TrainConfig, train_set: Dataset, val_set: Dataset,
+                 ctx: DistContext, resume: ResumePoint | None) -> None:
+        self.task, self.cfg, self.ctx = task, cfg, ctx
+        self.run_dir = Path(cfg.run_dir)
+        self.summary = TrainSummary(start_epoch=0, epochs_completed=0, global_step=0, best_loss=math.inf)
+        if resume is not None:
+            ck = resume.ckpt
+            self.summary.start_epoch = self.summary.epochs_completed = resume.epochs_completed
+            self.summary.global_step = int(ck.get("global_step", 0))
+            if resume.upstream:
+                # Upstream's best_loss is a TRAIN loss, not comparable with our fixed-noise validation loss.
+                log(ctx, f"note: {resume.path} was written by the upstream code; its best_loss is ignored")
+            else:
+                self.summary.best_loss = float(ck.get("best_loss", math.inf))
+        self.sampler, self.train_loader, self.val_loader = _make_loaders(train_set, val_set, cfg, ctx)
+        self.writers = None
+        self.non_finite_run = 0
+
+    def open_writers(self, resumed: bool) -> None:
+        if self.ctx.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events an interrupted run logged after the checkpoint we resume from.
+            purge = self.summary.global_step if resumed else None
+            self.writers = {name: SummaryWriter(str(self.run_dir / name), purge_step=purge)
+                            for name in ("train", "val")}
+
+    def close_writers(self) -> None:
+        for w in (self.writers or {}).values():
+            w.close()
+
+    def train_epoch(self, epoch: int) -> None:
+        from tqdm import tqdm
+
+        cfg, ctx = self.cfg, self.ctx
+        self.sampler.set_epoch(epoch)
+        # Global RNG re-seeded per epoch: anything that might draw from it cannot make a resumed run differ.
+        torch.manual_seed(derive_seed(cfg.seed, STREAM_GLOBAL, epoch, ctx.rank))
+        self.task.train_module.train()
+        n_batches = 1 if cfg.quick_test else len(self.train_loader)
+        losses: list[torch.Tensor] = []
+        n_images = 0
+        start = time.perf_counter()
+        with tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.n_epochs}", disable=not ctx.is_main,
+                  dynamic_ncols=True, leave=False) as bar:
+            for step, batch in enumerate(clean_loader_errors(self.train_loader)):
+                if step >= n_batches:
+                    break
+                loss = self.task.train_step(batch, epoch, step)
+                self.summary.global_step += 1
+                n_images += batch["image"].shape[0]
+                loss_value = self._checked(loss, losses, epoch, step)
+                if self.writers:
+                    self.writers["train"].add_scalar("loss", loss_value, self.summary.global_step)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{n_images * ctx.world_size / elapsed:.1f}")
+                bar.update(1)
+        self._end_of_epoch(losses, n_images, time.perf_counter() - start)
+
+    def _checked(self, loss: torch.Tensor, losses: list[torch.Tensor], epoch: int, step: int) -> float:
+        loss_value = float(loss)
+        if math.isfinite(loss_value):
+            losses.append(loss)
+            self.non_finite_run = 0
+            return loss_value
+        # fp16: the GradScaler has skipped this step and lowered its scale; only a persistent non-finite loss is
+        # divergence. Without a scaler the step was taken: stop now.
+        self.non_finite_run += 1
+        if not self.task.skips_non_finite or self.non_finite_run >= MAX_NON_FINITE_STEPS:
+            raise UserError(f"training diverged: loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; "
+                            "lower --lr or use --precision=fp32")
+        log(self.ctx, f"note: non-finite fp16 loss at epoch {epoch + 1}, step {step + 1}: the GradScaler "
+                      "skipped the step")
+        return loss_value
+
+    def _end_of_epoch(self, losses: list[torch.Tensor], n_images: int, elapsed: float) -> None:
+        loss_sum, batch_count, image_count = all_reduce_sum(
+            [float(torch.stack(losses).double().sum()) if losses else 0.0, len(losses), n_images], self.ctx)
+        epoch_loss = loss_sum / max(batch_count, 1)
+        self.throughput = image_count / max(elapsed, 1e-9)
+        self.summary.epoch_losses.append(epoch_loss)
+        if self.writers:
+            step = self.summary.global_step
+            self.writers["train"].add_scalar("epoch_loss", epoch_loss, step)
+            self.writers["train"].add_scalar("images_per_second", self.throughput, step)
+            for name, value in self.task.scalars().items():
+                self.writers["train"].add_scalar(name, value, step)
+
+    def evaluate(self, done: int) -> tuple[bool, str]:
+        """Validation loss (and logged images) after ``done`` epochs: (is it the best so far, message part)."""
+        cfg = self.cfg
+        if not (done % cfg.eval_freq == 0 or done == cfg.n_epochs):
+            return False, ""
+        val_sum, val_count = self.task.validation_loss(clean_loader_errors(self.val_loader),
+                                                       1 if cfg.quick_test else None)
+        val_sum, val_count = all_reduce_sum([val_sum, val_count], self.ctx)
+        val_loss = val_sum / max(val_count, 1)
+        self.summary.val_losses[done] = val_loss
+        is_best = val_loss < self.summary.best_loss
+        if is_best:
+            self.summary.best_loss = val_loss
+        if self.writers:
+            self.writers["val"].add_scalar("loss", val_loss, self.summary.global_step)
+            self.task.log_evaluation(self.writers["val"], self.summary.global_step)
+            self.writers["val"].flush()
+        self.task.train_module.train()
+        return is_best, f", val loss {val_loss:.5f}{' (best)' if is_best else ''}"
+
+    def save(self, done: int, is_best: bool) -> None:
+        if not self.ctx.is_main:
+            return
+        payload = {"epoch": done, "global_step": self.summary.global_step, **self.task.state_dict(),
+                   "best_loss": float(self.summary.best_loss), "rng_state": capture_rng_state(),
+                   "train_config": self.cfg.to_dict()}
+        if is_best:
+            save_checkpoint(self.run_dir / BEST_CHECKPOINT, payload)
+        if self.cfg.checkpoint_every > 0 and done % self.cfg.checkpoint_every == 0:
+            save_checkpoint(self.run_dir / periodic_checkpoint_name(done), payload)
+        # Written last: checkpoint_last.pth always holds a fully finished epoch (training, evaluation and the other
+        # checkpoints of that epoch), so resuming never skips or half-repeats work.
+        save_checkpoint(self.run_dir / LAST_CHECKPOINT, payload)
+        self.writers["train"].flush()
+
+
+def fit(
+    task: TrainingTask,
+    cfg: TrainConfig,
+    train_set: Dataset,
+    val_set: Dataset,
+    ctx: DistContext,
+    resume: ResumePoint | None = None,
+) -> TrainSummary:
+    """Train ``task`` from epoch ``resume.epochs_completed`` (0 without ``resume``) to ``cfg.n_epochs``.
+
+    ``train_set``/``val_set`` items are dicts with "image" and "index" (int, stable per item). After every epoch:
+    validation every ``cfg.eval_freq`` epochs and at the last (lowest loss -> ``checkpoint.pth``), a periodic
+    checkpoint every ``cfg.checkpoint_every``, then ``checkpoint_last.pth``. Only rank 0 writes files.
+    KeyboardInterrupt is re-raised after saying which completed epoch ``checkpoint_last.pth`` holds.
+    """
+    run = _Fit(task, cfg, train_set, val_set, ctx, resume)
+    summary = run.summary
+    if summary.start_epoch >= cfg.n_epochs:
+        log(ctx, f"training already complete: {summary.start_epoch} of {cfg.n_epochs} epochs done ({run.run_dir})")
+        return summary
+    if resume is not None:
+        log(ctx, f"resuming from {resume.path}: {summary.start_epoch} epoch(s) done, continuing at epoch "
+                 f"{summary.start_epoch + 1}/{cfg.n_epochs}")
+    run.open_writers(resumed=resume is not None)
+    epoch = summary.start_epoch
+    try:
+        for epoch in range(summary.start_epoch, cfg.n_epochs):
+            run.train_epoch(epoch)
+            done = epoch + 1
+            is_best, val_message = run.evaluate(done)
+            run.save(done, is_best)
+            summary.epochs_completed = done
+            log(ctx, f"epoch {done}/{cfg.n_epochs}: train loss {summary.epoch_losses[-1]:.5f}, "
+                     f"{run.throughput:.1f} images/s{val_message}")
+    except KeyboardInterrupt:
+        if (run.run_dir / LAST_CHECKPOINT).is_file() or resume is not None:
+            log(ctx, f"interrupted during epoch {epoch + 1}; {run.run_dir / LAST_CHECKPOINT} holds "
+                     f"{summary.epochs_completed} completed epoch(s); run the same command to resume")
+        else:
+            log(ctx, f"interrupted during epoch {epoch + 1}, before any epoch completed; nothing to resume")
+        raise
+    finally:
+        run.close_writers()
+    return summary

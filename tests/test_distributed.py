@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as torch_dist
+from tiny_run import REPO_ROOT
 
 from ddpm_ood.checkpoint import LAST_CHECKPOINT, load_checkpoint, run_config_of
 from ddpm_ood.distributed import (
@@ -22,7 +23,7 @@ from ddpm_ood.distributed import (
     launched_by_torchrun,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 def _free_port() -> int:

@@ -4,9 +4,10 @@ script's arguments (with a stand-in `docker` on PATH that records them)."""
 import os
 import re
 import subprocess
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tiny_run import REPO_ROOT
+
+REPO = REPO_ROOT
 DOCKERFILE = (REPO / "docker" / "Dockerfile").read_text()
 
 

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import lpips_installed, needs_lpips, one_torch_thread, save_tiny_checkpoint, write_npy_images
+from tiny_run import (
+    REPO_ROOT,
+    lpips_installed,
+    needs_lpips,
+    one_torch_thread,
+    save_tiny_checkpoint,
+    write_npy_images,
+)
 
 from ddpm_ood.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint
 from ddpm_ood.cli import get_datasets, ood_detection, reconstruct, score, train_ddpm
@@ -30,7 +37,7 @@ from ddpm_ood.errors import UserError
 from ddpm_ood.io import run_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def inject_enospc(monkeypatch, name: str) -> dict:

@@ -3,13 +3,13 @@
 import importlib
 import re
 import shlex
-from pathlib import Path
 
 import pytest
+from tiny_run import REPO_ROOT
 
 from ddpm_ood.cli.options import refuse_unsupported
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (REPO_ROOT / "README.md").read_text()
 SCRIPTS = {
     "train_ddpm.py": "train_ddpm",
     "reconstruct.py": "reconstruct",

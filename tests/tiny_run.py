@@ -14,6 +14,8 @@ from ddpm_ood.checkpoint import save_checkpoint
 from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
 from ddpm_ood.diffusion.unet import build_unet, randomize_zero_init_convs
 
+# The repository root (tests live one or two folders below it).
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ModelConfig("test", 2, 1, (8, 16, 16), (False, False, True), 1, 16, 8)
 TINY_SCHEDULE = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
 # How far a metric or z-score may move when the same images are batched differently (fp32): the network's kernels

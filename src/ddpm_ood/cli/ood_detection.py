@@ -1,53 +1,21 @@
 """ood_detection.py: score every image from its reconstruction errors and report how well OOD sets are detected.
 
-Reads ``<output_dir>/<model_name>/ood/results_{val,in,<Name>}.csv`` (written by reconstruct.py; upstream's
-files with their stray index column are accepted). Every ``results_<Name>.csv`` other than val and in is an
-out set (``--out_sets`` may pick some). The score of an image (higher = more OOD; ``ddpm_ood.ood.zscore``) is,
-for each start t, the reconstruction MSE and LPIPS z-scored against the validation images at that t (mean,
-sample std), summed (``mse+perceptual``, the paper's) or alone (``mse``, ``perceptual``), averaged over t.
-
-Metrics (OOD = positive class): AUROC; FPR@95 = the fraction of in-distribution inputs flagged as OOD at the
-highest score threshold that still flags at least 95% of the OOD inputs (false-positive rate at 95%
-true-positive rate); AUPR-In = average precision with in-distribution as positive (score negated); AUPR-Out =
-average precision with OOD as positive. All are fractions in [0, 1].
-
-Writes to ``<output_dir>/<model_name>/ood/``: summary.csv, summary.json, auroc_per_t.csv, roc_curves.png,
-auroc_per_t.png, zscore_vs_t.png.
+Reads ``<output_dir>/<model_name>/ood/results_{val,in,<Name>}.csv`` and writes summary.csv, summary.json,
+auroc_per_t.csv and three plots beside them; what is computed and how is ``ddpm_ood.ood.report``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-import pandas as pd
 
 from ddpm_ood.cli.options import positive_int
-from ddpm_ood.errors import UserError
-from ddpm_ood.io import atomic_write_csv, atomic_write_text, check_output_dir, run_lock
-from ddpm_ood.ood.detection import auroc_per_t, summary_table
-from ddpm_ood.ood.plots import plot_auroc_per_t, plot_roc_curves, plot_zscore_vs_t
-from ddpm_ood.ood.zscore import (
-    DEFAULT_SCORE,
-    SCORE_NAMES,
-    ValidationReference,
-    mean_over_t,
-    select_timesteps,
-    z_scores,
-)
-from ddpm_ood.results.schema import IN_NAME, VAL_NAME, ood_dir, out_set_names, read_results, results_path
+from ddpm_ood.ood import report
+from ddpm_ood.ood.report import OUTPUT_FILES, DetectionConfig, evaluate_model
+from ddpm_ood.ood.zscore import DEFAULT_SCORE, SCORE_NAMES
 
-SUMMARY_CSV = "summary.csv"
-SUMMARY_JSON = "summary.json"
-PER_T_CSV = "auroc_per_t.csv"
-ROC_PNG = "roc_curves.png"
-PER_T_PNG = "auroc_per_t.png"
-ZSCORE_PNG = "zscore_vs_t.png"
-OUTPUT_FILES = (SUMMARY_CSV, SUMMARY_JSON, PER_T_CSV, ROC_PNG, PER_T_PNG, ZSCORE_PNG)
-PLOT_SAMPLE = 50  # images per set in zscore_vs_t.png, as upstream's diagnostic plot
+__all__ = ["OUTPUT_FILES", "build_parser", "main"]
 
 
 def _name_list(value: str) -> list[str]:
@@ -60,7 +28,7 @@ def _name_list(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ood_detection.py",
-        description=__doc__.replace("``", ""),
+        description=(__doc__.split("\n\n")[0] + "\n\n" + report.__doc__.split("\n\n", 1)[1]).replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--seed", type=int, default=2,
@@ -83,106 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _choose_out_sets(directory: Path, requested: list[str] | None) -> list[str]:
-    present = out_set_names(directory)
-    if not present:
-        raise UserError(f"{directory}: no out-set results (results_<Name>.csv besides val and in) found")
-    if requested is None:
-        return present
-    unknown = [n for n in requested if n not in present]
-    if unknown:
-        raise UserError(f"--out_sets: no results for {', '.join(unknown)} in {directory}; present: {', '.join(present)}")
-    return list(dict.fromkeys(requested))
-
-
-def evaluate_model(args: argparse.Namespace, model_name: str) -> pd.DataFrame:
-    """Score, evaluate, write and print for one run; returns the summary table."""
-    directory = ood_dir(args.output_dir, model_name)
-    if not directory.is_dir():
-        raise UserError(f"{directory}: results directory not found (run reconstruct.py for this model first)")
-    check_output_dir(directory, "--output_dir/--model_name")
-    with run_lock(directory, "ood_detection"):
-        return _evaluate_model(args, model_name, directory)
-
-
-def _common_precision(directory: Path, names: list[str]) -> str | None:
-    """The precision every results file was reconstructed in (from its ``results_<name>.json``; None when no
-    sidecar says, as for upstream results). Files made at different precisions are refused: their z-scores would
-    mix two numerics."""
-    from ddpm_ood.results.writer import read_settings
-
-    found: dict[str, str] = {}
-    for name in names:
-        sidecar = directory / f"results_{name}.json"
-        try:
-            settings = read_settings(sidecar) or {}
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(settings, dict) and settings.get("precision"):
-            found[name] = str(settings["precision"])
-    if len(set(found.values())) > 1:
-        listing = ", ".join(f"{name}: {p}" for name, p in found.items())
-        raise UserError(f"{directory}: results were reconstructed at different precisions ({listing}); rerun "
-                        "reconstruct.py for the odd ones out with the same --precision/--amp")
-    return next(iter(found.values()), None)
-
-
-def _evaluate_model(args: argparse.Namespace, model_name: str, directory: Path) -> pd.DataFrame:
-    val_path = results_path(args.output_dir, model_name, VAL_NAME)
-    in_path = results_path(args.output_dir, model_name, IN_NAME)
-    val = read_results(val_path)
-    t_values = select_timesteps(val["t"], args.min_t, args.max_t, args.t_skip)
-    ref = ValidationReference.fit(val, t_values, source=str(val_path))
-    in_z = z_scores(read_results(in_path), ref, source=str(in_path))
-    in_scores = mean_over_t(in_z)
-
-    out_sets = _choose_out_sets(directory, args.out_sets)
-    precision = _common_precision(directory, [VAL_NAME, IN_NAME, *out_sets])
-    out_z, out_scores = {}, {}
-    for name in out_sets:
-        path = results_path(args.output_dir, model_name, name)
-        out_z[name] = z_scores(read_results(path), ref, source=str(path))
-        out_scores[name] = mean_over_t(out_z[name])
-        print(f"n_val={ref.n_val} n_in={len(in_scores)} n_out={len(out_scores[name])}")
-
-    summary = summary_table(in_scores, out_scores)
-    per_t = auroc_per_t(in_z, out_z)
-    chosen = summary[summary["score"] == args.score]
-    for row in chosen.itertuples():
-        print(f"AUC for {model_name} vs {row.out_set}: {100 * row.auroc:.1f}")
-    print(f"Average AUC: {100 * chosen['auroc'].mean():.1f}")
-
-    atomic_write_csv(summary, directory / SUMMARY_CSV)
-    atomic_write_csv(per_t, directory / PER_T_CSV)
-    info = {
-        "model_name": model_name,
-        "t_values": list(ref.t_values),
-        "n_val": ref.n_val,
-        "precision": precision,
-        "settings": {"min_t": args.min_t, "max_t": args.max_t, "t_skip": args.t_skip, "score": args.score,
-                     "out_sets": out_sets, "seed": args.seed},
-        "summary": summary.to_dict(orient="records"),
-    }
-    atomic_write_text(directory / SUMMARY_JSON, json.dumps(info, indent=2) + "\n")
-    title = f"{model_name} ({args.score})"
-    plot_roc_curves(in_scores[args.score].to_numpy(), {k: v[args.score].to_numpy() for k, v in out_scores.items()},
-                    directory / ROC_PNG, title=title)
-    plot_auroc_per_t(per_t, directory / PER_T_PNG, metric=args.score, title=title)
-    plot_zscore_vs_t(in_z, out_z, directory / ZSCORE_PNG, score=args.score, n_per_set=PLOT_SAMPLE,
-                     seed=args.seed, title=title)
-
-    print(f"\n{model_name}: {len(ref.t_values)} start t ({ref.t_values[0]}..{ref.t_values[-1]}), "
-          f"OOD = positive class, fractions in [0, 1]")
-    print(summary.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    print(f"wrote {', '.join(OUTPUT_FILES)} to {directory}")
-    return summary
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.min_t >= args.max_t:
-        raise UserError(f"--min_t={args.min_t} must be below --max_t={args.max_t} (the window is min_t < t < max_t)")
+    cfg = DetectionConfig(output_dir=args.output_dir, min_t=args.min_t, max_t=args.max_t, t_skip=args.t_skip,
+                          out_sets=args.out_sets, score=args.score, seed=args.seed)
     for model_name in args.model_name:
-        evaluate_model(args, model_name)
+        evaluate_model(cfg, model_name)
         sys.stdout.flush()
     return 0

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: Path) -> int:
-    """Resume point, datasets, checks, then ``training.train``; the caller holds the run lock."""
+    """Resume point, datasets, checks, then ``training.ddpm.train``; the caller holds the run lock."""
     from ddpm_ood.config import RunConfig
     from ddpm_ood.data.datasets import dataset_from_csv
     from ddpm_ood.diffusion.unet import check_image_fits_unet

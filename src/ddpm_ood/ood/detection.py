@@ -65,7 +65,7 @@ def summary_table(
 ) -> pd.DataFrame:
     """One row per (out set, score name), columns ``SUMMARY_COLUMNS``.
 
-    Inputs are ``scoring.image_scores`` frames (one row per image, one column per score name); out sets in
+    Inputs are ``ood.zscore.image_scores`` frames (one row per image, one column per score name); out sets in
     the mapping's order, scores in ``score_names`` order. n_in / n_out count images.
     """
     rows = []
@@ -84,7 +84,7 @@ def auroc_per_t(
 ) -> pd.DataFrame:
     """AUROC of the per-t score alone, for every out set, start t and metric; columns ``PER_T_COLUMNS``.
 
-    Inputs are ``scoring.z_scores`` frames (rows (filename, t), one column per score name). The t are those
+    Inputs are ``ood.zscore.z_scores`` frames (rows (filename, t), one column per score name). The t are those
     of the in set (ascending); every set is expected to cover them (``z_scores`` checks that).
     """
     rows = []

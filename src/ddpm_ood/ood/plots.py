@@ -62,7 +62,7 @@ def plot_roc_curves(
 def plot_auroc_per_t(
     per_t: pd.DataFrame, path: str | os.PathLike, metric: str = DEFAULT_SCORE, title: str = ""
 ) -> Path:
-    """AUROC of the per-t score against start t, one line per out set (``evaluation.auroc_per_t`` rows)."""
+    """AUROC of the per-t score against start t, one line per out set (``ood.detection.auroc_per_t`` rows)."""
     fig = _new_figure(6.5, 4.5)
     ax = fig.add_subplot()
     rows = per_t[per_t["metric"] == metric]
@@ -95,7 +95,7 @@ def plot_zscore_vs_t(
 ) -> Path:
     """Upstream's diagnostic: per-t score vs start t for up to ``n_per_set`` in (blue) and out (red) images.
 
-    One panel per out set; inputs are ``scoring.z_scores`` frames. The image sample is drawn with
+    One panel per out set; inputs are ``ood.zscore.z_scores`` frames. The image sample is drawn with
     ``numpy.random.default_rng(seed)`` (the same in-set sample in every panel).
     """
     rng = np.random.default_rng(seed)

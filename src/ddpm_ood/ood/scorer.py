@@ -3,7 +3,7 @@
 An input is reconstructed from every start t exactly as reconstruct.py reconstructs a results set (same checkpoint
 and EMA choice, seed, PLMS grid, start points and ``recon_steps``, all read from ``results_val.json``, the settings
 that produced ``results_val.csv``), measured with the same metric set, and given the default
-``scoring.DEFAULT_SCORE`` (``"mse+perceptual"``: per t, z-scored MSE plus z-scored LPIPS against the validation
+``ood.zscore.DEFAULT_SCORE`` (``"mse+perceptual"``: per t, z-scored MSE plus z-scored LPIPS against the validation
 results, averaged over t; higher = more OOD). So an image's score equals what reconstruct.py + ood_detection.py give
 for the same file.
 
@@ -12,7 +12,7 @@ images' own scores (against the same ``ValidationReference``). An input is flagg
 strictly above it, so about ``1 - val_keep`` of in-distribution inputs are flagged (the expected false-positive
 rate); on the validation images themselves the flagged count is within one image of ``(1 - val_keep) * n_val``.
 
-Noise keys (``reconstruction.row_seed``): a file is keyed by its stem (``reconstruction.noise_key``, as reconstruct.py
+Noise keys (``seeding.row_seed``): a file is keyed by its stem (``seeding.noise_key``, as reconstruct.py
 does), so a file listed in a split CSV scores exactly as in ``results_<set>.csv``, wherever the data sits. An
 in-memory image is keyed by ``ARRAY_KEY_PREFIX + sha256`` of its prepared float32 (C, *spatial) bytes (shape
 included): the same image always gets the same noise, wherever it sits in the batch.
@@ -21,11 +21,10 @@ included): the same image always gets the same noise, wherever it sits in the ba
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -35,6 +34,7 @@ import pandas as pd
 from ddpm_ood.errors import UserError
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
 from ddpm_ood.results.schema import VAL_NAME, read_results, results_path
+from ddpm_ood.results.writer import ReconSettings
 
 if TYPE_CHECKING:
     import torch
@@ -50,18 +50,6 @@ OUTPUT_COLUMNS = ["path", "score", "is_ood", "mse_score", "perceptual_score", "e
 SCORE_COLUMNS = {"score": DEFAULT_SCORE, "mse_score": "mse", "perceptual_score": "perceptual"}
 # Noise key of an in-memory image: this prefix + the sha256 hex digest of its prepared bytes (no file stem has "/").
 ARRAY_KEY_PREFIX = "/ddpm-ood-array/sha256/"
-SETTINGS_KEYS = (
-    "checkpoint",
-    "checkpoint_epoch",
-    "seed",
-    "num_inference_steps",
-    "inference_skip_factor",
-    "recon_steps",
-    "start_timesteps",
-    "use_ema",
-    "precision",
-    "noise_key",
-)
 
 ImageInput = Union[str, os.PathLike, np.ndarray, "torch.Tensor"]
 
@@ -125,68 +113,6 @@ def calibrate_threshold(val_scores: Sequence[float] | np.ndarray, val_keep: floa
         raise UserError("validation scores contain NaN or infinite values; cannot calibrate the threshold")
     threshold = float(np.quantile(scores, val_keep))
     return Calibration(threshold, val_keep, int(scores.size), int((scores > threshold).sum()))
-
-
-# ------------------------------------------------------------------------------------------------ run settings
-@dataclass(frozen=True)
-class ReconSettings:
-    """The reconstruction settings that produced ``results_val.csv`` (its sidecar ``results_val.json``)."""
-
-    checkpoint: str
-    checkpoint_epoch: int | None
-    seed: int
-    num_inference_steps: int
-    inference_skip_factor: int
-    recon_steps: int | None
-    start_timesteps: tuple[int, ...]
-    use_ema: bool
-    precision: str
-    noise_key: str
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> ReconSettings:
-        """Read the sidecar JSON written by ``results_writer``; a missing or malformed file is a UserError."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(
-                f"{path}: not found, so the settings behind the validation results are unknown; "
-                "rerun reconstruct.py with --run_val=1"
-            )
-        from ddpm_ood.results.writer import read_settings
-        from ddpm_ood.seeding import NOISE_KEY_RULE
-
-        try:
-            d = read_settings(path)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
-        if isinstance(d, dict) and "precision" not in d and "amp" in d:
-            raise UserError(f"{path}: made with amp=1, which does not say whether it was fp16 (CUDA) or bf16 "
-                            "(CPU); rerun reconstruct.py with --run_val=1")
-        missing = [k for k in SETTINGS_KEYS if not isinstance(d, dict) or k not in d]
-        if missing:
-            raise UserError(f"{path}: missing setting(s) {', '.join(missing)}; rerun reconstruct.py with --run_val=1")
-        if d["noise_key"] != NOISE_KEY_RULE:
-            raise UserError(
-                f"{path}: noise keyed by {d['noise_key']!r}, this version keys it by {NOISE_KEY_RULE!r}; "
-                "rerun reconstruct.py with --run_val=1"
-            )
-        return cls(
-            checkpoint=str(d["checkpoint"]),
-            checkpoint_epoch=d["checkpoint_epoch"],
-            seed=int(d["seed"]),
-            num_inference_steps=int(d["num_inference_steps"]),
-            inference_skip_factor=int(d["inference_skip_factor"]),
-            recon_steps=None if d["recon_steps"] is None else int(d["recon_steps"]),
-            start_timesteps=tuple(int(t) for t in d["start_timesteps"]),
-            use_ema=bool(d["use_ema"]),
-            precision=str(d["precision"]),
-            noise_key=str(d["noise_key"]),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["start_timesteps"] = list(self.start_timesteps)
-        return d
 
 
 def _scoring_precision(settings: ReconSettings, device: torch.device, val_path: Path, *, precision: str | None,

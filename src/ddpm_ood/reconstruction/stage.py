@@ -136,7 +136,7 @@ def _reconstruct_sets(job: ReconstructionJob, ctx, sets: list[tuple[str, str, st
                       ckpt: dict, ckpt_file: Path, run: RunConfig, start_ts: list[int], precision: str) -> list[Path]:
     """Every planned set in turn (the caller holds the run lock); returns the results files."""
     from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-    from ddpm_ood.results.writer import ResumableResults
+    from ddpm_ood.results.writer import ResumableResults, reconstruction_settings
     from ddpm_ood.seeding import NOISE_KEY_RULE
 
     model = load_model(
@@ -145,20 +145,12 @@ def _reconstruct_sets(job: ReconstructionJob, ctx, sets: list[tuple[str, str, st
     metrics = ReconstructionMetrics(ctx.device)
     written = []
     for name, csv, row_type, first_n in sets:
-        settings = {
-            "checkpoint": str(Path(ckpt_file).resolve()),
-            "checkpoint_epoch": ckpt.get("epoch"),
-            "csv": str(csv),
-            "first_n": first_n,
-            "seed": job.seed,
-            "num_inference_steps": job.num_inference_steps,
-            "inference_skip_factor": job.inference_skip_factor,
-            "recon_steps": job.recon_steps,
-            "start_timesteps": start_ts,
-            "use_ema": job.use_ema,
-            "precision": precision,
-            "noise_key": NOISE_KEY_RULE,
-        }
+        settings = reconstruction_settings(
+            checkpoint=ckpt_file, checkpoint_epoch=ckpt.get("epoch"), csv=csv, first_n=first_n, seed=job.seed,
+            num_inference_steps=job.num_inference_steps, inference_skip_factor=job.inference_skip_factor,
+            recon_steps=job.recon_steps, start_timesteps=start_ts, use_ema=job.use_ema, precision=precision,
+            noise_key=NOISE_KEY_RULE,
+        )
         writer = ResumableResults(results_path(job.output_dir, job.model_name, name), settings, len(start_ts))
         written.append(writer.path)
         _reconstruct_set(job, ctx, writer, datasets[name], row_type, start_ts, model, metrics, name)
@@ -170,7 +162,7 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
     from tqdm import tqdm
 
     from ddpm_ood.data.datasets import image_stem
-    from ddpm_ood.distributed import barrier
+    from ddpm_ood.distributed import barrier, broadcast_object, gather_objects
     from ddpm_ood.seeding import noise_key
 
     if writer.is_complete():
@@ -178,7 +170,7 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
             print(f"{writer.path}: already complete, skipped")
         return
     done = writer.start() if ctx.is_main else set()
-    done = _broadcast(done, ctx)
+    done = set(broadcast_object(sorted(done), ctx))
     todo = [i for i in range(len(dataset)) if i not in done]
     mine = todo[ctx.rank :: ctx.world_size]
     n_batches = max((len(todo) + job.batch_size * ctx.world_size - 1) // (job.batch_size * ctx.world_size), 1)
@@ -199,7 +191,7 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
                 job.num_inference_steps, job.seed, recon_steps=job.recon_steps, engine=job.engine,
             )
             rows = result_rows(idx, [image_stem(p) for p in batch["path"]], row_type, start_ts, values)
-        rows = _gather_rows(rows, ctx)
+        rows = [row for part in gather_objects(rows, ctx) for row in part]
         if ctx.is_main:
             writer.append(rows)
             n_images = len({r["index"] for r in rows})
@@ -212,23 +204,3 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
         final = writer.finish()
         print(f"wrote {writer.path} ({final['filename'].size} rows)")
     barrier(ctx)
-
-
-def _broadcast(done: set[int], ctx) -> set[int]:
-    if not ctx.distributed:
-        return done
-    import torch.distributed as dist
-
-    box = [sorted(done)]
-    dist.broadcast_object_list(box, src=0)
-    return set(box[0])
-
-
-def _gather_rows(rows: list[dict], ctx) -> list[dict]:
-    if not ctx.distributed:
-        return rows
-    import torch.distributed as dist
-
-    gathered: list[list[dict] | None] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, rows)
-    return [r for part in gathered for r in (part or [])]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -143,3 +145,99 @@ def read_settings(path: str | os.PathLike) -> dict | None:
         if legacy is not None:
             saved = {**{k: v for k, v in saved.items() if k != "amp"}, "precision": legacy}
     return saved
+
+
+# The settings that make results comparable (the scorer refuses validation results whose sidecar lacks one).
+SETTINGS_KEYS = (
+    "checkpoint",
+    "checkpoint_epoch",
+    "seed",
+    "num_inference_steps",
+    "inference_skip_factor",
+    "recon_steps",
+    "start_timesteps",
+    "use_ema",
+    "precision",
+    "noise_key",
+)
+
+
+def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: int | None, csv: str,
+                            first_n: int | None, seed: int, num_inference_steps: int, inference_skip_factor: int,
+                            recon_steps: int | None, start_timesteps: Sequence[int], use_ema: bool, precision: str,
+                            noise_key: str) -> dict[str, Any]:
+    """The sidecar content of one results file (``results_<set>.json``): every setting its numbers depend on."""
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_epoch": checkpoint_epoch,
+        "csv": str(csv),
+        "first_n": first_n,
+        "seed": seed,
+        "num_inference_steps": num_inference_steps,
+        "inference_skip_factor": inference_skip_factor,
+        "recon_steps": recon_steps,
+        "start_timesteps": list(start_timesteps),
+        "use_ema": use_ema,
+        "precision": precision,
+        "noise_key": noise_key,
+    }
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    """The reconstruction settings that produced ``results_val.csv`` (its sidecar ``results_val.json``)."""
+
+    checkpoint: str
+    checkpoint_epoch: int | None
+    seed: int
+    num_inference_steps: int
+    inference_skip_factor: int
+    recon_steps: int | None
+    start_timesteps: tuple[int, ...]
+    use_ema: bool
+    precision: str
+    noise_key: str
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> ReconSettings:
+        """Read a sidecar written by :class:`ResumableResults`; a missing or malformed file is a UserError."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(
+                f"{path}: not found, so the settings behind the validation results are unknown; "
+                "rerun reconstruct.py with --run_val=1"
+            )
+        from ddpm_ood.seeding import NOISE_KEY_RULE
+
+        try:
+            d = read_settings(path)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
+        if isinstance(d, dict) and "precision" not in d and "amp" in d:
+            raise UserError(f"{path}: made with amp=1, which does not say whether it was fp16 (CUDA) or bf16 "
+                            "(CPU); rerun reconstruct.py with --run_val=1")
+        missing = [k for k in SETTINGS_KEYS if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise UserError(f"{path}: missing setting(s) {', '.join(missing)}; rerun reconstruct.py with --run_val=1")
+        if d["noise_key"] != NOISE_KEY_RULE:
+            raise UserError(
+                f"{path}: noise keyed by {d['noise_key']!r}, this version keys it by {NOISE_KEY_RULE!r}; "
+                "rerun reconstruct.py with --run_val=1"
+            )
+        return cls(
+            checkpoint=str(d["checkpoint"]),
+            checkpoint_epoch=d["checkpoint_epoch"],
+            seed=int(d["seed"]),
+            num_inference_steps=int(d["num_inference_steps"]),
+            inference_skip_factor=int(d["inference_skip_factor"]),
+            recon_steps=None if d["recon_steps"] is None else int(d["recon_steps"]),
+            start_timesteps=tuple(int(t) for t in d["start_timesteps"]),
+            use_ema=bool(d["use_ema"]),
+            precision=str(d["precision"]),
+            noise_key=str(d["noise_key"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["start_timesteps"] = list(self.start_timesteps)
+        return d

@@ -193,18 +193,6 @@ def optimizer_state_fits(optimizer: torch.optim.Optimizer, state_dict: dict) -> 
     return True
 
 
-def _clean_loader_errors(batches: Iterable[dict]) -> Iterator[dict]:
-    """Re-raise a UserError from a DataLoader worker as a one-line UserError (the worker wrapper adds the
-    worker's traceback to the message)."""
-    try:
-        yield from batches
-    except UserError as exc:
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        last = lines[-1] if lines else ""
-        prefix = "ddpm_ood.errors.UserError: "
-        raise UserError(last[len(prefix):] if last.startswith(prefix) else last) from None
-
-
 def clean_loader_errors(batches: Iterable[dict]) -> Iterator[dict]:
     """Re-raise a UserError from a DataLoader worker as a one-line UserError (the worker wrapper adds the
     worker's traceback to the message)."""

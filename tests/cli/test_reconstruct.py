@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_run import FLOAT_ROUNDING, needs_lpips, save_tiny_checkpoint, write_npy_images
+from tiny_run import FLOAT_ROUNDING, REPO_ROOT, needs_lpips, save_tiny_checkpoint, write_npy_images
 
 from ddpm_ood.cli.reconstruct import main
 from ddpm_ood.cli.runner import run_cli
 from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.results.schema import RESULT_COLUMNS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 pytestmark = needs_lpips

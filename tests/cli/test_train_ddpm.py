@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_run import one_torch_thread
+from tiny_run import REPO_ROOT, one_torch_thread
 
 from ddpm_ood.checkpoint import LAST_CHECKPOINT, load_checkpoint, periodic_checkpoint_name, run_config_of
 from ddpm_ood.cli.runner import run_cli
@@ -23,7 +23,7 @@ from ddpm_ood.cli.train_ddpm import build_parser, main
 from ddpm_ood.diffusion.unet import build_unet, model_config_from_preset
 from ddpm_ood.training import ddpm as training
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny_run import FLOAT_ROUNDING, needs_lpips, save_tiny_checkpoint
+from tiny_run import FLOAT_ROUNDING, REPO_ROOT, needs_lpips, save_tiny_checkpoint
 
 from ddpm_ood.data.datasets import load_image
 from ddpm_ood.data.splits import write_split_csv
@@ -154,7 +154,7 @@ def _docstring_example() -> str:
 def test_docstring_example_has_five_lines_and_is_the_readmes():
     example = _docstring_example().strip()
     assert len(example.splitlines()) == 5
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     assert f"```python\n{example}\n```" in readme
 
 

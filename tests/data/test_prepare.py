@@ -24,12 +24,13 @@ from data_fixtures import (
 )
 from PIL import Image
 from sklearn.model_selection import train_test_split
+from tiny_run import REPO_ROOT
 
 from ddpm_ood.cli.get_datasets import build_parser, main
 from ddpm_ood.data.prepare import DATASETS
 from ddpm_ood.data.splits import read_split_csv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 N_TRAIN = {"FashionMNIST": 40, "MNIST": 60, "CIFAR10": 5 * 8, "SVHN": 50}
 N_TEST = {"FashionMNIST": 10, "MNIST": 12, "CIFAR10": 9, "SVHN": 11}
 CELEBA = {"train": 6, "valid": 3, "test": 2}

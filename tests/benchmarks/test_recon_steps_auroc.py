@@ -5,15 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
-from tiny_run import needs_lpips, save_tiny_checkpoint, write_npy_images
+from tiny_run import REPO_ROOT, needs_lpips, save_tiny_checkpoint, write_npy_images
 
 from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.errors import UserError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recon_steps_auroc.py"
+SCRIPT = REPO_ROOT / "benchmarks" / "recon_steps_auroc.py"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_run import FLOAT_ROUNDING, lpips_installed, needs_lpips, save_tiny_checkpoint, write_npy_images
+from tiny_run import (
+    FLOAT_ROUNDING,
+    REPO_ROOT,
+    lpips_installed,
+    needs_lpips,
+    save_tiny_checkpoint,
+    write_npy_images,
+)
 
 from ddpm_ood.cli import reconstruct
 from ddpm_ood.cli.runner import run_cli
@@ -22,7 +29,7 @@ from ddpm_ood.ood.scorer import OUTPUT_COLUMNS, OODScorer
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
 from ddpm_ood.results.schema import read_results, results_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 SCORE_COLS = {"score": DEFAULT_SCORE, "mse_score": "mse", "perceptual_score": "perceptual"}
 
 

@@ -10,15 +10,15 @@ import importlib.util
 import math
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import REPO_ROOT
 
 from ddpm_ood.errors import UserError
 from ddpm_ood.reconstruction.engine import evaluations_per_image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reconstruct_speed.py"
+SCRIPT = REPO_ROOT / "benchmarks" / "reconstruct_speed.py"
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
+from tiny_run import REPO_ROOT
 
 from ddpm_ood.cli.ood_detection import OUTPUT_FILES, main
 from ddpm_ood.cli.runner import run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 TS = [1, 11, 21, 31, 41, 51]
 SCORES = ["mse+perceptual", "mse", "perceptual"]
 SUMMARY_COLS = ["out_set", "score", "auroc", "fpr95", "aupr_in", "aupr_out", "n_in", "n_out"]

@@ -112,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {preset:>5} {row['precision']}: {row['s_per_step']:.3f} s/step, "
                   f"{row['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
     print()
-    header = f"{'preset':<7}{'params':>9}{'precision':>10}{'batch':>7}{'s/step':>9}{'images/s':>10}{'vs fp32':>9}"
+    header = f"{'preset':<10}{'params':>9}{'precision':>10}{'batch':>7}{'s/step':>9}{'images/s':>10}{'vs fp32':>9}"
     print(header)
     print("-" * len(header))
     fp32 = {r["preset"]: r["images_per_s"] for r in rows if r["precision"] == "fp32"}
     for r in rows:
-        print(f"{r['preset']:<7}{r['params_M']:>8.2f}M{r['precision']:>10}{r['batch']:>7}{r['s_per_step']:>9.3f}"
+        print(f"{r['preset']:<10}{r['params_M']:>8.2f}M{r['precision']:>10}{r['batch']:>7}{r['s_per_step']:>9.3f}"
               f"{r['images_per_s']:>10.1f}" + (f"{r['images_per_s'] / fp32[r['preset']]:>8.2f}x"
                                                  if r["preset"] in fp32 else f"{'-':>9}"))
     return 0

@@ -50,3 +50,10 @@ def test_build_script_passes_uid_gid_and_tag(tmp_path):
     assert f"USER_ID={os.getuid()}" in args and f"GROUP_ID={os.getgid()}" in args and "USER=alice" in args
     assert args[args.index("--file") + 1] == str(REPO / "docker" / "Dockerfile")
     assert "--no-cache" in args and args[-1] == str(REPO)
+
+
+def test_base_image_does_not_bring_a_second_torch():
+    # The pinned torch wheel brings its CUDA runtime; a PyTorch base image would bring another torch build.
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", DOCKERFILE, re.M).group(1)
+    assert base.startswith("python:3.11") and "pytorch" not in base
+    assert "CUDA 13.0" in DOCKERFILE and ">= 580" in DOCKERFILE

@@ -191,3 +191,23 @@ def test_evaluations_per_image_counts_the_engines_calls(recon_steps, skip_factor
         assert sum(calls) == sum(batched_calls)
     if recon_steps is None and skip_factor == 16:
         assert sum(calls) == 349  # the README's figure for the quickstart's full path
+
+
+@pytest.mark.parametrize("calls,tick", [([5, 3, 3, 1], 3), ([7] * 4 + [2] * 4, 6), ([4, 4, 4], 12), ([1], 1)])
+def test_tick_schedule_is_computed_once_and_keeps_the_critical_path(calls, tick):
+    from ddpm_ood.reconstruction.engine import balanced_tick_size, tick_schedule
+
+    assert tick >= balanced_tick_size(calls)  # the engine's tick size is at least this
+    ticks = tick_schedule(calls, tick)
+    assert len(ticks) == max(calls)  # the longest trajectory is never held back
+    made = [0] * len(calls)
+    for chosen, done in ticks:
+        assert len(chosen) <= tick and len(set(chosen.tolist())) == len(chosen)
+        left_before = [c - m for c, m in zip(calls, made, strict=True)]
+        # the chosen ones have at least as many calls left as any trajectory left out (with calls left)
+        rest = [left_before[i] for i in range(len(calls)) if i not in chosen.tolist() and left_before[i] > 0]
+        assert not rest or min(left_before[i] for i in chosen.tolist()) >= max(rest)
+        for i, d in zip(chosen.tolist(), done.tolist(), strict=True):
+            assert d == made[i]
+            made[i] += 1
+    assert made == list(calls)

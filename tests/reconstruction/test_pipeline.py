@@ -40,10 +40,22 @@ def test_images_come_back_through_the_autoencoder_and_are_clamped_last():
     assert torch.equal(recons, (samples / 2.0).clamp(0, 1))
 
 
-def test_result_rows_follow_the_metric_columns():
-    values = {"mse": torch.tensor([[0.1, 0.2]]), "perceptual_difference": torch.tensor([[0.3, 0.4]])}
-    rows = result_rows([5, 6], ["x", "y"], "in", [11], values)
-    assert [r["index"] for r in rows] == [5, 6]
-    for row, j in zip(rows, (0, 1), strict=True):
-        assert {k: row[k] for k in METRIC_COLUMNS} == {k: float(values[k][0, j]) for k in METRIC_COLUMNS}
+def test_result_rows_are_image_major_and_follow_the_metric_columns():
+    # values: (S=2 start points, B=3 images)
+    values = {"mse": torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]),
+              "perceptual_difference": torch.tensor([[1.1, 1.2, 1.3], [1.4, 1.5, 1.6]])}
+    rows = result_rows([5, 6, 7], ["x", "y", "z"], "in", [11, 21], values)
+    assert rows["index"].tolist() == [5, 5, 6, 6, 7, 7] and rows["t"].tolist() == [11, 21] * 3
+    assert rows["filename"].tolist() == ["x", "x", "y", "y", "z", "z"] and set(rows["type"]) == {"in"}
+    for r, row in enumerate(rows.itertuples()):
+        s, b = r % 2, r // 2
+        for k in METRIC_COLUMNS:
+            assert getattr(row, k) == float(values[k][s, b])  # the fp32 value, widened exactly
     assert mse(torch.ones(1, 2), torch.zeros(1, 2)).item() == 1.0
+
+
+def test_memory_sized_calls():
+    from ddpm_ood.reconstruction.pipeline import MEMORY_FRACTION, max_batch_for_memory
+
+    assert max_batch_for_memory(10 * 2**30, 2**20) == int(MEMORY_FRACTION * 10 * 1024)
+    assert max_batch_for_memory(100, 10**9) == 1  # never zero

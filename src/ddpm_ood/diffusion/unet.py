@@ -60,11 +60,14 @@ def randomize_zero_init_convs(model):
     return model
 
 
-def build_unet(config: ModelConfig):
+def build_unet(config: ModelConfig, *, fused_attention: bool = False):
     """MONAI core DiffusionModelUNet, unconditioned, in_channels == out_channels.
 
     Forward: (x: (B, C, *spatial) float, timesteps: (B,) long in [0, num_train_timesteps)) -> (B, C, *spatial).
-    Spatial sizes must be divisible by 2 ** (len(channels) - 1).
+    Spatial sizes must be divisible by 2 ** (len(channels) - 1). ``fused_attention``: attention through PyTorch's
+    scaled_dot_product_attention (MONAI's ``use_flash_attention``), whose fused kernels keep the softmax in fp32, so
+    fp16 attention cannot overflow (MONAI's plain einsum attention ignores ``upcast_attention`` in these blocks).
+    Same weights and state-dict keys either way; used on CUDA (``wants_fused_attention``), where fp16 runs.
     """
     from monai.networks.nets import DiffusionModelUNet
 
@@ -77,7 +80,14 @@ def build_unet(config: ModelConfig):
         num_res_blocks=config.num_res_blocks,
         num_head_channels=config.num_head_channels,
         norm_num_groups=config.norm_num_groups,
+        use_flash_attention=fused_attention,
     )
+
+
+def wants_fused_attention(device) -> bool:
+    """Fused (SDPA) attention on CUDA; on a CPU the plain attention keeps the numbers every test and table was made
+    with (SDPA did not pay there: benchmarks/README.md)."""
+    return getattr(device, "type", str(device)) == "cuda"
 
 
 def check_image_fits_unet(image_shape: tuple[int, ...], model: ModelConfig, source: str) -> None:

@@ -328,7 +328,7 @@ class OODScorer:
         items = self._as_items(images)
         n = len(items)
         errors: dict[int, str] = {}
-        rows: list[dict] = []
+        rows: list[pd.DataFrame] = []
         with tempfile.TemporaryDirectory(prefix="ddpm-ood-score-") as tmp:
             bar = tqdm(total=n, desc="score", unit="img", disable=not progress)
             for start in range(0, n, self.batch_size):
@@ -349,13 +349,14 @@ class OODScorer:
                         self.settings.num_inference_steps, self.settings.seed, recon_steps=self.settings.recon_steps,
                     )
                     # filename = the input's position: unique even when two inputs share a file stem.
-                    rows += result_rows(indices, [str(i) for i in indices], "in", self.settings.start_timesteps, values)
+                    rows.append(result_rows(indices, [str(i) for i in indices], "in", self.settings.start_timesteps,
+                                            values))
                 bar.update(min(start + self.batch_size, n) - start)
             bar.close()
         if not rows:
             first = min(errors)
             raise UserError(f"none of the {n} input(s) could be scored; {errors[first]}")
-        scores = image_scores(pd.DataFrame(rows), self.reference, source="inputs")
+        scores = image_scores(pd.concat(rows, ignore_index=True), self.reference, source="inputs")
         return self._frame(items, scores, errors)
 
     def _as_items(self, images: Any) -> list[Any]:

@@ -116,9 +116,13 @@ def reconstruct_reference(
     start_ts: Sequence[int],
     num_inference_steps: int,
     seed: int,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One start point after another with a fresh MONAI PNDMScheduler each (history reset). -> (S, B, ...)."""
-    noise = noise_batch(seed, keys, start_ts, x0.shape[1:]).to(x0.device)
+    """One start point after another with a fresh MONAI PNDMScheduler each (history reset). -> (S, B, ...).
+    ``noise``: the (S, B, ...) start noise if already drawn (``seeding.noise_batch``), else drawn here."""
+    if noise is None:
+        noise = noise_batch(seed, keys, start_ts, x0.shape[1:])
+    noise = noise.to(x0.device)
     recons = []
     for s, start_t in enumerate(start_ts):
         scheduler = make_pndm_scheduler(schedule, num_inference_steps)
@@ -145,6 +149,7 @@ def reconstruct_batched(
     recon_steps: int | None = None,
     *,
     balanced: bool = True,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every (start t, image) trajectory advances in shared network calls (ticks). -> (S, B, ...).
 
@@ -153,6 +158,8 @@ def reconstruct_batched(
     ceil(all calls / longest trajectory's calls), so every call has about the same number of samples instead of
     S*B at first and a handful at the end: the largest call halves (memory), the speed on a CPU is the same within
     run-to-run noise (benchmarks/README.md); ``balanced=False`` advances every unfinished trajectory at each tick.
+    ``noise``: the (S, B, ...) start noise if already drawn (reconstruct.py draws it in its loader workers with
+    ``seeding.noise_batch``'s seeds, overlapping the network), else drawn here.
     A memory budget (``max_batch``) is the eps_fn's business (``model_eps_fn`` chunks each call). Each trajectory's
     steps and PLMS history are its own, so grouping changes results only by the network's float rounding.
     """
@@ -179,46 +186,87 @@ def reconstruct_batched(
     def alpha(t_idx: torch.Tensor) -> torch.Tensor:
         return torch.where(t_idx >= 0, acp[t_idx.clamp(min=0)], one).reshape((-1,) + spatial)
 
-    noise = noise_batch(seed, keys, start_ts, x0.shape[1:]).to(device).reshape((n,) + x0.shape[1:])
+    if noise is None:  # drawn on the CPU: the same numbers on every device
+        noise = noise_batch(seed, keys, start_ts, x0.shape[1:])
+    if device.type == "cuda" and noise.device.type == "cpu" and not noise.is_pinned():
+        noise = noise.pin_memory()  # copied without a host wait
+    noise = noise.to(device, non_blocking=True).reshape((n,) + x0.shape[1:])
     x = _noised(x0.repeat(n_starts, *([1] * (x0.ndim - 1))), noise, alpha(table[:, 0]))
     history = torch.zeros((n, plms.HISTORY) + x0.shape[1:], device=device)
     n_history = torch.zeros(n, dtype=torch.long, device=device)
     first_sample = torch.zeros_like(x)
-    calls_done = torch.zeros(n, dtype=torch.long)  # scheduling state stays on the CPU
+    plan = _TickPlan(tick_schedule(total_calls.tolist(), tick_size), device)
 
-    while True:
-        left = total_calls - calls_done
-        if not bool((left > 0).any()):
-            break
-        # Most calls left first; the stable sort keeps ties in trajectory order, so the schedule is deterministic.
-        order = torch.argsort(-left, stable=True)
-        chosen = order[: min(tick_size, int((left > 0).sum()))]
-        done = calls_done[chosen]
-        # Grid position evaluated at call c: 0, 1, 1, 2, 3, ... (the warm-up repeats the second timestep).
-        pos = torch.where(done >= 2, done - 1, done).to(device)
-        idx = chosen.to(device)
+    for tick in range(plan.n_ticks):
+        idx, pos = plan.get("idx", tick), plan.get("pos", tick)
         eps = eps_fn(x[idx], table[idx, pos])
-        # Phase tests run on the CPU copy of ``done``: no device sync per tick.
         # Euler step from the start; remember where it started for the correction.
-        if bool((done == 0).any()):
-            euler = (done == 0).to(device)
-            i = idx[euler]
+        if plan.has("euler", tick):
+            sel, i = plan.get("euler", tick), plan.get("euler_idx", tick)
             first_sample[i] = x[i]
-            history[i, 0] = eps[euler]
+            history[i, 0] = eps[sel]
             n_history[i] = 1
-            x[i] = plms.prev_sample(x[i], eps[euler], alpha(table[i, 0]), alpha(table[i, 1]))
+            x[i] = plms.prev_sample(x[i], eps[sel], alpha(table[i, 0]), alpha(table[i, 1]))
         # Correction: redo the first step with the mean of the two noise estimates (history not extended).
-        if bool((done == 1).any()):
-            correction = (done == 1).to(device)
-            i = idx[correction]
-            eps_mean = (eps[correction] + history[i, 0]) / 2
+        if plan.has("correction", tick):
+            sel, i = plan.get("correction", tick), plan.get("correction_idx", tick)
+            eps_mean = (eps[sel] + history[i, 0]) / 2
             x[i] = plms.prev_sample(first_sample[i], eps_mean, alpha(table[i, 0]), alpha(table[i, 1]))
-        if bool((done >= 2).any()):
-            multistep = (done >= 2).to(device)
-            i, p = idx[multistep], pos[multistep]
-            history[i] = torch.cat([eps[multistep].unsqueeze(1), history[i, :-1]], dim=1)
+        if plan.has("multistep", tick):
+            sel, i = plan.get("multistep", tick), plan.get("multistep_idx", tick)
+            p = pos[sel]
+            history[i] = torch.cat([eps[sel].unsqueeze(1), history[i, :-1]], dim=1)
             n_history[i] = (n_history[i] + 1).clamp(max=plms.HISTORY)
             eps_ms = plms.multistep_eps(history[i], n_history[i])
             x[i] = plms.prev_sample(x[i], eps_ms, alpha(table[i, p]), alpha(table[i, p + 1]))
-        calls_done[chosen] += 1
     return x.reshape((n_starts, batch) + x0.shape[1:])
+
+
+def tick_schedule(total_calls: Sequence[int], tick_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batched engine's schedule, on the CPU: per network call (tick), (the trajectories it advances (k,) long,
+    the calls each of them has made before it (k,) long). Each tick takes the ``tick_size`` trajectories with the
+    most calls left (ties in trajectory order: deterministic), so there are max(total_calls) ticks."""
+    total = torch.tensor(list(total_calls), dtype=torch.long)
+    calls_done = torch.zeros_like(total)
+    ticks = []
+    while True:
+        left = total - calls_done
+        active = int((left > 0).sum())
+        if active == 0:
+            return ticks
+        chosen = torch.argsort(-left, stable=True)[: min(tick_size, active)]
+        ticks.append((chosen, calls_done[chosen].clone()))
+        calls_done[chosen] += 1
+
+
+class _TickPlan:
+    """Every tick's indices, computed once per batch on the CPU and uploaded in one go per kind, so the tick loop
+    only slices device tensors: no host synchronisation per tick (boolean masks would need one to count).
+
+    Per tick: ``idx`` (trajectories), ``pos`` (grid position evaluated: 0, 1, 1, 2, ... as the warm-up repeats the
+    second timestep) and, per PLMS phase (euler: first call, correction: second, multistep: later), the positions
+    within the call (``<phase>``) and the trajectories (``<phase>_idx``)."""
+
+    _PHASES = {"euler": lambda d: d == 0, "correction": lambda d: d == 1, "multistep": lambda d: d >= 2}
+
+    def __init__(self, ticks: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+        parts: dict[str, list[torch.Tensor]] = {"idx": [], "pos": []}
+        for name in self._PHASES:
+            parts[name], parts[f"{name}_idx"] = [], []
+        for chosen, done in ticks:
+            parts["idx"].append(chosen)
+            parts["pos"].append(torch.where(done >= 2, done - 1, done))
+            for name, test in self._PHASES.items():
+                local = torch.nonzero(test(done)).flatten()
+                parts[name].append(local)
+                parts[f"{name}_idx"].append(chosen[local])
+        self.n_ticks = len(ticks)
+        self._offsets = {k: [0, *torch.tensor([len(t) for t in v]).cumsum(0).tolist()] for k, v in parts.items()}
+        self._flat = {k: torch.cat(v).to(device) if v else torch.zeros(0, dtype=torch.long, device=device)
+                      for k, v in parts.items()}
+
+    def has(self, kind: str, tick: int) -> bool:
+        return self._offsets[kind][tick + 1] > self._offsets[kind][tick]
+
+    def get(self, kind: str, tick: int) -> torch.Tensor:
+        return self._flat[kind][self._offsets[kind][tick] : self._offsets[kind][tick + 1]]

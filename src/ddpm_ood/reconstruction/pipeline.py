@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pandas as pd
 import torch
 
 from ddpm_ood.autoencoder.base import Autoencoder, autoencoder_for, to_image
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
     from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
 
 ENGINES = ("batched", "reference")
+# Share of the free GPU memory that one network call may take when --max_batch is not given (the rest: the engine's
+# per-trajectory state, LPIPS, the allocator's fragmentation).
+MEMORY_FRACTION = 0.6
 
 
 @dataclass(frozen=True)
@@ -49,15 +54,48 @@ def load_model(
     ``devices.PRECISIONS``) is the forward pass's; ``max_batch`` bounds the samples per network call."""
     from ddpm_ood.checkpoint import inference_state_dict, load_unet_state
     from ddpm_ood.devices import autocast_context
-    from ddpm_ood.diffusion.unet import build_unet
+    from ddpm_ood.diffusion.unet import build_unet, wants_fused_attention
     from ddpm_ood.reconstruction.engine import model_eps_fn
 
-    model = build_unet(run.model)
+    model = build_unet(run.model, fused_attention=wants_fused_attention(device))
     load_unet_state(model, inference_state_dict(ckpt, use_ema=use_ema), str(source))
     model.to(device).eval()
-    eps_fn = model_eps_fn(model, run.schedule, max_batch=max_batch,
-                          autocast=lambda: autocast_context(device, precision))
+
+    def autocast():
+        return autocast_context(device, precision)
+
+    if max_batch is None and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # tick shapes repeat from batch to batch: autotune the convolutions
+        max_batch = memory_sized_max_batch(model, tuple(run.image_shape), device, autocast)
+    eps_fn = model_eps_fn(model, run.schedule, max_batch=max_batch, autocast=autocast)
     return ReconstructionModel(eps_fn, run.schedule, autoencoder_for(run))
+
+
+def max_batch_for_memory(free_bytes: int, bytes_per_sample: float, fraction: float = MEMORY_FRACTION) -> int:
+    """Samples per network call that use at most ``fraction`` of ``free_bytes`` at ``bytes_per_sample`` each
+    (at least 1)."""
+    return max(1, int(fraction * free_bytes / max(bytes_per_sample, 1.0)))
+
+
+def memory_sized_max_batch(model: torch.nn.Module, sample_shape: tuple[int, ...], device: torch.device,
+                           autocast, probe: int = 8) -> int:
+    """Samples per network call sized from the free GPU memory: the peak memory of one forward pass of ``probe``
+    samples gives the bytes per sample, and calls may use ``MEMORY_FRACTION`` of what is free. Said in one line.
+    The chunking changes no number (each sample's output does not depend on its neighbours in the call)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    x = torch.zeros((probe, *sample_shape), device=device)
+    t = torch.zeros((probe,), dtype=torch.long, device=device)
+    with torch.inference_mode(), autocast():
+        model(x, timesteps=t)
+    torch.cuda.synchronize(device)
+    per_sample = (torch.cuda.max_memory_allocated(device) - base) / probe
+    free, _ = torch.cuda.mem_get_info(device)
+    chosen = max_batch_for_memory(free, per_sample)
+    print(f"samples per network call: at most {chosen} (sized from {free / 2**30:.1f} GiB free GPU memory, "
+          f"{per_sample / 2**20:.1f} MiB per sample; --max_batch sets it)")
+    return chosen
 
 
 def reconstruct_images(
@@ -70,18 +108,21 @@ def reconstruct_images(
     *,
     recon_steps: int | None = None,
     engine: str = "batched",
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reconstructions (S, B, C, *spatial) in [0, 1] of images (B, C, *spatial) in [0, 1] from every start t.
 
     keys[b]: the noise key of image b (``seeding.noise_key(path)`` for a file); row s belongs to start_ts[s].
     ``engine``: ``batched`` (default) or ``reference`` (the plain loop; same numbers, needs ``recon_steps=None``).
+    ``noise``: the (S, B, *model-space shape) start noise when drawn ahead (``seeding.noise_batch``), else None.
     """
     x0 = model.autoencoder.encode(images)
     if engine == "reference":
-        samples = reconstruct_reference(model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed)
+        samples = reconstruct_reference(model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed,
+                                        noise=noise)
     else:
         samples = reconstruct_batched(
-            model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed, recon_steps
+            model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed, recon_steps, noise=noise
         )
     decoded = model.autoencoder.decode(samples.reshape((-1,) + samples.shape[2:]))
     return to_image(decoded).reshape((len(start_ts), images.shape[0]) + tuple(images.shape[1:]))
@@ -98,6 +139,7 @@ def measure_batch(
     *,
     recon_steps: int | None = None,
     engine: str = "batched",
+    noise: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Reconstruct a batch from every start t and measure it: ``{metric name: (S, B) float32 CPU}``.
 
@@ -105,7 +147,7 @@ def measure_batch(
     names: ``METRIC_COLUMNS``.
     """
     recons = reconstruct_images(model, images, keys, start_ts, num_inference_steps, seed,
-                                recon_steps=recon_steps, engine=engine)
+                                recon_steps=recon_steps, engine=engine, noise=noise)
     originals = images.unsqueeze(0).expand_as(recons).reshape((-1,) + images.shape[1:])
     values = metrics(originals, recons.reshape((-1,) + images.shape[1:]))
     return {name: v.reshape(len(start_ts), images.shape[0]).cpu() for name, v in values.items()}
@@ -117,13 +159,18 @@ def result_rows(
     row_type: str,
     start_ts: Sequence[int],
     values: dict[str, torch.Tensor],
-) -> list[dict]:
-    """Results rows (``index`` + the results CSV columns) of a measured batch, image-major then t ascending
-    as given. ``values`` is ``measure_batch``'s output; column b belongs to indices[b] / filenames[b]."""
-    rows = []
-    for j, i in enumerate(indices):
-        for s, t in enumerate(start_ts):
-            row = {"index": int(i), "filename": filenames[j], "type": row_type, "t": int(t)}
-            row.update({name: float(values[name][s, j]) for name in METRIC_COLUMNS})
-            rows.append(row)
-    return rows
+) -> pd.DataFrame:
+    """Results rows (``index`` + the results CSV columns) of a measured batch, image-major then t ascending as
+    given, built column-wise (no Python per row). ``values`` is ``measure_batch``'s output; column b belongs to
+    indices[b] / filenames[b]."""
+    n_t = len(start_ts)
+    frame = pd.DataFrame({
+        "index": np.repeat(np.asarray(indices, dtype=np.int64), n_t),
+        "filename": np.repeat(np.asarray(filenames, dtype=object), n_t),
+        "type": row_type,
+        "t": np.tile(np.asarray(start_ts, dtype=np.int64), len(indices)),
+    })
+    for name in METRIC_COLUMNS:
+        # (S, B) -> image-major rows; fp32 values widened to float64 exactly, as float() would.
+        frame[name] = values[name].T.reshape(-1).numpy().astype(np.float64)
+    return frame

@@ -6,6 +6,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+import torch
+
 from ddpm_ood.checkpoint import (
     ModelFlags,
     data_config_for_upstream,
@@ -17,6 +20,7 @@ from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.errors import UserError
 from ddpm_ood.reconstruction.pipeline import ENGINES, load_model, measure_batch, result_rows
 from ddpm_ood.results.schema import IN_NAME, VAL_NAME, ood_dir, out_set_name, results_path
+from ddpm_ood.results.writer import PARTIAL_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -174,27 +178,28 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
     todo = [i for i in range(len(dataset)) if i not in done]
     mine = todo[ctx.rank :: ctx.world_size]
     n_batches = max((len(todo) + job.batch_size * ctx.world_size - 1) // (job.batch_size * ctx.world_size), 1)
-    loader = iter(
-        DataLoader(Subset(dataset, mine), batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers)
-    )
+    items = _WithStartNoise(Subset(dataset, mine), job.seed, start_ts)
+    loader = iter(DataLoader(items, batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
+                             pin_memory=ctx.device.type == "cuda"))
     bar = tqdm(total=len(todo), desc=f"reconstruct {name}", unit="img", disable=not ctx.is_main)
     # Every rank runs n_batches rounds (some with no images) so the per-batch gathers stay in step.
     for _ in range(n_batches):
         batch = next(loader, None)
-        rows: list[dict] = []
+        rows = pd.DataFrame(columns=PARTIAL_COLUMNS)
         started = time.perf_counter()
         if batch is not None:
             idx = [int(i) for i in batch["index"]]
             keys = [noise_key(p) for p in batch["path"]]
             values = measure_batch(
-                model, metrics, batch["image"].to(ctx.device), keys, start_ts,
+                model, metrics, batch["image"].to(ctx.device, non_blocking=True), keys, start_ts,
                 job.num_inference_steps, job.seed, recon_steps=job.recon_steps, engine=job.engine,
+                noise=batch["noise"].transpose(0, 1),  # (B, S, ...) -> (S, B, ...)
             )
             rows = result_rows(idx, [image_stem(p) for p in batch["path"]], row_type, start_ts, values)
-        rows = [row for part in gather_objects(rows, ctx) for row in part]
+        rows = pd.concat(gather_objects(rows, ctx), ignore_index=True) if ctx.distributed else rows
         if ctx.is_main:
             writer.append(rows)
-            n_images = len({r["index"] for r in rows})
+            n_images = rows["index"].nunique()
             bar.update(n_images)
             elapsed = time.perf_counter() - started
             bar.set_postfix(img_per_s=f"{n_images / max(elapsed, 1e-9):.2f}")
@@ -204,3 +209,23 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
         final = writer.finish()
         print(f"wrote {writer.path} ({final['filename'].size} rows)")
     barrier(ctx)
+
+
+class _WithStartNoise(torch.utils.data.Dataset):
+    """Items of ``dataset`` with their start noise: ``noise`` (S, *image shape), row s seeded from (seed, the
+    file's noise key, start_ts[s]) exactly as ``seeding.noise_batch`` draws it. Drawn in the loader workers, so it
+    overlaps the network instead of waiting for it (pixel space: the model-space shape is the image's)."""
+
+    def __init__(self, dataset, seed: int, start_ts: list[int]) -> None:
+        self.dataset, self.seed, self.start_ts = dataset, seed, list(start_ts)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        from ddpm_ood.seeding import noise_key, row_noise
+
+        item = self.dataset[i]
+        key = noise_key(item["path"])
+        shape = tuple(item["image"].shape)
+        return {**item, "noise": torch.stack([row_noise(self.seed, key, t, shape) for t in self.start_ts])}

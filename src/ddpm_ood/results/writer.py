@@ -92,11 +92,12 @@ class ResumableResults:
         rows["t"] = rows["t"].astype(int)
         return rows.drop_duplicates(["index", "t"])
 
-    def append(self, rows: Sequence[dict]) -> None:
-        """Append one completed batch of rows (each with ``index`` and the RESULT_COLUMNS), flushed to disk."""
-        if not rows:
+    def append(self, rows: pd.DataFrame | Sequence[dict]) -> None:
+        """Append one completed batch of rows (``index`` and the RESULT_COLUMNS), flushed to disk."""
+        if len(rows) == 0:
             return
-        frame = pd.DataFrame(list(rows), columns=PARTIAL_COLUMNS)
+        frame = rows[PARTIAL_COLUMNS] if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows),
+                                                                                          columns=PARTIAL_COLUMNS)
         try:
             with open(self.partial, "a") as f:
                 frame.to_csv(f, header=False, index=False)

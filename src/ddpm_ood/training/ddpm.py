@@ -24,7 +24,7 @@ from ddpm_ood.checkpoint import load_unet_state
 from ddpm_ood.config import RunConfig, ScheduleConfig
 from ddpm_ood.devices import autocast_context, configure_precision, make_grad_scaler, precision_from_legacy
 from ddpm_ood.diffusion.schedule import make_ddim_scheduler, make_ddpm_scheduler, training_target
-from ddpm_ood.diffusion.unet import build_unet, check_image_fits_unet
+from ddpm_ood.diffusion.unet import build_unet, check_image_fits_unet, wants_fused_attention
 from ddpm_ood.distributed import DistContext
 from ddpm_ood.seeding import derive_generator, seed_everything
 from ddpm_ood.training.ema import EMA
@@ -191,13 +191,16 @@ class DDPMTask:
         self.autoencoder = autoencoder_for(run_config)
         check_image_fits_unet(tuple(run_config.image_shape), run_config.model, "training images")
         seed_everything(cfg.seed)
-        self.model = build_unet(run_config.model)  # initial weights from the seeded global RNG: same on every rank
+        # Initial weights from the seeded global RNG: the same on every rank.
+        self.model = build_unet(run_config.model, fused_attention=wants_fused_attention(self.device))
         if resume is not None:
             check_resume_config(resume, run_config, compare_image_shape=True)
             load_unet_state(self.model, resume.ckpt["model_state_dict"], str(resume.path))
         self.model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         configure_precision(cfg.precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # training shapes repeat every step: autotune the convolutions
         self.scaler = make_grad_scaler(self.device, cfg.precision)
         self.skips_non_finite = self.scaler is not None
         if resume is not None:
@@ -251,9 +254,12 @@ class DDPMTask:
         images = batch["image"].to(self.device, non_blocking=True)
         timesteps, noise = draw_train_noise(self.cfg.seed, epoch, step, self.ctx.rank, tuple(images.shape),
                                             self.schedule.num_train_timesteps)
+        if self.device.type == "cuda":
+            # Drawn on the CPU (the same numbers on every device), copied from pinned memory without a host wait.
+            timesteps, noise = timesteps.pin_memory(), noise.pin_memory()
         loss = train_step(self.train_module, self.optimizer, self.scheduler, self.autoencoder.encode(images),
-                          timesteps.to(self.device), noise.to(self.device), self.schedule,
-                          precision=self.cfg.precision, scaler=self.scaler)
+                          timesteps.to(self.device, non_blocking=True), noise.to(self.device, non_blocking=True),
+                          self.schedule, precision=self.cfg.precision, scaler=self.scaler)
         if self.ema is not None:
             self.ema.update(self.model)
         return loss

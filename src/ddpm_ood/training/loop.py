@@ -44,6 +44,14 @@ STREAM_GLOBAL = 3
 STREAM_LOADER = 4
 # Consecutive non-finite fp16 losses (each a step the GradScaler skipped) after which training is called diverged.
 MAX_NON_FINITE_STEPS = 20
+# Training losses are brought to the host this many steps at a time on a GPU (one transfer, no wait per step); on a
+# CPU every step, where reading a loss costs nothing and the progress bar stays live.
+CUDA_LOSS_READBACK_STEPS = 25
+
+
+def loss_readback_every(device: torch.device) -> int:
+    """Steps whose losses are read back together on ``device``."""
+    return CUDA_LOSS_READBACK_STEPS if device.type == "cuda" else 1
 
 
 @dataclass(frozen=True)
@@ -276,6 +284,8 @@ class _Fit:
         self.task.train_module.train()
         n_batches = 1 if cfg.quick_test else len(self.train_loader)
         losses: list[torch.Tensor] = []
+        pending: list[tuple[int, int, torch.Tensor]] = []  # (step, global step, loss on the device)
+        every = loss_readback_every(ctx.device)
         n_images = 0
         start = time.perf_counter()
         with tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.n_epochs}", disable=not ctx.is_main,
@@ -283,19 +293,32 @@ class _Fit:
             for step, batch in enumerate(clean_loader_errors(self.train_loader)):
                 if step >= n_batches:
                     break
-                loss = self.task.train_step(batch, epoch, step)
                 self.summary.global_step += 1
+                pending.append((step, self.summary.global_step, self.task.train_step(batch, epoch, step)))
                 n_images += batch["image"].shape[0]
-                loss_value = self._checked(loss, losses, epoch, step)
-                if self.writers:
-                    self.writers["train"].add_scalar("loss", loss_value, self.summary.global_step)
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{n_images * ctx.world_size / elapsed:.1f}")
+                if len(pending) >= every:
+                    loss_value = self._read_back(pending, losses, epoch)
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{n_images * ctx.world_size / elapsed:.1f}")
                 bar.update(1)
+            self._read_back(pending, losses, epoch)
         self._end_of_epoch(losses, n_images, time.perf_counter() - start)
 
-    def _checked(self, loss: torch.Tensor, losses: list[torch.Tensor], epoch: int, step: int) -> float:
-        loss_value = float(loss)
+    def _read_back(self, pending: list[tuple[int, int, torch.Tensor]], losses: list[torch.Tensor],
+                   epoch: int) -> float:
+        """Bring the pending losses to the host in one transfer, check and log each; returns the last value."""
+        loss_value = math.nan
+        if pending:
+            values = torch.stack([loss for _, _, loss in pending]).float().cpu().tolist()
+            for (step, global_step, loss), loss_value in zip(pending, values, strict=True):
+                self._checked(loss_value, loss, losses, epoch, step)
+                if self.writers:
+                    self.writers["train"].add_scalar("loss", loss_value, global_step)
+            pending.clear()
+        return loss_value
+
+    def _checked(self, loss_value: float, loss: torch.Tensor, losses: list[torch.Tensor], epoch: int,
+                 step: int) -> float:
         if math.isfinite(loss_value):
             losses.append(loss)
             self.non_finite_run = 0

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_ood.autoencoder.base import IdentityAutoencoder, to_image
+from ddpm_ood.autoencoder.base import IdentityAutoencoder
 from ddpm_ood.config import ModelConfig, ScheduleConfig
 from ddpm_ood.devices import (
     DEVICE_CHOICES,
@@ -56,6 +56,7 @@ from ddpm_ood.diffusion.unet import (
     build_unet,
     model_config_from_preset,
     randomize_zero_init_convs,
+    wants_fused_attention,
 )
 from ddpm_ood.errors import UserError
 from ddpm_ood.reconstruction.engine import (
@@ -63,10 +64,9 @@ from ddpm_ood.reconstruction.engine import (
     balanced_tick_size,
     calls_per_start,
     model_eps_fn,
-    reconstruct_batched,
-    reconstruct_reference,
 )
 from ddpm_ood.reconstruction.metrics import mse
+from ddpm_ood.reconstruction.pipeline import ReconstructionModel, reconstruct_images
 
 # The FashionMNIST recipe of the upstream README (scaled_linear 0.0015..0.0195); speed does not depend on it.
 SCHEDULE = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
@@ -147,9 +147,12 @@ def build_model(setup: BenchmarkSetup) -> torch.nn.Module:
     exactly 0 for any input and both paths would agree trivially. Those convs get PyTorch's default random init
     instead: the network's output then depends on every layer, and the fp32 comparison means something.
     """
+    device = resolve_device(setup.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as reconstruct.py: shapes repeat, autotune the convolutions
     torch.manual_seed(setup.seed)
-    model = randomize_zero_init_convs(build_unet(setup.model_config))
-    return model.eval().to(resolve_device(setup.device))
+    model = randomize_zero_init_convs(build_unet(setup.model_config, fused_attention=wants_fused_attention(device)))
+    return model.eval().to(device)
 
 
 def fast_eps_fn(model: torch.nn.Module, setup: BenchmarkSetup, settings: FastSettings) -> EpsFn:
@@ -189,24 +192,23 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, 
     return time.perf_counter() - started, out
 
 
+def _model(eps_fn: EpsFn, setup: BenchmarkSetup) -> ReconstructionModel:
+    return ReconstructionModel(eps_fn, setup.schedule, IdentityAutoencoder(setup.schedule.b_scale))
+
+
 def run_reference(eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, paths: Sequence[str]) -> torch.Tensor:
-    """(S, B, *image_shape) reconstructions in [0, 1] by the plain loop."""
-    pixels = IdentityAutoencoder(setup.schedule.b_scale)
-    return to_image(pixels.decode(reconstruct_reference(
-        eps_fn, setup.schedule, pixels.encode(images), paths, setup.start_ts, setup.num_inference_steps, setup.seed
-    )))
+    """(S, B, *image_shape) reconstructions in [0, 1] by the plain loop (``reconstruct.py --engine=reference``)."""
+    return reconstruct_images(_model(eps_fn, setup), images, paths, setup.start_ts, setup.num_inference_steps,
+                              setup.seed, engine="reference")
 
 
 def run_fast(
     eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, paths: Sequence[str], balanced: bool = True
 ) -> torch.Tensor:
-    """(S, B, *image_shape) reconstructions in [0, 1] by the batched engine (encode, engine, decode, clamp: the
-    path of ``reconstruction.pipeline.reconstruct_images``, with the tick balancing exposed for the ablation)."""
-    pixels = IdentityAutoencoder(setup.schedule.b_scale)
-    return to_image(pixels.decode(reconstruct_batched(
-        eps_fn, setup.schedule, pixels.encode(images), paths, setup.start_ts, setup.num_inference_steps, setup.seed,
-        balanced=balanced,
-    )))
+    """(S, B, *image_shape) reconstructions in [0, 1] by the batched engine: the path reconstruct.py runs
+    (``reconstruction.pipeline.reconstruct_images``), with the tick balancing exposed for the ablation."""
+    return reconstruct_images(_model(eps_fn, setup), images, paths, setup.start_ts, setup.num_inference_steps,
+                              setup.seed, balanced=balanced)
 
 
 def mse_scores(images: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 CUDA), side by side in one run. The first line names the CPU kind: bf16 is native only with AVX512-BF16/AMX, and
 20-30x slower than fp32 where it is emulated (AVX2), so figures hold for the CPU kind they were measured on.
 
-Each row times ``ddpm_ood.training.loop.train_step`` - the exact step of train_ddpm.py: b_scale, add_noise, forward under
+Each row times ``ddpm_ood.training.ddpm.train_step`` - the exact step of train_ddpm.py: add_noise, forward under
 autocast, fp32 MSE against the training target, backward, Adam step - on seeded random images of Fashion-MNIST's
 shape (28x28x1; the 3-level presets downsample twice, 28 -> 14 -> 7, so 28 fits) with per-step seeded (t, noise).
 Warm-up steps (oneDNN primitive creation, allocator growth) are not timed. Speed does not depend on the weights.
@@ -36,7 +36,7 @@ from ddpm_ood.devices import (
     resolve_device,
 )
 from ddpm_ood.diffusion.schedule import make_ddpm_scheduler
-from ddpm_ood.diffusion.unet import MODEL_PRESETS, build_unet, model_config_from_preset
+from ddpm_ood.diffusion.unet import MODEL_PRESETS, build_unet, model_config_from_preset, wants_fused_attention
 from ddpm_ood.training.ddpm import draw_train_noise, train_step
 
 # The upstream README's Fashion-MNIST recipe; speed does not depend on it.
@@ -47,7 +47,11 @@ def measure(preset: str, precision: str, batch_size: int, steps: int, warmup: in
             device: torch.device, seed: int = 0) -> dict:
     """Time ``steps`` training steps after ``warmup`` untimed ones. Returns seconds per step (median) and images/s."""
     torch.manual_seed(seed)
-    model = build_unet(model_config_from_preset(preset, 2, 1)).to(device).train()
+    # As training builds it: fused attention and cuDNN autotuning on CUDA.
+    model = build_unet(model_config_from_preset(preset, 2, 1), fused_attention=wants_fused_attention(device))
+    model = model.to(device).train()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     optimizer = torch.optim.Adam(model.parameters(), lr=2.5e-5)
     configure_precision(precision, device)
     scaler = make_grad_scaler(device, precision)

@@ -160,3 +160,17 @@ def test_config_conflicts_name_both_values(tiny_model_config):
     assert "--beta_schedule: checkpoint linear_beta, flags cosine" in conflicts
     assert "image shape (C, *spatial): checkpoint (1, 8, 8), flags (1, 16, 16)" in conflicts
     assert not any("image shape" in c for c in config_conflicts(a, b, compare_image_shape=False))
+
+
+def test_a_setting_the_checkpoint_has_but_the_flags_leave_unset_is_a_conflict_on_resume():
+    # Resuming without --image_roi must not silently train on uncropped images of the same final shape.
+    from ddpm_ood.checkpoint import config_conflicts
+    from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
+    from ddpm_ood.diffusion.unet import model_config_from_preset
+
+    model = model_config_from_preset("tiny", 2, 1)
+    saved = RunConfig(model, ScheduleConfig(), DataConfig(is_grayscale=True, image_size=32, image_roi=(20, 20)),
+                      image_shape=(1, 32, 32))
+    given = RunConfig(model, ScheduleConfig(), DataConfig(is_grayscale=True, image_size=32), image_shape=(1, 32, 32))
+    assert config_conflicts(saved, given) == ["--image_roi: checkpoint (20, 20), flags None"]
+    assert config_conflicts(saved, saved) == []

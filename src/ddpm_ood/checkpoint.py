@@ -199,13 +199,15 @@ def flag_values(run: RunConfig) -> dict[str, Any]:
     }
 
 
-def flag_conflicts(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(flag, stored value, given value) for every flag in ``given`` (None = not given, skipped) whose value
-    differs from ``stored`` (floats within a relative 1e-12). The one comparison of flags against a checkpoint's
-    configuration, used when training resumes and when reconstruction reads a checkpoint."""
+def flag_conflicts(stored: Mapping[str, Any], given: Mapping[str, Any], *,
+                   skip_not_given: bool) -> list[tuple[str, Any, Any]]:
+    """(flag, stored value, given value) for every flag in ``given`` whose value differs from ``stored`` (floats
+    within a relative 1e-12). The one comparison of flags against a checkpoint's configuration, used when training
+    resumes (every setting compared: None is a value, e.g. no --image_roi) and when reconstruction reads a
+    checkpoint (``skip_not_given``: None = the flag was not given, the checkpoint decides)."""
     out = []
     for flag, value in given.items():
-        if value is None:
+        if value is None and skip_not_given:
             continue
         want = stored[flag]
         if isinstance(want, float) and isinstance(value, (int, float)):
@@ -232,7 +234,7 @@ def config_conflicts(saved: RunConfig, given: RunConfig, *, compare_image_shape:
         stored["image shape (C, *spatial)"] = tuple(saved.image_shape)
     if stored["model architecture"] is None:
         del wanted["model architecture"]  # another preset: --model_type already says so
-    return [f"{flag}: checkpoint {a}, flags {b}" for flag, a, b in flag_conflicts(stored, wanted)]
+    return [f"{flag}: checkpoint {a}, flags {b}" for flag, a, b in flag_conflicts(stored, wanted, skip_not_given=False)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def resolve_run_config(ckpt: dict, flags: ModelFlags, source: Path) -> RunConfig
         given["--image_roi"] = tuple(flags.image_roi)
     if flags.is_grayscale is not None:
         given["--is_grayscale"] = int(flags.is_grayscale)
-    conflicts = flag_conflicts(flag_values(run), given)
+    conflicts = flag_conflicts(flag_values(run), given, skip_not_given=True)
     if conflicts:
         flag, want, value = conflicts[0]
         raise UserError(f"{flag}={value} contradicts {source} which was trained with {want}; drop the flag")

@@ -67,7 +67,7 @@ class ScheduleConfig:
         return cls(**d)
 @dataclass(frozen=True)
 class ModelConfig:
-    """MONAI DiffusionModelUNet arguments (see networks.MODEL_PRESETS). in_channels == out_channels."""
+    """MONAI DiffusionModelUNet arguments (see diffusion.unet.MODEL_PRESETS). in_channels == out_channels."""
 
     preset: str
     spatial_dims: int

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_run import FLOAT_ROUNDING, REPO_ROOT, needs_lpips, save_tiny_checkpoint, write_npy_images
+import torch
+from tiny_run import (
+    FLOAT_ROUNDING,
+    REPO_ROOT,
+    TINY_SCHEDULE,
+    needs_lpips,
+    save_tiny_checkpoint,
+    write_npy_images,
+)
 
 from ddpm_ood.cli.reconstruct import main
 from ddpm_ood.cli.runner import run_cli
@@ -253,3 +261,18 @@ def test_precision_is_recorded_and_a_file_is_never_continued_at_another(setup, t
     bf16_rows = pd.read_csv(tmp_path / "toy" / "ood" / "results_val.csv")
     assert not np.allclose(bf16_rows["mse"], fp32_rows["mse"], rtol=0, atol=1e-9)  # really recomputed in bf16
     assert not partial.exists()
+
+
+def test_noise_drawn_ahead_is_the_seeded_noise_and_its_shape_is_checked():
+    from ddpm_ood.reconstruction.engine import reconstruct_batched
+    from ddpm_ood.reconstruction.stage import _batches_with_noise
+    from ddpm_ood.seeding import noise_batch, noise_key
+
+    batches = [{"path": [f"/d/a_{i}.npy", f"/d/b_{i}.npy"], "image": torch.rand(2, 1, 4, 4)} for i in range(3)]
+    got = list(_batches_with_noise(batches, 7, [1, 501], torch.device("cpu")))
+    assert [b for b, _ in got] == batches
+    for batch, noise in got:
+        assert torch.equal(noise, noise_batch(7, [noise_key(p) for p in batch["path"]], [1, 501], (1, 4, 4)))
+    with pytest.raises(ValueError, match="start noise has shape"):
+        reconstruct_batched(lambda x, t: x, TINY_SCHEDULE, torch.rand(2, 1, 4, 4), ["a", "b"], [1, 501], 10, 7,
+                            noise=torch.zeros(2, 2, 1, 8, 8))

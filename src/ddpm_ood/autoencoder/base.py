@@ -24,6 +24,11 @@ class Autoencoder(Protocol):
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor: ...
 
+    @property
+    def sample_range(self) -> tuple[float, float]:
+        """(low, high) that bounds clean model-space samples, for samplers that clip their x0 estimate."""
+        ...
+
 
 class IdentityAutoencoder:
     """Pixel space: ``encode(x) = b_scale * x``, ``decode(z) = z / b_scale`` (b_scale > 0; upstream's knob, 1 by
@@ -39,6 +44,11 @@ class IdentityAutoencoder:
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         return samples / self.b_scale
+
+    @property
+    def sample_range(self) -> tuple[float, float]:
+        # Images in [0, 1] live in [0, b_scale]; MONAI's default clip is [-1, 1], kept when it is wider.
+        return (-max(1.0, self.b_scale), max(1.0, self.b_scale))
 
     def __repr__(self) -> str:
         return f"IdentityAutoencoder(b_scale={self.b_scale:g})"

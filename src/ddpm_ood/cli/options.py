@@ -147,7 +147,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, from_checkpoint: bool)
 def add_max_batch_option(group: argparse._ActionsContainer) -> None:
     """--max_batch, shared by reconstruct.py and score.py."""
     group.add_argument("--max_batch", type=optional_int, default=None,
-                       help="most samples per network call (memory budget, no effect on the numbers; default: on a "
+                       help="most samples per network call (memory budget; numbers move by float rounding only; "
+                       "default: on a "
                        "CPU no limit - the batched engine calls the network with about (all network calls of a "
                        "batch) / (the longest trajectory's) samples at a time; on CUDA sized from the free GPU memory)")
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ddpm_ood.config import ModelConfig
 from ddpm_ood.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # small/big exactly as upstream; tiny for CPU runs and tests; tiny_fast (tiny's channels, attention only at the
 # lowest resolution) for the quickstart: 1.3x faster training and a 1.5x faster forward pass on a CPU.
@@ -84,7 +89,7 @@ def build_unet(config: ModelConfig, *, fused_attention: bool = False):
     )
 
 
-def wants_fused_attention(device) -> bool:
+def wants_fused_attention(device: torch.device | str) -> bool:
     """Fused (SDPA) attention on CUDA; on a CPU the plain attention keeps the numbers every test and table was made
     with (SDPA did not pay there: benchmarks/README.md)."""
     return getattr(device, "type", str(device)) == "cuda"

@@ -48,7 +48,6 @@ OUTPUT_FILES = (SUMMARY_CSV, SUMMARY_JSON, PER_T_CSV, ROC_PNG, PER_T_PNG, ZSCORE
 PLOT_SAMPLE = 50  # images per set in zscore_vs_t.png, as upstream's diagnostic plot
 
 
-
 @dataclass(frozen=True)
 class DetectionConfig:
     """ood_detection.py's settings: start points kept are those with min_t < t < max_t after taking every

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 DEFAULT_VAL_KEEP = 0.95
 # Output columns, in order; "error" is empty for a scored input, the one-line reason otherwise (scores NaN).
 OUTPUT_COLUMNS = ["path", "score", "is_ood", "mse_score", "perceptual_score", "error"]
-# Output column -> scoring.SCORE_NAMES entry it reports.
+# Output column -> ood.zscore.SCORE_NAMES entry it reports.
 SCORE_COLUMNS = {"score": DEFAULT_SCORE, "mse_score": "mse", "perceptual_score": "perceptual"}
 # Noise key of an in-memory image: this prefix + the sha256 hex digest of its prepared bytes (no file stem has "/").
 ARRAY_KEY_PREFIX = "/ddpm-ood-array/sha256/"

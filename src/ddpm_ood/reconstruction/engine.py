@@ -10,8 +10,8 @@ Two paths with the same numbers:
 
 Conventions: the engine works in model space (``autoencoder``): inputs ``x0`` (B, C, *spatial) are encoded samples
 (pixel space: images in [0, 1] times b_scale), outputs (S, B, C, *spatial) are denoised samples, NOT clamped, S =
-len(start_ts) in the order given; ``pipeline.py`` decodes and clamps. t indexes the 1000-step training schedule. The noise of (image, t) comes from a generator seeded from
-(seed, the image's noise key, t), so the noise does not depend on batch size, order, resuming or the number of
+len(start_ts) in the order given; ``pipeline.py`` decodes and clamps. t indexes the 1000-step training schedule. The
+noise of (image, t) comes from a generator seeded from (seed, the image's noise key, t) (``seeding``), so the noise does not depend on batch size, order, resuming or the number of
 processes, and, a file's key being its stem (``noise_key``), not on where the data sits either. Batch composition
 still moves results by float rounding: the network's kernels round differently for other batch sizes (about 1e-6 in
 fp32).
@@ -120,9 +120,7 @@ def reconstruct_reference(
 ) -> torch.Tensor:
     """One start point after another with a fresh MONAI PNDMScheduler each (history reset). -> (S, B, ...).
     ``noise``: the (S, B, ...) start noise if already drawn (``seeding.noise_batch``), else drawn here."""
-    if noise is None:
-        noise = noise_batch(seed, keys, start_ts, x0.shape[1:])
-    noise = noise.to(x0.device)
+    noise = _start_noise(noise, seed, keys, start_ts, x0).to(x0.device)
     recons = []
     for s, start_t in enumerate(start_ts):
         scheduler = make_pndm_scheduler(schedule, num_inference_steps)
@@ -186,8 +184,7 @@ def reconstruct_batched(
     def alpha(t_idx: torch.Tensor) -> torch.Tensor:
         return torch.where(t_idx >= 0, acp[t_idx.clamp(min=0)], one).reshape((-1,) + spatial)
 
-    if noise is None:  # drawn on the CPU: the same numbers on every device
-        noise = noise_batch(seed, keys, start_ts, x0.shape[1:])
+    noise = _start_noise(noise, seed, keys, start_ts, x0)
     if device.type == "cuda" and noise.device.type == "cpu" and not noise.is_pinned():
         noise = noise.pin_memory()  # copied without a host wait
     noise = noise.to(device, non_blocking=True).reshape((n,) + x0.shape[1:])
@@ -220,6 +217,18 @@ def reconstruct_batched(
             eps_ms = plms.multistep_eps(history[i], n_history[i])
             x[i] = plms.prev_sample(x[i], eps_ms, alpha(table[i, p]), alpha(table[i, p + 1]))
     return x.reshape((n_starts, batch) + x0.shape[1:])
+
+
+def _start_noise(noise: torch.Tensor | None, seed: int, keys: Sequence[str], start_ts: Sequence[int],
+                 x0: torch.Tensor) -> torch.Tensor:
+    """The (S, B, *sample shape) start noise: as given (checked), or drawn on the CPU (the same numbers on every
+    device)."""
+    if noise is None:
+        return noise_batch(seed, keys, start_ts, x0.shape[1:])
+    want = (len(start_ts), x0.shape[0], *x0.shape[1:])
+    if tuple(noise.shape) != want:
+        raise ValueError(f"start noise has shape {tuple(noise.shape)}, the samples need {want}")
+    return noise
 
 
 def tick_schedule(total_calls: Sequence[int], tick_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -7,7 +7,8 @@ samples encoded, decoded and clamped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,12 +62,13 @@ def load_model(
     load_unet_state(model, inference_state_dict(ckpt, use_ema=use_ema), str(source))
     model.to(device).eval()
 
-    def autocast():
+    def autocast() -> contextlib.AbstractContextManager:
         return autocast_context(device, precision)
 
-    if max_batch is None and device.type == "cuda":
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # tick shapes repeat from batch to batch: autotune the convolutions
-        max_batch = memory_sized_max_batch(model, tuple(run.image_shape), device, autocast)
+        if max_batch is None:
+            max_batch = memory_sized_max_batch(model, tuple(run.image_shape), device, autocast)
     eps_fn = model_eps_fn(model, run.schedule, max_batch=max_batch, autocast=autocast)
     return ReconstructionModel(eps_fn, run.schedule, autoencoder_for(run))
 
@@ -78,10 +80,11 @@ def max_batch_for_memory(free_bytes: int, bytes_per_sample: float, fraction: flo
 
 
 def memory_sized_max_batch(model: torch.nn.Module, sample_shape: tuple[int, ...], device: torch.device,
-                           autocast, probe: int = 8) -> int:
+                           autocast: Callable[[], contextlib.AbstractContextManager], probe: int = 8) -> int:
     """Samples per network call sized from the free GPU memory: the peak memory of one forward pass of ``probe``
     samples gives the bytes per sample, and calls may use ``MEMORY_FRACTION`` of what is free. Said in one line.
-    The chunking changes no number (each sample's output does not depend on its neighbours in the call)."""
+    Chunking changes numbers only by float rounding (the kernels round differently for other call sizes, about
+    1e-6 in fp32), as any other batch composition does."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -109,12 +112,14 @@ def reconstruct_images(
     recon_steps: int | None = None,
     engine: str = "batched",
     noise: torch.Tensor | None = None,
+    balanced: bool = True,
 ) -> torch.Tensor:
     """Reconstructions (S, B, C, *spatial) in [0, 1] of images (B, C, *spatial) in [0, 1] from every start t.
 
     keys[b]: the noise key of image b (``seeding.noise_key(path)`` for a file); row s belongs to start_ts[s].
     ``engine``: ``batched`` (default) or ``reference`` (the plain loop; same numbers, needs ``recon_steps=None``).
     ``noise``: the (S, B, *model-space shape) start noise when drawn ahead (``seeding.noise_batch``), else None.
+    ``balanced``: the batched engine's even tick sizes (the default; False only for the benchmark's ablation).
     """
     x0 = model.autoencoder.encode(images)
     if engine == "reference":
@@ -122,7 +127,8 @@ def reconstruct_images(
                                         noise=noise)
     else:
         samples = reconstruct_batched(
-            model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed, recon_steps, noise=noise
+            model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed, recon_steps,
+            balanced=balanced, noise=noise,
         )
     decoded = model.autoencoder.decode(samples.reshape((-1,) + samples.shape[2:]))
     return to_image(decoded).reshape((len(start_ts), images.shape[0]) + tuple(images.shape[1:]))

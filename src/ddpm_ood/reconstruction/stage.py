@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -178,13 +180,13 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
     todo = [i for i in range(len(dataset)) if i not in done]
     mine = todo[ctx.rank :: ctx.world_size]
     n_batches = max((len(todo) + job.batch_size * ctx.world_size - 1) // (job.batch_size * ctx.world_size), 1)
-    items = _WithStartNoise(Subset(dataset, mine), job.seed, start_ts)
-    loader = iter(DataLoader(items, batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
-                             pin_memory=ctx.device.type == "cuda"))
+    loader = DataLoader(Subset(dataset, mine), batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
+                        pin_memory=ctx.device.type == "cuda")
+    batches = _batches_with_noise(loader, job.seed, start_ts, ctx.device)
     bar = tqdm(total=len(todo), desc=f"reconstruct {name}", unit="img", disable=not ctx.is_main)
     # Every rank runs n_batches rounds (some with no images) so the per-batch gathers stay in step.
     for _ in range(n_batches):
-        batch = next(loader, None)
+        batch, noise = next(batches, (None, None))
         rows = pd.DataFrame(columns=PARTIAL_COLUMNS)
         started = time.perf_counter()
         if batch is not None:
@@ -193,10 +195,12 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
             values = measure_batch(
                 model, metrics, batch["image"].to(ctx.device, non_blocking=True), keys, start_ts,
                 job.num_inference_steps, job.seed, recon_steps=job.recon_steps, engine=job.engine,
-                noise=batch["noise"].transpose(0, 1),  # (B, S, ...) -> (S, B, ...)
+                noise=noise,
             )
             rows = result_rows(idx, [image_stem(p) for p in batch["path"]], row_type, start_ts, values)
-        rows = pd.concat(gather_objects(rows, ctx), ignore_index=True) if ctx.distributed else rows
+        if ctx.distributed:
+            parts = [part for part in gather_objects(rows, ctx) if len(part)]
+            rows = pd.concat(parts, ignore_index=True) if parts else rows
         if ctx.is_main:
             writer.append(rows)
             n_images = rows["index"].nunique()
@@ -211,21 +215,24 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
     barrier(ctx)
 
 
-class _WithStartNoise(torch.utils.data.Dataset):
-    """Items of ``dataset`` with their start noise: ``noise`` (S, *image shape), row s seeded from (seed, the
-    file's noise key, start_ts[s]) exactly as ``seeding.noise_batch`` draws it. Drawn in the loader workers, so it
-    overlaps the network instead of waiting for it (pixel space: the model-space shape is the image's)."""
+def _batches_with_noise(loader, seed: int, start_ts: list[int], device: torch.device) -> Iterator[tuple[dict, Any]]:
+    """(batch, its start noise (S, B, *image shape)) pairs; the noise of the NEXT batch is drawn in a background
+    thread while the caller runs this one through the network (the same ``seeding.noise_batch`` numbers, so nothing
+    changes; in the main process, so no shared-memory traffic). Pinned on CUDA for a copy without a host wait."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def __init__(self, dataset, seed: int, start_ts: list[int]) -> None:
-        self.dataset, self.seed, self.start_ts = dataset, seed, list(start_ts)
+    from ddpm_ood.seeding import noise_batch, noise_key
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def draw(batch: dict) -> torch.Tensor:
+        noise = noise_batch(seed, [noise_key(p) for p in batch["path"]], start_ts, tuple(batch["image"].shape[1:]))
+        return noise.pin_memory() if device.type == "cuda" else noise
 
-    def __getitem__(self, i: int) -> dict:
-        from ddpm_ood.seeding import noise_key, row_noise
-
-        item = self.dataset[i]
-        key = noise_key(item["path"])
-        shape = tuple(item["image"].shape)
-        return {**item, "noise": torch.stack([row_noise(self.seed, key, t, shape) for t in self.start_ts])}
+    batches = iter(loader)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        current = next(batches, None)
+        pending = pool.submit(draw, current) if current is not None else None
+        while current is not None:
+            following = next(batches, None)
+            upcoming = pool.submit(draw, following) if following is not None else None
+            yield current, pending.result()
+            current, pending = following, upcoming

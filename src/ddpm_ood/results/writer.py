@@ -53,7 +53,8 @@ class ResumableResults:
         saved = self._read_json(self.settings_path)
         if saved == self.settings:
             return True
-        print(f"recomputing {self.path.name}: it was made with other settings ({settings_difference(saved, self.settings)})")
+        changed = settings_difference(saved, self.settings)
+        print(f"recomputing {self.path.name}: it was made with other settings ({changed})")
         return False
 
     def start(self) -> set[int]:
@@ -126,7 +127,8 @@ def settings_difference(saved: dict | None, wanted: dict) -> str:
     if not isinstance(saved, dict):
         return "no readable settings file"
     keys = sorted(set(saved) | set(wanted))
-    parts = [f"{k}: {saved.get(k, 'absent')} -> {wanted.get(k, 'absent')}" for k in keys if saved.get(k) != wanted.get(k)]
+    parts = [f"{k}: {saved.get(k, 'absent')} -> {wanted.get(k, 'absent')}"
+             for k in keys if saved.get(k) != wanted.get(k)]
     return "; ".join(parts)
 
 

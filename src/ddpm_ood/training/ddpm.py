@@ -146,8 +146,8 @@ def sample_images(
     """
     model.eval()
     scheduler = make_ddim_scheduler(schedule, num_steps)
-    # MONAI clips the predicted x0 to [-1, 1]; the data live in [0, b_scale], so widen the clip for b_scale > 1.
-    scheduler.clip_sample_values = (-max(1.0, schedule.b_scale), max(1.0, schedule.b_scale))
+    # MONAI clips the predicted x0 to [-1, 1]; clean samples live in the autoencoder's range.
+    scheduler.clip_sample_values = autoencoder.sample_range
     x = torch.randn((n, *image_shape), generator=generator).to(device)
     for t in scheduler.timesteps:
         t_int = int(t)

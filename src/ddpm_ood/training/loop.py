@@ -45,7 +45,8 @@ STREAM_LOADER = 4
 # Consecutive non-finite fp16 losses (each a step the GradScaler skipped) after which training is called diverged.
 MAX_NON_FINITE_STEPS = 20
 # Training losses are brought to the host this many steps at a time on a GPU (one transfer, no wait per step); on a
-# CPU every step, where reading a loss costs nothing and the progress bar stays live.
+# CPU every step, where reading a loss costs nothing and the progress bar stays live. On a GPU a diverged fp32 run is
+# therefore stopped up to this many steps late; no checkpoint is written in between (only at the epoch's end).
 CUDA_LOSS_READBACK_STEPS = 25
 
 
@@ -260,6 +261,7 @@ class _Fit:
         self.sampler, self.train_loader, self.val_loader = _make_loaders(train_set, val_set, cfg, ctx)
         self.writers = None
         self.non_finite_run = 0
+        self.throughput = 0.0  # images/s of the last epoch
 
     def open_writers(self, resumed: bool) -> None:
         if self.ctx.is_main:

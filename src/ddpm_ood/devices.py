@@ -69,7 +69,8 @@ def _gpu_present_but_unusable() -> bool:
 
 
 def describe_device(device: torch.device) -> str:
-    """One line naming the device, e.g. ``cpu (AVX512, native bf16, 2 threads)`` or ``cuda:0 (NVIDIA H200)``."""
+    """One line naming the device, e.g. ``cpu (AMD EPYC, AVX512, native bf16, 2 cores, 2 threads)`` or
+    ``cuda:0 (NVIDIA H200, CUDA 13.0)``."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
     native = "native bf16" if cpu_has_native_bf16() else "no native bf16"
@@ -144,15 +145,17 @@ def configure_precision(precision: str, device: torch.device) -> None:
     """Set the process-wide TF32 switches for ``precision`` (on CUDA, TF32 only for ``tf32``). For training, whose
     backward pass runs outside any context; inference uses the scoped :func:`autocast_context`."""
     if device.type == "cuda":
-        allow = precision == "tf32"
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        torch.backends.cudnn.allow_tf32 = allow
+        _set_tf32(precision == "tf32")
+
+
+def _set_tf32(allow: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
 
 
 @contextlib.contextmanager
 def _tf32_switches(allow: bool) -> Iterator[None]:
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    _set_tf32(allow)
     try:
         yield
     finally:

@@ -270,9 +270,10 @@ def test_noise_drawn_ahead_is_the_seeded_noise_and_its_shape_is_checked():
 
     batches = [{"path": [f"/d/a_{i}.npy", f"/d/b_{i}.npy"], "image": torch.rand(2, 1, 4, 4)} for i in range(3)]
     got = list(_batches_with_noise(batches, 7, [1, 501], torch.device("cpu")))
-    assert [b for b, _ in got] == batches
-    for batch, noise in got:
-        assert torch.equal(noise, noise_batch(7, [noise_key(p) for p in batch["path"]], [1, 501], (1, 4, 4)))
+    assert [b for b, _, _ in got] == batches
+    for batch, keys, noise in got:
+        assert keys == [noise_key(p) for p in batch["path"]]
+        assert torch.equal(noise, noise_batch(7, keys, [1, 501], (1, 4, 4)))
     with pytest.raises(ValueError, match="start noise has shape"):
         reconstruct_batched(lambda x, t: x, TINY_SCHEDULE, torch.rand(2, 1, 4, 4), ["a", "b"], [1, 501], 10, 7,
                             noise=torch.zeros(2, 2, 1, 8, 8))

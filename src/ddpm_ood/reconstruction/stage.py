@@ -6,7 +6,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -169,7 +168,6 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
 
     from ddpm_ood.data.datasets import image_stem
     from ddpm_ood.distributed import barrier, broadcast_object, gather_objects
-    from ddpm_ood.seeding import noise_key
 
     if writer.is_complete():
         if ctx.is_main:
@@ -186,12 +184,11 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
     bar = tqdm(total=len(todo), desc=f"reconstruct {name}", unit="img", disable=not ctx.is_main)
     # Every rank runs n_batches rounds (some with no images) so the per-batch gathers stay in step.
     for _ in range(n_batches):
-        batch, noise = next(batches, (None, None))
+        batch, keys, noise = next(batches, (None, None, None))
         rows = pd.DataFrame(columns=PARTIAL_COLUMNS)
         started = time.perf_counter()
         if batch is not None:
             idx = [int(i) for i in batch["index"]]
-            keys = [noise_key(p) for p in batch["path"]]
             values = measure_batch(
                 model, metrics, batch["image"].to(ctx.device, non_blocking=True), keys, start_ts,
                 job.num_inference_steps, job.seed, recon_steps=job.recon_steps, engine=job.engine,
@@ -215,17 +212,19 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
     barrier(ctx)
 
 
-def _batches_with_noise(loader, seed: int, start_ts: list[int], device: torch.device) -> Iterator[tuple[dict, Any]]:
-    """(batch, its start noise (S, B, *image shape)) pairs; the noise of the NEXT batch is drawn in a background
+def _batches_with_noise(loader, seed: int, start_ts: list[int],
+                        device: torch.device) -> Iterator[tuple[dict, list[str], torch.Tensor]]:
+    """(batch, its noise keys, its start noise (S, B, *image shape)) triples; the noise of the NEXT batch is drawn in a background
     thread while the caller runs this one through the network (the same ``seeding.noise_batch`` numbers, so nothing
     changes; in the main process, so no shared-memory traffic). Pinned on CUDA for a copy without a host wait."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ddpm_ood.seeding import noise_batch, noise_key
 
-    def draw(batch: dict) -> torch.Tensor:
-        noise = noise_batch(seed, [noise_key(p) for p in batch["path"]], start_ts, tuple(batch["image"].shape[1:]))
-        return noise.pin_memory() if device.type == "cuda" else noise
+    def draw(batch: dict) -> tuple[list[str], torch.Tensor]:
+        keys = [noise_key(p) for p in batch["path"]]
+        noise = noise_batch(seed, keys, start_ts, tuple(batch["image"].shape[1:]))
+        return keys, noise.pin_memory() if device.type == "cuda" else noise
 
     batches = iter(loader)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -234,5 +233,5 @@ def _batches_with_noise(loader, seed: int, start_ts: list[int], device: torch.de
         while current is not None:
             following = next(batches, None)
             upcoming = pool.submit(draw, following) if following is not None else None
-            yield current, pending.result()
+            yield current, *pending.result()
             current, pending = following, upcoming

@@ -193,7 +193,7 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, 
 
 
 def _model(eps_fn: EpsFn, setup: BenchmarkSetup) -> ReconstructionModel:
-    return ReconstructionModel(eps_fn, setup.schedule, IdentityAutoencoder(setup.schedule.b_scale))
+    return ReconstructionModel(eps_fn, setup.schedule, IdentityAutoencoder(setup.schedule.b_scale), setup.image_shape)
 
 
 def run_reference(eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, paths: Sequence[str]) -> torch.Tensor:

@@ -3,6 +3,10 @@
 #   bash scripts/quickstart.sh            # 5 min (AVX-512 + bf16) to ~18 min (AVX2, fp32) on 2 CPU cores after the
 #                                         # environment step; FashionMNIST vs MNIST AUROC about 0.92 (README)
 #   QUICKSTART_FAST=1 bash scripts/quickstart.sh   # ~1-2-minute smoke version (CI runs it); AUROC not meaningful
+#   QUICKSTART_LDM=1 bash scripts/quickstart.sh    # the latent-diffusion route (VQ-VAE, then a DDPM in its latent
+#                                                  # space); combines with QUICKSTART_FAST=1 (CI runs that too)
+#   QUICKSTART_SIMPLEX=1 bash scripts/quickstart.sh  # the same DDPM with AnoDDPM's simplex noise (--simplex_noise=1)
+#                                                    # under its own model name (<model>_simplex); combines with both
 # Everything goes under runs/quickstart/ (data/, output/). Running it again resumes and finishes quickly.
 # Every step calls the four entry scripts with the README's flags, so this is also their integration test.
 set -euo pipefail
@@ -14,10 +18,29 @@ DATA="$RUN_DIR/data"
 OUT="$RUN_DIR/output"
 if [ "${QUICKSTART_FAST:-0}" = "1" ]; then
   MODEL=fashionmnist_fast TRAIN_N=512 EPOCHS=1 BATCH=64 N_VAL=24 N_TEST=24 N_FLIP=24 SKIP=32 RECON_STEPS=4
+  VQ_EPOCHS=1 LDM_EPOCHS=1
 else
   MODEL=fashionmnist_tiny_fast TRAIN_N=9000 EPOCHS=3 BATCH=32 N_VAL=200 N_TEST=200 N_FLIP=100 SKIP=16 RECON_STEPS=5
+  VQ_EPOCHS=3 LDM_EPOCHS=10
 fi
 PRESET=tiny_fast
+# QUICKSTART_LDM=1: the latent route (upstream's "Run with LDM"): a VQ-VAE (28x28 -> 7x7 latents of 3 channels, padded
+# to 8x8 for the UNet), then the same DDPM recipe in its latent space, more epochs (each is ~3x cheaper).
+LDM="${QUICKSTART_LDM:-0}"
+LATENT=()
+if [ "$LDM" = "1" ]; then
+  VQ_MODEL="${MODEL/fashionmnist/fashionmnist_vqvae}"
+  MODEL="${MODEL/fashionmnist/fashionmnist_ldm}"
+  EPOCHS="$LDM_EPOCHS"
+  LATENT=(--vqvae_checkpoint="$OUT/$VQ_MODEL/checkpoint.pth")
+fi
+# QUICKSTART_SIMPLEX=1: train with simplex noise instead of Gaussian; the checkpoint records it, so reconstruct.py
+# uses it too. Its own model name keeps the Gaussian run's files apart.
+NOISE=()
+if [ "${QUICKSTART_SIMPLEX:-0}" = "1" ]; then
+  MODEL="${MODEL}_simplex"
+  NOISE=(--simplex_noise=1)
+fi
 SCHEDULE=(--beta_schedule=scaled_linear_beta --beta_start=0.0015 --beta_end=0.0195)
 started=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - started ))s] $*"; }
@@ -61,6 +84,30 @@ head -n 1001 "$SPLITS/FashionMNIST_val.csv" > "$SPLITS/FashionMNIST_val_quicksta
 step "3/6 LPIPS backbone (ImageNet AlexNet, installed offline)"
 python -m ddpm_ood.lpips_weights
 
+if [ "$LDM" = "1" ]; then
+  step "4a/6 train the VQ-VAE on Fashion-MNIST ($TRAIN_N images, $VQ_EPOCHS epochs, fp32)"
+  python train_vqvae.py \
+    --output_dir="$OUT" \
+    --model_name="$VQ_MODEL" \
+    --training_ids="$SPLITS/FashionMNIST_train_quickstart.csv" \
+    --validation_ids="$SPLITS/FashionMNIST_val_quickstart.csv" \
+    --is_grayscale=1 \
+    --spatial_dimension=2 \
+    --n_epochs="$VQ_EPOCHS" \
+    --eval_freq="$VQ_EPOCHS" \
+    --checkpoint_every=0 \
+    --batch_size="$BATCH" \
+    --vqvae_num_channels=[32,64] \
+    --vqvae_num_res_channels=[32,64] \
+    --vqvae_num_res_layers=1 \
+    --vqvae_downsample_parameters=[[2,4,1,1],[2,4,1,1]] \
+    --vqvae_upsample_parameters=[[2,4,1,1,0],[2,4,1,1,0]] \
+    --vqvae_embedding_dim=3 \
+    --vqvae_num_embeddings=256 \
+    --vqvae_learning_rate=1e-3 \
+    --num_workers=0
+fi
+
 step "4/6 train the $PRESET DDPM on Fashion-MNIST ($TRAIN_N images, $EPOCHS epochs; --amp=1: bf16 where the CPU has it natively, else fp32)"
 python train_ddpm.py \
   --output_dir="$OUT" \
@@ -78,6 +125,8 @@ python train_ddpm.py \
   --amp=1 \
   --num_workers=0 \
   --quick_test=0 \
+  "${LATENT[@]}" \
+  "${NOISE[@]}" \
   "${SCHEDULE[@]}"
 
 step "5/6 reconstruct validation, Fashion-MNIST test, MNIST test and the flipped sets"

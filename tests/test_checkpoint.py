@@ -174,3 +174,22 @@ def test_a_setting_the_checkpoint_has_but_the_flags_leave_unset_is_a_conflict_on
     given = RunConfig(model, ScheduleConfig(), DataConfig(is_grayscale=True, image_size=32), image_shape=(1, 32, 32))
     assert config_conflicts(saved, given) == ["--image_roi: checkpoint (20, 20), flags None"]
     assert config_conflicts(saved, saved) == []
+
+
+def test_simplex_noise_is_a_stored_setting_refused_when_contradicted(tmp_path):
+    from ddpm_ood.checkpoint import ModelFlags, resolve_run_config, run_config_from_flags
+
+    model = model_config_from_preset("tiny", 2, 1)
+    simplex = RunConfig(model, ScheduleConfig(noise_type="simplex"), DataConfig(is_grayscale=True), (1, 8, 8))
+    gaussian = RunConfig(model, ScheduleConfig(), DataConfig(is_grayscale=True), (1, 8, 8))
+    assert config_conflicts(simplex, gaussian) == ["--simplex_noise: checkpoint 1, flags 0"]
+    ckpt = {"model_state_dict": {}, "config": simplex.to_dict()}
+    assert resolve_run_config(ckpt, ModelFlags(simplex_noise=True), tmp_path / "c.pth") == simplex
+    with pytest.raises(UserError, match=r"^--simplex_noise=0 contradicts .*c\.pth which was trained with 1; drop"):
+        resolve_run_config(ckpt, ModelFlags(simplex_noise=False), tmp_path / "c.pth")
+    legacy = gaussian.to_dict()
+    del legacy["schedule"]["noise_type"]  # a checkpoint written before noise types existed
+    assert resolve_run_config({"config": legacy}, ModelFlags(simplex_noise=False), tmp_path / "c.pth") == gaussian
+    # An upstream checkpoint (no config): the flag says which noise it was trained with.
+    assert run_config_from_flags(ModelFlags(simplex_noise=True), (1, 8, 8)).schedule.noise_type == "simplex"
+    assert run_config_from_flags(ModelFlags(), (1, 8, 8)).schedule.noise_type == "gaussian"

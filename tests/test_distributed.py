@@ -72,12 +72,12 @@ def _write_data(tmp: Path, n_train: int, n_val: int) -> tuple[str, str]:
     return str(tmp / "train.csv"), str(tmp / "val.csv")
 
 
-def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], cwd: Path, script: str = "train_ddpm.py") -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(ROOT / "train_ddpm.py"), *args]
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(ROOT / script), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -99,6 +99,26 @@ def test_two_cpu_processes_train_one_run(tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["model_state_dict"])  # unwrapped from DDP
     assert run_config_of(ckpt).model.preset == "tiny"
     assert proc.stdout.count("trained 1/1 epochs") == 1  # rank 0 reports, once
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_one_vqvae(tmp_path):
+    train, val = _write_data(tmp_path, n_train=8, n_val=3)
+    proc = _torchrun([f"--output_dir={tmp_path / 'out'}", "--model_name=vq", f"--training_ids={train}",
+                      f"--validation_ids={val}", "--is_grayscale=1", "--spatial_dimension=2", "--batch_size=2",
+                      "--n_epochs=1", "--num_workers=0", "--device=cpu", "--perceptual_weight=0",
+                      "--vqvae_num_channels=[8]", "--vqvae_num_res_channels=[8]", "--vqvae_num_res_layers=1",
+                      "--vqvae_downsample_parameters=[[2,4,1,1]]", "--vqvae_upsample_parameters=[[2,4,1,1,0]]",
+                      "--vqvae_num_embeddings=8", "--vqvae_embedding_dim=2"], tmp_path, script="train_vqvae.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "out" / "vq"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pth", LAST_CHECKPOINT, "train", "val",
+                                                     "vqvae_config.json"]
+    ckpt = load_checkpoint(run / LAST_CHECKPOINT, kind="vqvae")
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2
+    for key in ("model_state_dict", "discriminator_state_dict"):
+        assert not any(k.startswith("module.") for k in ckpt[key])
+    assert proc.stdout.count("trained 1/1 epochs") == 1
 
 
 @pytest.mark.slow

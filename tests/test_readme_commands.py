@@ -12,10 +12,14 @@ from ddpm_ood.cli.options import refuse_unsupported
 README = (REPO_ROOT / "README.md").read_text()
 SCRIPTS = {
     "train_ddpm.py": "train_ddpm",
+    "train_vqvae.py": "train_vqvae",
     "reconstruct.py": "reconstruct",
     "ood_detection.py": "ood_detection",
     "get_datasets.py": "get_datasets",
     "src/data/get_computer_vision_datasets.py": "get_datasets",
+    "src/data/get_mednist_datasets.py": "get_mednist_datasets",
+    "src/data/get_decathlon_datasets.py": "get_decathlon_datasets",
+    "src/data/get_3dmedmnist.py": "get_3dmedmnist",
 }
 
 

@@ -53,10 +53,25 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None
     atomic_torch_save(dict(payload), path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint onto the CPU (``weights_only=True``: no code runs on load).
+CHECKPOINT_KINDS = ("ddpm", "vqvae")
+_KIND_WRITERS = {"ddpm": "train_ddpm.py", "vqvae": "train_vqvae.py"}
 
-    Raises UserError naming the file if it is missing, unreadable, or not a checkpoint dict with model weights.
+
+def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:
+    """``"vqvae"`` for a VQ-VAE checkpoint (ours say so in their config; upstream's have ``quantizer.`` weights),
+    else ``"ddpm"``."""
+    config = ckpt.get("config")
+    if isinstance(config, dict):
+        return "vqvae" if config.get("kind") == "vqvae" else "ddpm"
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in ckpt.get("model_state_dict", {})]
+    return "vqvae" if any(k.startswith("quantizer.") for k in keys) else "ddpm"
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str = "ddpm") -> dict:
+    """Read a checkpoint of ``kind`` (``CHECKPOINT_KINDS``) onto the CPU (``weights_only=True``: no code runs on load).
+
+    Raises UserError naming the file if it is missing, unreadable, not a checkpoint dict with model weights, or a
+    checkpoint of the other kind (a VQ-VAE where a DDPM is expected, or the reverse).
     """
     path = Path(path)
     if not path.is_file():
@@ -70,7 +85,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UserError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {first_line})") from None
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
-        raise UserError(f"{path}: not a ddpm checkpoint (no 'model_state_dict' entry)")
+        raise UserError(f"{path}: not a {kind} checkpoint (no 'model_state_dict' entry)")
+    found = checkpoint_kind(ckpt)
+    if found != kind:
+        hint = " (give it as --vqvae_checkpoint)" if found == "vqvae" else ""
+        raise UserError(f"{path}: is a {found.upper()} checkpoint (written by {_KIND_WRITERS[found]}), but a "
+                        f"{kind.upper()} checkpoint is expected here{hint}")
     return ckpt
 
 
@@ -190,12 +210,14 @@ def flag_values(run: RunConfig) -> dict[str, Any]:
         "--is_grayscale": int(run.data.is_grayscale),
         "--image_size": run.data.image_size,
         "--image_roi": None if run.data.image_roi is None else tuple(run.data.image_roi),
+        "--channel": run.data.channel,
         "--beta_schedule": run.schedule.beta_schedule,
         "--beta_start": run.schedule.beta_start,
         "--beta_end": run.schedule.beta_end,
         "--prediction_type": run.schedule.prediction_type,
         "--b_scale": run.schedule.b_scale,
         "--snr_shift": run.schedule.snr_shift,
+        "--simplex_noise": int(run.schedule.noise_type == "simplex"),
     }
 
 
@@ -229,12 +251,21 @@ def config_conflicts(saved: RunConfig, given: RunConfig, *, compare_image_shape:
     stored["model architecture"] = saved.model.to_dict() if saved.model.preset == given.model.preset else None
     wanted["num_train_timesteps"] = given.schedule.num_train_timesteps
     stored["num_train_timesteps"] = saved.schedule.num_train_timesteps
+    wanted["--vqvae_checkpoint (VQ-VAE weights)"] = _latent_identity(given, compare_image_shape)
+    stored["--vqvae_checkpoint (VQ-VAE weights)"] = _latent_identity(saved, compare_image_shape)
     if compare_image_shape:
         wanted["image shape (C, *spatial)"] = tuple(given.image_shape)
         stored["image shape (C, *spatial)"] = tuple(saved.image_shape)
     if stored["model architecture"] is None:
         del wanted["model architecture"]  # another preset: --model_type already says so
     return [f"{flag}: checkpoint {a}, flags {b}" for flag, a, b in flag_conflicts(stored, wanted, skip_not_given=False)]
+
+
+def _latent_identity(run: RunConfig, with_shape: bool) -> str:
+    if run.latent is None:
+        return "none (pixel space)"
+    shape = f", latent {'x'.join(map(str, run.latent.latent_shape))}" if with_shape else ""
+    return f"VQ-VAE sha256 {run.latent.weights_sha256[:12]}{shape}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,12 +285,14 @@ class ModelFlags:
     spatial_dims: int | None = None
     image_size: int | None = None
     image_roi: tuple[int, ...] | None = None
+    channel: int | None = None
     beta_schedule: str | None = None
     beta_start: float | None = None
     beta_end: float | None = None
     prediction_type: str | None = None
     b_scale: float | None = None
     snr_shift: float | None = None
+    simplex_noise: bool | None = None
 
 
 def resolve_run_config(ckpt: dict, flags: ModelFlags, source: Path) -> RunConfig | None:
@@ -277,6 +310,8 @@ def resolve_run_config(ckpt: dict, flags: ModelFlags, source: Path) -> RunConfig
         given["--image_roi"] = tuple(flags.image_roi)
     if flags.is_grayscale is not None:
         given["--is_grayscale"] = int(flags.is_grayscale)
+    if flags.simplex_noise is not None:
+        given["--simplex_noise"] = int(flags.simplex_noise)
     conflicts = flag_conflicts(flag_values(run), given, skip_not_given=True)
     if conflicts:
         flag, want, value = conflicts[0]
@@ -296,6 +331,7 @@ def run_config_from_flags(flags: ModelFlags, image_shape: Sequence[int]) -> RunC
         prediction_type=flags.prediction_type or "epsilon",
         b_scale=flags.b_scale if flags.b_scale is not None else 1.0,
         snr_shift=flags.snr_shift if flags.snr_shift is not None else 1.0,
+        noise_type="simplex" if flags.simplex_noise else "gaussian",
     )
     model = model_config_from_preset(flags.model_type or "small", data.spatial_dims, data.channels)
     return RunConfig(model=model, schedule=schedule, data=data, image_shape=tuple(image_shape))
@@ -307,4 +343,5 @@ def data_config_for_upstream(flags: ModelFlags) -> DataConfig:
         spatial_dims=flags.spatial_dims or 2,
         image_size=flags.image_size,
         image_roi=flags.image_roi,
+        channel=flags.channel or 0,
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ddpm_ood.diffusion.noise import DEFAULT_NOISE_TYPE, check_noise_type
 from ddpm_ood.diffusion.schedule import (
     DEFAULT_BETA_END,
     DEFAULT_BETA_START,
@@ -30,9 +31,13 @@ class ScheduleConfig:
     # Upstream knobs: data are multiplied by b_scale before noising; snr_shift rescales the SNR of every t.
     b_scale: float = 1.0
     snr_shift: float = 1.0
+    # The noise eps of x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (diffusion.noise.NOISE_TYPES; --simplex_noise=1 is
+    # "simplex"). Checkpoints written before it existed have none: Gaussian.
+    noise_type: str = DEFAULT_NOISE_TYPE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta_schedule", canonical_schedule_name(self.beta_schedule))
+        check_noise_type(self.noise_type)
         if self.prediction_type not in PREDICTION_TYPES:
             raise UserError(
                 f"unknown prediction type {self.prediction_type!r}; accepted: {', '.join(PREDICTION_TYPES)}"
@@ -98,10 +103,15 @@ class DataConfig:
     spatial_dims: int = 2
     image_size: int | None = None
     image_roi: tuple[int, ...] | None = None
+    # With is_grayscale: the channel kept of multi-channel NIfTI volumes (BraTS: 0 FLAIR, as upstream, 1 T1w, 2 t1gd,
+    # 3 T2w). Single-channel images are used as they are.
+    channel: int = 0
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
             raise UserError(f"--spatial_dimension must be 2 or 3, got {self.spatial_dims}")
+        if not isinstance(self.channel, int) or self.channel < 0:
+            raise UserError(f"--channel must be an integer >= 0, got {self.channel!r}")
         if self.image_roi is not None:
             object.__setattr__(self, "image_roi", tuple(int(v) for v in self.image_roi))
             if len(self.image_roi) != self.spatial_dims:
@@ -121,25 +131,130 @@ class DataConfig:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
+def _int_tuples(value) -> tuple:
+    """Nested lists of ints -> nested tuples (JSON gives lists; frozen configs hold tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_int_tuples(v) for v in value)
+    return int(value)
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """MONAI core ``VQVAE`` arguments, named as MONAI core names them (upstream's ``vqvae_config.json`` calls
+    ``channels`` ``num_channels``; ``autoencoder.vqvae`` reads and writes that file). Stored in VQ-VAE checkpoints
+    and, for a latent DDPM, inside its RunConfig."""
+
+    spatial_dims: int = 3
+    in_channels: int = 1
+    out_channels: int = 1
+    num_res_layers: int = 3
+    downsample_parameters: tuple[tuple[int, ...], ...] = ((2, 4, 1, 1),) * 4
+    upsample_parameters: tuple[tuple[int, ...], ...] = ((2, 4, 1, 1, 0),) * 4
+    channels: tuple[int, ...] = (128, 128, 128, 256)
+    num_res_channels: tuple[int, ...] = (128, 128, 128, 256)
+    num_embeddings: int = 256
+    embedding_dim: int = 256
+    decay: float = 0.99
+    commitment_cost: float = 0.25
+    epsilon: float = 1e-5
+    dropout: float = 0.0
+    ddp_sync: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("downsample_parameters", "upsample_parameters", "channels", "num_res_channels"):
+            object.__setattr__(self, name, _int_tuples(getattr(self, name)))
+        levels = len(self.channels)
+        if self.spatial_dims not in (2, 3):
+            raise UserError(f"VQ-VAE spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if len(self.num_res_channels) != levels or len(self.downsample_parameters) != levels or \
+                len(self.upsample_parameters) != levels:
+            raise UserError(
+                f"VQ-VAE: --vqvae_num_channels, --vqvae_num_res_channels, --vqvae_downsample_parameters and "
+                f"--vqvae_upsample_parameters need one entry per level, got {levels}, {len(self.num_res_channels)}, "
+                f"{len(self.downsample_parameters)}, {len(self.upsample_parameters)}"
+            )
+        if any(len(p) != 4 for p in self.downsample_parameters) or any(len(p) != 5 for p in self.upsample_parameters):
+            raise UserError("VQ-VAE: each downsample level is [stride,kernel,dilation,padding] and each upsample level "
+                            "[stride,kernel,dilation,padding,output_padding]")
+        if min(self.num_embeddings, self.embedding_dim, self.in_channels, self.out_channels, *self.channels) < 1:
+            raise UserError("VQ-VAE: channel counts, --vqvae_num_embeddings and --vqvae_embedding_dim must be >= 1")
+
+    @property
+    def downsampling(self) -> int:
+        """Image side / latent side (the product of the downsampling strides)."""
+        factor = 1
+        for stride, *_ in self.downsample_parameters:
+            factor *= stride
+        return factor
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VQVAEConfig:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    """The frozen VQ-VAE a latent DDPM was trained on (its model space is the VQ-VAE's quantised latent).
+
+    ``weights_sha256``: hash of the VQ-VAE weights (``autoencoder.vqvae.weights_hash``), so another VQ-VAE is refused;
+    ``checkpoint``: where it was when training started (the default for reconstruction); ``latent_pad``: ``F.pad``
+    amounts (last spatial dim first, (before, after) pairs, >= 0) applied after encoding so the UNet can halve the
+    latent, removed before decoding; ``latent_shape``: (C', *spatial') of a padded latent.
+    """
+
+    vqvae: VQVAEConfig
+    weights_sha256: str
+    checkpoint: str
+    latent_pad: tuple[int, ...]
+    latent_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "latent_pad", tuple(int(p) for p in self.latent_pad))
+        object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
+
+    def to_dict(self) -> dict:
+        return {"vqvae": self.vqvae.to_dict(), "weights_sha256": self.weights_sha256, "checkpoint": self.checkpoint,
+                "latent_pad": list(self.latent_pad), "latent_shape": list(self.latent_shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatentConfig:
+        return cls(vqvae=VQVAEConfig.from_dict(d["vqvae"]), weights_sha256=str(d["weights_sha256"]),
+                   checkpoint=str(d["checkpoint"]), latent_pad=d["latent_pad"], latent_shape=d["latent_shape"])
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """What a trained model is: stored as checkpoint["config"] and read back by reconstruction.
 
-    image_shape is the (C, *spatial) shape of one training image after loading, in [0, 1].
+    image_shape is the (C, *spatial) shape of one training image after loading, in [0, 1]. ``latent``: None for
+    pixel-space diffusion, else the VQ-VAE whose latent space the UNet works in (``model.in_channels`` is then the
+    VQ-VAE's embedding dimension).
     """
 
     model: ModelConfig
     schedule: ScheduleConfig
     data: DataConfig
     image_shape: tuple[int, ...]
+    latent: LatentConfig | None = None
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """(C, *spatial) of the samples the diffusion model noises and denoises."""
+        return tuple(self.image_shape) if self.latent is None else tuple(self.latent.latent_shape)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "model": self.model.to_dict(),
             "schedule": self.schedule.to_dict(),
             "data": self.data.to_dict(),
             "image_shape": list(self.image_shape),
         }
+        if self.latent is not None:  # pixel-space checkpoints keep exactly their earlier content
+            d["latent"] = self.latent.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
@@ -148,4 +263,5 @@ class RunConfig:
             schedule=ScheduleConfig.from_dict(d["schedule"]),
             data=DataConfig.from_dict(d["data"]),
             image_shape=tuple(d["image_shape"]),
+            latent=LatentConfig.from_dict(d["latent"]) if d.get("latent") is not None else None,
         )

@@ -5,6 +5,8 @@
 - Reconstruction noise for one (image, t) row comes from a generator seeded from (seed, the image's noise key, t)
   (``row_seed``/``row_noise``): batch size, order, resuming, the number of processes and where the data sit change
   no noise. ``NOISE_KEY_RULE`` names the key rule and is recorded with every results file.
+- Simplex noise (``diffusion.noise``) takes the same 64-bit row seeds (``row_seed``, or one draw per row from the
+  training generator) and splits each into one OpenSimplex seed per channel (``channel_seeds``, splitmix64).
 - ``seed_everything`` seeds the global RNGs (model initialisation draws from torch's); ``capture_rng_state`` /
   ``restore_rng_state`` carry them through checkpoints.
 """
@@ -104,3 +106,19 @@ def noise_batch(seed: int, keys: Sequence[str], start_ts: Sequence[int], image_s
     return torch.stack(
         [torch.stack([row_noise(seed, k, t, image_shape) for k in keys]) for t in start_ts]
     )
+
+
+# splitmix64's constants (Steele, Lea & Flood 2014): the golden-ratio increment and the two multipliers.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def channel_seeds(row_seeds: Sequence[int] | np.ndarray | torch.Tensor, channels: int) -> np.ndarray:
+    """(N, channels) uint64 seeds, one per channel of each row: splitmix64 of (row seed + (c + 1) * golden ratio),
+    so the channels of a row, and rows with nearby seeds, get unrelated streams. ``row_seeds``: N ints in [0, 2^64)."""
+    if isinstance(row_seeds, torch.Tensor):
+        row_seeds = row_seeds.cpu().numpy()
+    z = np.asarray(row_seeds, dtype=np.uint64).reshape(-1, 1) + _GOLDEN * np.arange(1, channels + 1, dtype=np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * _MIX1  # uint64 arrays wrap modulo 2^64, as splitmix64 wants
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))

@@ -269,7 +269,7 @@ def test_noise_drawn_ahead_is_the_seeded_noise_and_its_shape_is_checked():
     from ddpm_ood.seeding import noise_batch, noise_key
 
     batches = [{"path": [f"/d/a_{i}.npy", f"/d/b_{i}.npy"], "image": torch.rand(2, 1, 4, 4)} for i in range(3)]
-    got = list(_batches_with_noise(batches, 7, [1, 501], torch.device("cpu")))
+    got = list(_batches_with_noise(batches, 7, [1, 501], torch.device("cpu"), (1, 4, 4)))
     assert [b for b, _, _ in got] == batches
     for batch, keys, noise in got:
         assert keys == [noise_key(p) for p in batch["path"]]

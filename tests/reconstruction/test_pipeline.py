@@ -30,7 +30,7 @@ def test_images_come_back_through_the_autoencoder_and_are_clamped_last():
     schedule = ScheduleConfig(b_scale=2.0)
     images = torch.rand(2, 1, 8, 8)
     ae = IdentityAutoencoder(schedule.b_scale)
-    model = ReconstructionModel(_oracle(ae.encode(images), schedule), schedule, ae)
+    model = ReconstructionModel(_oracle(ae.encode(images), schedule), schedule, ae, tuple(images.shape[1:]))
     starts = start_timesteps(10, 4)
     recons = reconstruct_images(model, images, KEYS, starts, 10, 3)
     assert recons.shape == (len(starts), 2, 1, 8, 8)

@@ -63,3 +63,22 @@ def test_fault_between_csv_and_sidecar_leaves_no_stale_sidecar(tmp_path, monkeyp
     assert not writer.settings_path.exists()
     assert not ResumableResults(writer.path, SETTINGS, 2).is_complete()
     assert not ResumableResults(writer.path, bf16, 2).is_complete()
+
+
+def test_noise_type_is_recorded_unless_gaussian_and_another_type_is_recomputed(tmp_path, capsys):
+    from ddpm_ood.results.writer import ReconSettings, reconstruction_settings
+
+    common = dict(checkpoint=tmp_path / "c.pth", checkpoint_epoch=1, csv="v.csv", first_n=None, seed=2,
+                  num_inference_steps=10, inference_skip_factor=4, recon_steps=None, start_timesteps=[1, 501],
+                  use_ema=True, precision="fp32", noise_key="file stem")
+    gaussian = reconstruction_settings(**common)
+    simplex = reconstruction_settings(**common, noise_type="simplex")
+    assert "noise_type" not in gaussian  # Gaussian sidecars are what they were before noise types existed
+    assert simplex == gaussian | {"noise_type": "simplex"}
+    writer = _finish(tmp_path / "results_val.csv", gaussian)
+    assert ReconSettings.read(writer.settings_path).noise_type == "gaussian"
+    assert ResumableResults(writer.path, gaussian, 2).is_complete()
+    assert not ResumableResults(writer.path, simplex, 2).is_complete()
+    assert "noise_type: absent -> simplex" in capsys.readouterr().out
+    writer = _finish(tmp_path / "results_in.csv", simplex)
+    assert ReconSettings.read(writer.settings_path).noise_type == "simplex"

@@ -3,14 +3,17 @@
 Pixel-space diffusion is the identity autoencoder scaled by upstream's ``b_scale`` (data are multiplied by it before
 noising); latent diffusion (a VQ-VAE) plugs in the same way. Training encodes its batches, reconstruction encodes,
 noises and denoises in model space (no clamping there), decodes, and only then clamps to the image range, so neither
-asks "latent or not".
+asks "latent or not". ``autoencoder_for`` is the one place that picks the autoencoder of a run.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+from ddpm_ood.errors import UserError
 
 if TYPE_CHECKING:
     from ddpm_ood.config import RunConfig
@@ -59,6 +62,26 @@ def to_image(decoded: torch.Tensor) -> torch.Tensor:
     return decoded.clamp(0.0, 1.0)
 
 
-def autoencoder_for(run: RunConfig) -> Autoencoder:
-    """The autoencoder a run's diffusion model works with: pixel space scaled by its schedule's ``b_scale``."""
-    return IdentityAutoencoder(run.schedule.b_scale)
+def autoencoder_for(run: RunConfig, device: torch.device | str = "cpu", *,
+                    vqvae_checkpoint: str | os.PathLike | None = None, source: str = "checkpoint") -> Autoencoder:
+    """The autoencoder a run's diffusion model works with, on ``device``.
+
+    Pixel space: the identity scaled by the schedule's ``b_scale``. Latent space: the VQ-VAE the run was trained on,
+    read from ``vqvae_checkpoint`` if given, else from where it was at training time; its weights must hash to the
+    recorded ones (UserError naming both files otherwise). ``source`` names the diffusion checkpoint in errors.
+    """
+    if run.latent is None:
+        if vqvae_checkpoint not in (None, "", "None"):
+            raise UserError(f"--vqvae_checkpoint={vqvae_checkpoint}: {source} is a pixel-space DDPM (trained "
+                            "without a VQ-VAE); drop the flag")
+        return IdentityAutoencoder(run.schedule.b_scale)
+    from ddpm_ood.autoencoder.vqvae import VQVAEAutoencoder, load_vqvae
+
+    path = vqvae_checkpoint if vqvae_checkpoint not in (None, "", "None") else run.latent.checkpoint
+    vqvae = load_vqvae(path)
+    if vqvae.sha256 != run.latent.weights_sha256 or vqvae.config != run.latent.vqvae:
+        what = "configuration" if vqvae.config != run.latent.vqvae else "weights"
+        raise UserError(f"{path}: VQ-VAE {what} differ from the one {source} was trained on "
+                        f"({run.latent.checkpoint}, weights sha256 {run.latent.weights_sha256[:12]}); "
+                        "reconstruct with that VQ-VAE or retrain the DDPM")
+    return VQVAEAutoencoder(vqvae.model.to(device), run.latent.latent_pad)

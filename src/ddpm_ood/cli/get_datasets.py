@@ -1,59 +1,106 @@
-"""get_datasets.py: FashionMNIST, MNIST, CIFAR10, SVHN and CelebA to .npy images and split CSVs.
+"""get_datasets.py: the data stage for every registered dataset (data.sources): split CSVs under
+``<data_root>/data_splits/``.
 
-Upstream's ``get_computer_vision_datasets.py`` (README name ``get_datasets.py``), same flags. A dataset that
-can be neither found nor downloaded is reported in one line; the others are still prepared, and the exit
-status is 1 at the end.
+Upstream's ``get_computer_vision_datasets.py`` (README name ``get_datasets.py``), same flags; by default the five
+computer-vision sets, ``--datasets=MedNIST,Decathlon,MedMNIST3D`` (or single names) for the medical families.
+Upstream's per-family scripts (``src/data/get_mednist_datasets.py``, ``get_decathlon_datasets.py``,
+``get_3dmedmnist.py``) run the same stage through ``family_parser``/``family_main``. A dataset that can be neither
+found nor downloaded does not stop the others: each is named at the end in one line saying where its files were
+expected, and the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ddpm_ood.cli.options import boolish, positive_float
-from ddpm_ood.data.prepare import DATASETS, DOWNLOAD_TIMEOUT_S, DatasetUnavailable, prepare_dataset
+from ddpm_ood.data.prepare import DATASETS, DOWNLOAD_TIMEOUT_S, GROUPS, DatasetUnavailable, prepare_dataset
+from ddpm_ood.data.sources import COMPUTER_VISION, family_of
 
 
-def dataset_list(value: str) -> tuple[str, ...]:
-    """"MNIST,CIFAR10" -> ("MNIST", "CIFAR10") (any case, duplicates dropped); unknown names are a parse error."""
-    canonical = {n.lower(): n for n in DATASETS}
-    names: list[str] = []
-    for part in str(value).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if part.lower() not in canonical:
-            raise argparse.ArgumentTypeError(f"unknown dataset {part!r}; accepted: {', '.join(DATASETS)}")
-        if canonical[part.lower()] not in names:
-            names.append(canonical[part.lower()])
-    if not names:
-        raise argparse.ArgumentTypeError(f"no dataset named; accepted: {', '.join(DATASETS)}")
-    return tuple(names)
+def dataset_list_type(accepted: Sequence[str], groups: dict[str, tuple[str, ...]]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: "MNIST,CIFAR10" -> ("MNIST", "CIFAR10") (any case, duplicates dropped), a group name
+    (``GROUPS``) standing for its members; names outside ``accepted`` are a parse error listing the accepted ones."""
+    canonical = {n.lower(): (n,) for n in accepted}
+    canonical.update({g.lower(): members for g, members in groups.items() if set(members) <= set(accepted)})
+    listed = ", ".join([*accepted, *(g for g in groups if g.lower() in canonical)])
+
+    def parse(value: str) -> tuple[str, ...]:
+        names: list[str] = []
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part.lower() not in canonical:
+                raise argparse.ArgumentTypeError(f"unknown dataset {part!r}; accepted: {listed}")
+            names += [n for n in canonical[part.lower()] if n not in names]
+        if not names:
+            raise argparse.ArgumentTypeError(f"no dataset named; accepted: {listed}")
+        return tuple(names)
+
+    return parse
+
+
+dataset_list = dataset_list_type(DATASETS, GROUPS)
+
+
+def add_download_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--download", type=boolish, default=True,
+                   help="1/0: allow downloading files that are not present (default 1; 0 = offline only)")
+    p.add_argument("--download_timeout", type=positive_float, default=DOWNLOAD_TIMEOUT_S,
+                   help=f"network timeout in seconds for each download request (default {DOWNLOAD_TIMEOUT_S:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="get_datasets.py",
-        description="Download (or use raw files already present) and convert the computer-vision datasets to one "
-        ".npy per image under <data_root>/<Name>/numpy/ and split CSVs under <data_root>/data_splits/. "
-        "Re-running skips images already written.",
+        description="Download (or use files already present) and prepare datasets: the computer-vision sets become "
+        "one .npy per image under <data_root>/<Name>/numpy/; the medical families are used in their libraries' "
+        "layouts under <data_root> (MedNIST/, Decathlon/, MedMNIST3D/). Split CSVs go to <data_root>/data_splits/. "
+        "Re-running skips finished work.",
     )
     p.add_argument("--data_root", type=str, required=True,
-                   help="root folder for raw files, .npy images and data_splits/ (relative paths are kept "
+                   help="root folder for raw files, images and data_splits/ (relative paths are kept "
                    "relative in the CSVs, i.e. relative to the directory the later stages run from)")
     p.add_argument("--download_celeba", type=boolish, default=True,
                    help="1/0/true/false: prepare CelebA (Google-Drive download needs gdown and often hits quota; "
                    "raw files already in <data_root>/CelebA/raw/celeba are used without download). "
                    "False skips CelebA. Default true")
-    p.add_argument("--datasets", type=dataset_list, default=DATASETS, metavar="NAMES",
-                   help=f"comma-separated subset of {','.join(DATASETS)} (default: all)")
-    p.add_argument("--download", type=boolish, default=True,
-                   help="1/0: allow downloading raw files that are not present (default 1; 0 = offline only)")
-    p.add_argument("--download_timeout", type=positive_float, default=DOWNLOAD_TIMEOUT_S,
-                   help=f"network timeout in seconds for each download request (default {DOWNLOAD_TIMEOUT_S:g})")
+    p.add_argument("--datasets", type=dataset_list, default=COMPUTER_VISION, metavar="NAMES",
+                   help=f"comma-separated dataset names or groups ({', '.join(GROUPS)}); default: the five "
+                   f"computer-vision sets {','.join(COMPUTER_VISION)}. Accepted: {', '.join(DATASETS)}")
+    add_download_options(p)
     return p
+
+
+def prepare_all(names: Sequence[str], data_root: str, *, allow_download: bool, timeout_s: float,
+                source_root: str | None = None) -> int:
+    """Prepare every dataset in ``names``; return 0, or 1 after naming, one line each on stderr, those that could be
+    neither found nor downloaded (the others are prepared all the same)."""
+    failed: dict[str, str] = {}
+    for name in names:
+        start = time.perf_counter()
+        try:
+            counts = prepare_dataset(name, data_root, allow_download=allow_download, timeout_s=timeout_s,
+                                     source_root=source_root)
+        except DatasetUnavailable as exc:
+            print(f"{name}: not prepared (reported at the end)", flush=True)
+            failed[name] = str(exc)
+            continue
+        sizes = "/".join(str(counts[s]) for s in ("train", "val", "test"))
+        print(f"{name}: train/val/test = {sizes} images ({time.perf_counter() - start:.1f} s)", flush=True)
+    for message in failed.values():
+        print(f"error: {message}", file=sys.stderr)
+    if failed:
+        done = [n for n in names if n not in failed]
+        kept = f"; prepared: {', '.join(done)}" if done else ""
+        print(f"error: not prepared: {', '.join(failed)}{kept}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,22 +112,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "CelebA" in names and not args.download_celeba:
         names.remove("CelebA")
         print("CelebA: skipped (--download_celeba=False)", flush=True)
-    failed: list[str] = []
-    done: list[str] = []
-    for name in names:
-        start = time.perf_counter()
-        try:
-            counts = prepare_dataset(name, args.data_root, allow_download=args.download,
-                                     timeout_s=args.download_timeout)
-        except DatasetUnavailable as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            failed.append(name)
-            continue
-        done.append(name)
-        sizes = "/".join(str(counts[s]) for s in ("train", "val", "test"))
-        print(f"{name}: train/val/test = {sizes} images ({time.perf_counter() - start:.1f} s)", flush=True)
-    if failed:
-        kept = f"; prepared: {', '.join(done)}" if done else ""
-        print(f"error: not prepared: {', '.join(failed)}{kept}", file=sys.stderr)
-        return 1
-    return 0
+    return prepare_all(names, args.data_root, allow_download=args.download, timeout_s=args.download_timeout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Upstream's per-family scripts: --data_root is the FAMILY's folder (the root_dir MONAI / medmnist download into).
+
+
+def family_parser(prog: str, group: str, what: str) -> argparse.ArgumentParser:
+    """The parser of upstream's script for one family (``group``, a key of ``GROUPS``); ``what`` describes it."""
+    members = GROUPS[group]
+    folder = family_of(members[0]).folder
+    splits = "<parent of data_root>/data_splits" if folder else "<data_root>/data_splits"
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{what}. Files already under --data_root in the library's own layout are used offline; "
+        f"missing ones are downloaded. Split CSVs go to {splits}/ (as upstream). The same stage as "
+        f"get_datasets.py --datasets={group}. Re-running skips finished work.",
+    )
+    p.add_argument("--data_root", type=str, required=True,
+                   help=f"the folder the data are downloaded to / found in (get_datasets.py uses "
+                   f"<data_root>/{folder or '.'})")
+    p.add_argument("--datasets", type=dataset_list_type(members, {group: members}), default=members,
+                   metavar="NAMES", help=f"comma-separated subset of {', '.join(members)} (default: all)")
+    add_download_options(p)
+    return p
+
+
+def family_main(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Run an upstream per-family script: CSVs under the family folder's parent when the family has its own folder
+    under the data root (Decathlon, MedMNIST3D), else under the folder itself (MedNIST), as upstream."""
+    from ddpm_ood.io import check_output_dir
+
+    args = parser.parse_args(argv)
+    source_root = args.data_root
+    check_output_dir(source_root, "--data_root")
+    folder = family_of(args.datasets[0]).folder
+    data_root = (os.path.dirname(os.path.normpath(source_root)) or ".") if folder else source_root
+    return prepare_all(args.datasets, data_root, allow_download=args.download, timeout_s=args.download_timeout,
+                       source_root=source_root)

@@ -32,6 +32,32 @@ def optional_int(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or None, got {value!r}") from None
 
 
+def nested_int_list(value: str) -> tuple[tuple[int, ...], ...]:
+    """Upstream's list-of-lists flags: "[[2,4,1,1],[2,4,1,1]]" -> ((2, 4, 1, 1), (2, 4, 1, 1)); one flat list
+    "[2,4,1,1]" means one level."""
+    import ast
+
+    try:
+        parsed = ast.literal_eval(str(value).strip())
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"expected a list of integer lists like [[2,4,1,1],[2,4,1,1]], got {value!r}"
+                                         ) from None
+    if isinstance(parsed, (list, tuple)) and parsed and all(isinstance(v, int) for v in parsed):
+        parsed = [parsed]
+    ok = isinstance(parsed, (list, tuple)) and parsed and all(
+        isinstance(level, (list, tuple)) and level and all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in level) for level in parsed)
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected a list of integer lists like [[2,4,1,1],[2,4,1,1]], got {value!r}")
+    return tuple(tuple(level) for level in parsed)
+
+
+def optional_path(value: str) -> str | None:
+    """A path, or None for "None"/"" (upstream's default is the literal None)."""
+    v = str(value).strip()
+    return None if v in ("", "None", "none") else v
+
+
 def int_list(value: str) -> tuple[int, ...] | None:
     """"160,160,128" or "[160, 160, 128]" -> (160, 160, 128); "None" -> None. -1 keeps that dimension."""
     v = str(value).strip()
@@ -86,22 +112,27 @@ def add_precision_options(group: argparse._ActionsContainer, *, amp_default: boo
                        "tf32 (CUDA), bf16, fp16 (CUDA); recorded in checkpoints and results sidecars")
 
 
-def add_data_options(parser: argparse.ArgumentParser, *, batch_size: int, num_workers: int = 8) -> None:
+def add_data_options(parser: argparse.ArgumentParser, *, batch_size: int, num_workers: int = 8,
+                     spatial_dimension: int = 2) -> None:
     """Data flags; ``num_workers`` is upstream's default, capped at the cores this process has (an explicit
-    --num_workers is obeyed)."""
+    --num_workers is obeyed); ``spatial_dimension``: the script's default (upstream's train_vqvae.py: 3)."""
     import os
 
     from ddpm_ood.devices import default_num_workers
 
     workers = default_num_workers(num_workers, processes_sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     g = parser.add_argument_group("data")
-    g.add_argument("--spatial_dimension", type=int, choices=(2, 3), default=2, help="2D images or 3D volumes")
+    g.add_argument("--spatial_dimension", type=int, choices=(2, 3), default=spatial_dimension,
+                   help=f"2D images or 3D volumes (default {spatial_dimension})")
     g.add_argument("--image_size", type=optional_int, default=None,
                    help="resize every image to this size per spatial dim (MONAI 'area'); default: keep")
     g.add_argument("--image_roi", type=int_list, default=None,
                    help="centre-crop to this ROI before resizing, e.g. 160,160,128 (-1 keeps a dim)")
     g.add_argument("--is_grayscale", type=boolish, default=False,
                    help="1 = single-channel images (keeps channel 0), 0 = 3-channel RGB")
+    g.add_argument("--channel", type=non_negative_int, default=0,
+                   help="with --is_grayscale=1: the channel kept of multi-channel NIfTI volumes (BraTS: 0 FLAIR, "
+                   "1 T1w, 2 t1gd, 3 T2w); single-channel images are used as they are (default 0, as upstream)")
     g.add_argument("--batch_size", type=positive_int, default=batch_size, help=f"default {batch_size}")
     g.add_argument("--num_workers", type=non_negative_int, default=workers,
                    help=f"data-loading worker processes (default: upstream's {num_workers}, capped at this "
@@ -129,8 +160,10 @@ def add_schedule_options(parser: argparse.ArgumentParser, *, from_checkpoint: bo
                    help=f"multiply images by this before noising{note or ' (default 1)'}")
     g.add_argument("--snr_shift", type=float, default=None if from_checkpoint else 1.0,
                    help=f"scale the signal-to-noise ratio of every t{note or ' (default 1)'}")
-    g.add_argument("--simplex_noise", type=boolish, default=False,
-                   help="upstream's experimental simplex noise: refused (only Gaussian noise, 0, is supported)")
+    g.add_argument("--simplex_noise", type=boolish, default=None if from_checkpoint else False,
+                   help="1 = AnoDDPM's simplex noise (6 octaves, persistence 0.8, frequency 64, unit variance) "
+                   "instead of Gaussian noise, in training and reconstruction; recorded in the checkpoint"
+                   f"{note or ' (default 0)'}")
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, from_checkpoint: bool) -> None:
@@ -139,9 +172,18 @@ def add_model_options(parser: argparse.ArgumentParser, *, from_checkpoint: bool)
     g = parser.add_argument_group("model")
     g.add_argument("--model_type", choices=tuple(MODEL_PRESETS), default=None if from_checkpoint else "small",
                    help="UNet preset" + (" (default: from the checkpoint)" if from_checkpoint else " (default small)"))
-    g.add_argument("--vqvae_checkpoint", type=str, default=None,
-                   help="latent diffusion (upstream's LDM route): refused, not supported by ddpm-ood")
-    g.add_argument("--latent_pad", type=str, default=None, help="LDM latent padding: refused with --vqvae_checkpoint")
+    if from_checkpoint:
+        g.add_argument("--vqvae_checkpoint", type=optional_path, default=None,
+                       help="latent diffusion: the VQ-VAE checkpoint (default: the one recorded in the DDPM checkpoint; "
+                       "a VQ-VAE with other weights is refused)")
+    else:
+        g.add_argument("--vqvae_checkpoint", type=optional_path, default=None,
+                       help="latent diffusion: train in the latent space of this VQ-VAE checkpoint (train_vqvae.py's "
+                       "checkpoint.pth, or upstream's with vqvae_config.json beside it); recorded in the checkpoint")
+    g.add_argument("--latent_pad", type=int_list, default=None,
+                   help="zero-pad latents so the UNet can halve them, F.pad order (last dim first, before/after "
+                   "pairs), e.g. [0,1,0,1]; default: " + ("from the checkpoint" if from_checkpoint else
+                                                           "chosen automatically") + ". Undone before decoding")
 
 
 def add_max_batch_option(group: argparse._ActionsContainer) -> None:
@@ -157,11 +199,5 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
     """Flags that upstream has but ddpm-ood does not implement: refused loudly instead of ignored."""
     from ddpm_ood.errors import UserError
 
-    if getattr(args, "simplex_noise", False):
-        raise UserError("--simplex_noise=1 is not supported (only Gaussian noise); use --simplex_noise=0")
-    if getattr(args, "vqvae_checkpoint", None) not in (None, "None"):
-        raise UserError("--vqvae_checkpoint (latent diffusion) is not supported by ddpm-ood; pixel-space DDPM only")
-    if getattr(args, "latent_pad", None) not in (None, "None"):
-        raise UserError("--latent_pad only applies to latent diffusion, which ddpm-ood does not support")
     if getattr(args, "augmentation", False):
         raise UserError("--augmentation=1 is not supported (upstream's flag was a no-op); use --augmentation=0")

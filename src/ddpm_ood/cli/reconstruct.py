@@ -1,4 +1,7 @@
-"""reconstruct.py: noise each image to every start t, denoise with PLMS, write results_{val,in,<Out>}.csv."""
+"""reconstruct.py: noise each image to every start t, denoise with PLMS, write results_{val,in,<Out>}.csv.
+
+A latent DDPM encodes with its VQ-VAE (the one recorded in its checkpoint, or ``--vqvae_checkpoint`` with the same
+weights), noises and denoises the latent, decodes, and measures MSE and LPIPS against the input image."""
 
 from __future__ import annotations
 
@@ -69,12 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         spatial_dims=args.spatial_dimension if _given(argv, "spatial_dimension") else None,
         image_size=args.image_size,
         image_roi=args.image_roi,
+        channel=args.channel if _given(argv, "channel") else None,
         beta_schedule=args.beta_schedule,
         beta_start=args.beta_start,
         beta_end=args.beta_end,
         prediction_type=args.prediction_type,
         b_scale=args.b_scale,
         snr_shift=args.snr_shift,
+        simplex_noise=args.simplex_noise,
     )
     job = ReconstructionJob(
         output_dir=args.output_dir,
@@ -102,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         precision=args.precision,
         device=args.device,
         flags=flags,
+        vqvae_checkpoint=args.vqvae_checkpoint,
+        latent_pad=args.latent_pad,
     )
     run_reconstruction(job)
     return 0

@@ -33,3 +33,28 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run_training_stage(cfg, *, device: str, precision: str | None, amp: bool, lock_name: str,
+                       body: Callable[[object, object], int]) -> int:
+    """The frame of a training script: start DDP when launched by torchrun, resolve the precision for the device,
+    check the run folder and say the device (main rank), hold the run lock, then ``body(cfg, ctx)`` with ``cfg``'s
+    precision resolved; the process group is always torn down. ``cfg``: a ``training.loop.TrainConfig``."""
+    import dataclasses
+    from pathlib import Path
+
+    from ddpm_ood.devices import describe_device, resolve_precision
+    from ddpm_ood.distributed import cleanup_distributed, init_distributed
+    from ddpm_ood.io import check_output_dir, run_lock
+
+    run_dir = Path(cfg.run_dir)
+    ctx = init_distributed(device)
+    try:
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(ctx.device, precision=precision, amp=amp))
+        if ctx.is_main:
+            check_output_dir(run_dir, "--output_dir/--model_name")
+            print(f"device: {describe_device(ctx.device)}; precision: {cfg.precision}")
+        with run_lock(run_dir, lock_name, enabled=ctx.is_main):
+            return body(cfg, ctx)
+    finally:
+        cleanup_distributed()

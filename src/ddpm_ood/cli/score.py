@@ -13,7 +13,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_ood.cli.options import add_max_batch_option, add_precision_options, checked_number, positive_int
+from ddpm_ood.cli.options import (
+    add_max_batch_option,
+    add_precision_options,
+    checked_number,
+    optional_path,
+    positive_int,
+)
 
 _val_keep = checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
@@ -40,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images reconstructed together (default 64)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda if available, else cpu")
+    p.add_argument("--vqvae_checkpoint", type=optional_path, default=None,
+                   help="latent models: where their VQ-VAE is now (default: the path recorded in the checkpoint; "
+                   "its weights must be the recorded ones)")
     add_precision_options(p, amp_default=None)
     add_max_batch_option(p)
     return p
@@ -62,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scorer = OODScorer.from_run(
         args.output_dir, args.model_name, device=args.device, val_keep=args.val_keep,
         batch_size=args.batch_size, amp=args.amp, precision=args.precision, max_batch=args.max_batch,
+        vqvae_checkpoint=args.vqvae_checkpoint,
     )
     cal = scorer.calibration
     val_path = results_path(args.output_dir, args.model_name, VAL_NAME)

@@ -1,7 +1,8 @@
 """train_ddpm.py: train a DDPM on the images of a split CSV (upstream flags and defaults, ``--flag=value``).
 
-Run again with the same command to resume from ``<output_dir>/<model_name>/checkpoint_last.pth``. Under
-``torchrun --nproc_per_node=N train_ddpm.py ...`` it trains with DDP (gloo on CPU, NCCL on CUDA).
+With ``--vqvae_checkpoint`` the DDPM is trained in the latent space of a frozen VQ-VAE (train_vqvae.py), which the
+checkpoint records. Run again with the same command to resume from ``<output_dir>/<model_name>/checkpoint_last.pth``.
+Under ``torchrun --nproc_per_node=N train_ddpm.py ...`` it trains with DDP (gloo on CPU, NCCL on CUDA).
 """
 
 from __future__ import annotations
@@ -61,43 +62,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import dataclasses
-
+    from ddpm_ood.cli.runner import run_training_stage
     from ddpm_ood.config import DataConfig, ScheduleConfig
-    from ddpm_ood.devices import describe_device, resolve_precision
     from ddpm_ood.diffusion.unet import model_config_from_preset
-    from ddpm_ood.distributed import cleanup_distributed, init_distributed
-    from ddpm_ood.io import check_output_dir, run_lock
+    from ddpm_ood.errors import UserError
     from ddpm_ood.training.loop import TrainConfig
 
     args = build_parser().parse_args(argv)
     refuse_unsupported(args)
+    if args.latent_pad is not None and args.vqvae_checkpoint is None:
+        raise UserError("--latent_pad only applies to latent diffusion: give --vqvae_checkpoint too")
     data = DataConfig(is_grayscale=args.is_grayscale, spatial_dims=args.spatial_dimension,
-                      image_size=args.image_size, image_roi=args.image_roi)
+                      image_size=args.image_size, image_roi=args.image_roi, channel=args.channel)
     schedule = ScheduleConfig(beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end,
-                              prediction_type=args.prediction_type, b_scale=args.b_scale, snr_shift=args.snr_shift)
+                              prediction_type=args.prediction_type, b_scale=args.b_scale, snr_shift=args.snr_shift,
+                              noise_type="simplex" if args.simplex_noise else "gaussian")
     model = model_config_from_preset(args.model_type, data.spatial_dims, data.channels)
     run_dir = Path(args.output_dir) / args.model_name
     cfg = TrainConfig(run_dir=str(run_dir), n_epochs=args.n_epochs, eval_freq=args.eval_freq,
                       checkpoint_every=args.checkpoint_every, resume_epoch=args.ddpm_checkpoint_epoch,
                       quick_test=args.quick_test, lr=args.lr, ema_decay=args.ema_decay, batch_size=args.batch_size,
                       num_workers=args.num_workers, seed=args.seed, sample_steps=args.sample_steps)
+    return run_training_stage(cfg, device=args.device, precision=args.precision, amp=args.amp, lock_name="train_ddpm",
+                              body=lambda cfg, ctx: _train(args, cfg, ctx, data, schedule, model, run_dir))
 
-    ctx = init_distributed(args.device)
-    try:
-        cfg = dataclasses.replace(cfg, precision=resolve_precision(ctx.device, precision=args.precision,
-                                                                   amp=args.amp))
-        if ctx.is_main:
-            check_output_dir(run_dir, "--output_dir/--model_name")
-            print(f"device: {describe_device(ctx.device)}; precision: {cfg.precision}")
-        with run_lock(run_dir, "train_ddpm", enabled=ctx.is_main):
-            return _train(args, cfg, ctx, data, schedule, model, run_dir)
-    finally:
-        cleanup_distributed()
+
+def _provisional(vqvae):
+    """The LatentConfig part that is known before the data are loaded (the weights), for the early resume check."""
+    from ddpm_ood.config import LatentConfig
+
+    if vqvae is None:
+        return None
+    return LatentConfig(vqvae.config, vqvae.sha256, str(vqvae.path), latent_pad=(), latent_shape=())
 
 
 def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: Path) -> int:
     """Resume point, datasets, checks, then ``training.ddpm.train``; the caller holds the run lock."""
+    import dataclasses
+
     from ddpm_ood.config import RunConfig
     from ddpm_ood.data.datasets import dataset_from_csv
     from ddpm_ood.diffusion.unet import check_image_fits_unet
@@ -105,10 +107,17 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
     from ddpm_ood.training.ddpm import train
     from ddpm_ood.training.loop import check_resume_config, find_resume_point
 
+    vqvae = None
+    if args.vqvae_checkpoint is not None:
+        from ddpm_ood.autoencoder.vqvae import load_vqvae
+
+        vqvae = load_vqvae(args.vqvae_checkpoint)
+        model = dataclasses.replace(model, in_channels=vqvae.config.embedding_dim)
     resume = find_resume_point(run_dir, cfg.resume_epoch)
     if resume is not None:
-        # Settings first (cheap); the image shape is compared once the data are loaded.
-        check_resume_config(resume, RunConfig(model, schedule, data, image_shape=()), compare_image_shape=False)
+        # Settings first (cheap); the image and latent shapes are compared once the data are loaded.
+        check_resume_config(resume, RunConfig(model, schedule, data, image_shape=(), latent=_provisional(vqvae)),
+                            compare_image_shape=False)
         if resume.epochs_completed >= cfg.n_epochs:
             if ctx.is_main:
                 print(f"training already complete: {resume.path} holds {resume.epochs_completed} epoch(s), "
@@ -116,12 +125,19 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
             return 0
     train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
     image_shape = tuple(train_set.image_shape)
-    check_image_fits_unet(image_shape, model, args.training_ids)
+    latent = None
+    if vqvae is not None:
+        from ddpm_ood.autoencoder.vqvae import latent_config
+
+        latent = latent_config(vqvae, image_shape, len(model.channels), args.latent_pad, args.training_ids)
+        check_image_fits_unet(latent.latent_shape, model, f"{args.training_ids} (latents of {vqvae.path})")
+    else:
+        check_image_fits_unet(image_shape, model, args.training_ids)
     val_set = dataset_from_csv(args.validation_ids, data, cache=args.cache_data)
     if tuple(val_set.image_shape) != image_shape:
         raise UserError(f"{args.validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
                         f"but training images ({args.training_ids}) have {image_shape}")
-    run_config = RunConfig(model=model, schedule=schedule, data=data, image_shape=image_shape)
+    run_config = RunConfig(model=model, schedule=schedule, data=data, image_shape=image_shape, latent=latent)
     if resume is not None:
         check_resume_config(resume, run_config, compare_image_shape=True)
     summary = train(run_config, cfg, train_set, val_set, ctx, resume=resume)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,8 +97,16 @@ def _shape_error(path: str, shape: tuple[int, ...], data: DataConfig, why: str) 
     )
 
 
+@functools.cache
+def _say_channel_kept(channels: int, kept: int) -> None:
+    """One line per process and channel count: which channel of multi-channel volumes the run uses."""
+    print(f"note: {channels}-channel NIfTI volumes: keeping channel {kept} only (--channel={kept}; BraTS: 0 FLAIR, "
+          "1 T1w, 2 t1gd, 3 T2w)", file=sys.stderr, flush=True)
+
+
 def _channels_first(a: np.ndarray, path: str, data: DataConfig, has_channel_axis: bool) -> np.ndarray:
-    """Apply the channel rule: return (C, *spatial) with C = data.channels, or raise a UserError."""
+    """Apply the channel rule: return (C, *spatial) with C = data.channels, or raise a UserError. With
+    is_grayscale, a multi-channel NIfTI volume (C, *spatial) keeps channel ``data.channel``."""
     sd = data.spatial_dims
     if not has_channel_axis:
         if a.ndim == sd:
@@ -110,8 +119,12 @@ def _channels_first(a: np.ndarray, path: str, data: DataConfig, has_channel_axis
     if data.is_grayscale:
         if c == 1:
             return a
-        if has_channel_axis:
-            return a[0:1]  # multi-modality NIfTI: upstream keeps channel 0 (FLAIR of the 4 BraTS modalities)
+        if has_channel_axis:  # multi-modality NIfTI (BraTS: FLAIR, T1w, t1gd, T2w): keep the one asked for
+            if data.channel >= c:
+                raise UserError(f"{path}: has {c} channels (shape {tuple(a.shape)}); --channel={data.channel} is out "
+                                f"of range 0..{c - 1}")
+            _say_channel_kept(c, data.channel)
+            return a[data.channel:data.channel + 1]
         if c == 3:
             raise UserError(
                 f"{path}: has 3 channels (shape {tuple(a.shape)}) but --is_grayscale=1; "

@@ -1,8 +1,12 @@
-"""Stage 1 data preparation, one path for every dataset family (``data.sources``): the family's splits -> one
-``.npy`` per image -> split CSVs (upstream's ``get_computer_vision_datasets.py``, made reproducible, resumable and
-usable offline).
+"""Stage 1 data preparation, one path for every dataset family (``data.sources``): the family's files -> split CSVs
+(upstream's ``get_computer_vision_datasets.py``, ``get_mednist_datasets.py``, ``get_decathlon_datasets.py`` and
+``get_3dmedmnist.py``, made reproducible, resumable and usable offline).
 
-Layout under a data root D (as upstream):
+Array families (the computer-vision sets, 3D MedMNIST) write one ``.npy`` per image, file families (MedNIST,
+Decathlon) list existing image files; either way the lists become ``D/data_splits/<Name>_{train,val,test}.csv``
+(our format, see splits.py). Each family's files live in its folder under the data root D (``source_root``).
+
+Layout of the computer-vision sets under D (as upstream):
 
 * raw files where torchvision keeps them: ``D/{MNIST,FashionMNIST}/raw`` (torchvision root = D),
   ``D/CIFAR10/raw/cifar-10-batches-py``, ``D/SVHN/raw/{train,test}_32x32.mat``,
@@ -10,16 +14,15 @@ Layout under a data root D (as upstream):
 * images: ``D/<Name>/numpy/<split>/<Name>_<i>.npy``, uint8, (28, 28) for the MNISTs, (3, 32, 32) CHW for
   CIFAR10, SVHN and CelebA (CelebA squashed from 178x218 to 32x32 by PIL bicubic, aspect not kept); i is the
   torchvision index within the split; splits are train/test (CelebA train/valid/test);
-* split CSVs: ``D/data_splits/<Name>_{train,val,test}.csv`` (our format, see splits.py). val = 5% of the
-  torchvision train set by ``train_test_split(test_size=0.05, random_state=42)`` over the files in index
-  order, so the split is the same on every machine (upstream's came from an unsorted glob). CelebA uses its
-  official train/valid/test partitions.
+* split CSVs: val = 5% of the torchvision train set by ``train_test_split(test_size=0.05, random_state=42)`` over
+  the files in index order, so the split is the same on every machine (upstream's came from an unsorted glob).
+  CelebA uses its official train/valid/test partitions.
 
-Raw files already present are used without any network access; otherwise torchvision downloads them (with
+The medical families' layouts and split rules are in their modules (sources/mednist.py, decathlon.py, medmnist3d.py).
+Files already present are used without any network access; otherwise the family's library downloads them (with
 a short socket timeout so an offline machine fails fast). Images already written are skipped, so a re-run
 over complete data only re-checks; every file is written atomically.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -32,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_ood.data.sources import DATASETS, DatasetUnavailable, SplitSource, family_of
+from ddpm_ood.data.sources import DATASETS, GROUPS, DatasetUnavailable, SplitSource, family_of
 from ddpm_ood.data.splits import format_split_csv
 from ddpm_ood.io import atomic_write_text
 
-__all__ = ["DATASETS", "DOWNLOAD_TIMEOUT_S", "DatasetUnavailable", "prepare_dataset"]
+__all__ = ["DATASETS", "DOWNLOAD_TIMEOUT_S", "GROUPS", "DatasetUnavailable", "prepare_dataset"]
 
 VAL_FRACTION = 0.05
 SPLIT_SEED = 42
@@ -45,9 +48,10 @@ SPLITS_DIR = "data_splits"
 MANIFEST = ".manifest.json"
 
 
-def image_path(data_root: str | os.PathLike, name: str, folder: str, i: int) -> str:
-    """``D/<Name>/numpy/<folder>/<Name>_<i>.npy``, relative if ``data_root`` is (as upstream)."""
-    return os.path.join(str(data_root), name, "numpy", folder, f"{name}_{i}.npy")
+def image_path(root: str | os.PathLike, name: str, folder: str, i: int) -> str:
+    """``<root>/<Name>/numpy/<folder>/<Name>_<i>.npy``, relative if ``root`` is (as upstream). ``root``: the family's
+    folder (the data root D for the computer-vision sets)."""
+    return os.path.join(str(root), name, "numpy", folder, f"{name}_{i}.npy")
 
 
 def _npy_header(a: np.ndarray, cache: dict[tuple[int, ...], bytes]) -> bytes:
@@ -60,15 +64,16 @@ def _npy_header(a: np.ndarray, cache: dict[tuple[int, ...], bytes]) -> bytes:
     return cache[a.shape]
 
 
-def write_split_images(data_root: str, name: str, source: SplitSource) -> int:
-    """Write ``D/<Name>/numpy/<folder>/<Name>_<i>.npy`` for every i not yet written; returns how many were written.
+def write_split_images(root: str, name: str, source: SplitSource) -> int:
+    """Write ``<root>/<Name>/numpy/<folder>/<Name>_<i>.npy`` for every i not yet written; returns how many were
+    written (``root``: the family's folder, see ``image_path``).
 
     A folder written from a different source (manifest fingerprint differs) is rewritten, and files with
     an index beyond ``count`` are removed, so the folder always holds exactly this split.
     """
     from tqdm import tqdm
 
-    out = Path(data_root) / name / "numpy" / source.folder
+    out = Path(root) / name / "numpy" / source.folder
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / MANIFEST
     want = {"count": source.count, "fingerprint": source.fingerprint}
@@ -109,13 +114,13 @@ def split_csv_path(data_root: str | os.PathLike, name: str, split: str) -> Path:
     return Path(data_root) / SPLITS_DIR / f"{name}_{split}.csv"
 
 
-def make_splits(data_root: str, name: str, sources: Sequence[SplitSource]) -> dict[str, list[str]]:
-    """The train/val/test path lists of a prepared dataset (see the module docstring)."""
+def make_splits(root: str, name: str, sources: Sequence[SplitSource]) -> dict[str, list[str]]:
+    """The train/val/test path lists of a prepared array dataset in ``root`` (see the module docstring)."""
     from sklearn.model_selection import train_test_split
 
     paths = {}
     for s in sources:
-        prefix = image_path(data_root, name, s.folder, 0).removesuffix("0.npy")
+        prefix = image_path(root, name, s.folder, 0).removesuffix("0.npy")
         paths[s.folder] = [f"{prefix}{i}.npy" for i in range(s.count)]
     official = family_of(name).csv_splits
     if official is not None:
@@ -137,14 +142,22 @@ def write_splits(data_root: str, name: str, splits: dict[str, list[str]]) -> Non
 
 
 def prepare_dataset(name: str, data_root: str, allow_download: bool = True,
-                    timeout_s: float = DOWNLOAD_TIMEOUT_S) -> dict[str, int]:
-    """Raw files -> .npy images -> split CSVs for one dataset. Returns the number of paths per CSV split.
+                    timeout_s: float = DOWNLOAD_TIMEOUT_S, source_root: str | None = None) -> dict[str, int]:
+    """The family's files -> (.npy images ->) split CSVs in ``<data_root>/data_splits`` for one dataset. Returns the
+    number of paths per CSV split.
 
-    Raises DatasetUnavailable if the raw files can be neither found nor downloaded.
+    ``source_root``: the family's folder (default ``family.source_root(data_root)``, e.g. ``D/Decathlon``); the
+    upstream scripts take it as their ``--data_root``. Raises DatasetUnavailable if the files can be neither found
+    nor downloaded.
     """
-    sources = family_of(name).open(name, data_root, allow_download, timeout_s)
-    for source in sources:
-        write_split_images(data_root, name, source)
-    splits = make_splits(data_root, name, sources)
+    family = family_of(name)
+    root = family.source_root(data_root) if source_root is None else str(source_root)
+    if family.list_files is not None:
+        splits = family.list_files(name, root, allow_download, timeout_s)
+    else:
+        sources = family.open(name, root, allow_download, timeout_s)
+        for source in sources:
+            write_split_images(root, name, source)
+        splits = make_splits(root, name, sources)
     write_splits(data_root, name, splits)
     return {split: len(paths) for split, paths in splits.items()}

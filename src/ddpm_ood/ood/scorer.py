@@ -115,6 +115,16 @@ def calibrate_threshold(val_scores: Sequence[float] | np.ndarray, val_keep: floa
     return Calibration(threshold, val_keep, int(scores.size), int((scores > threshold).sum()))
 
 
+def _check_noise_type(settings: ReconSettings, run: RunConfig, val_path: Path, ckpt_file: Path) -> None:
+    """Scores are only comparable with validation results made with the checkpoint's noise type (a checkpoint
+    retrained in place with the other ``--simplex_noise`` keeps its path); UserError otherwise."""
+    if settings.noise_type != run.schedule.noise_type:
+        raise UserError(
+            f"{val_path.with_suffix('.json')}: validation results made with {settings.noise_type} noise, but "
+            f"{ckpt_file} was trained with {run.schedule.noise_type} noise; rerun reconstruct.py with --run_val=1"
+        )
+
+
 def _scoring_precision(settings: ReconSettings, device: torch.device, val_path: Path, *, precision: str | None,
                        amp: bool | None) -> str:
     """The validation results' precision, refused where this device cannot run it or the caller asked for another
@@ -249,6 +259,7 @@ class OODScorer:
         amp: bool | None = None,
         precision: str | None = None,
         max_batch: int | None = None,
+        vqvae_checkpoint: str | os.PathLike | None = None,
     ) -> OODScorer:
         """Load the run ``<output_dir>/<model_name>``: validation results, their settings, the checkpoint.
 
@@ -256,7 +267,8 @@ class OODScorer:
         batch_size: images reconstructed together (each becomes one trajectory per start t). Precision is always the
         one the validation results were made with (scores would not be comparable otherwise): ``precision`` or
         ``amp``, if given, must resolve to it on this device, else UserError. max_batch: most samples per network
-        call (memory budget; no effect on the numbers). Bad or missing files raise UserError.
+        call (memory budget; no effect on the numbers). vqvae_checkpoint: a latent model's VQ-VAE, if it has moved
+        since training (its weights must hash to the recorded ones). Bad or missing files raise UserError.
         """
         from ddpm_ood.checkpoint import ModelFlags, load_checkpoint, resolve_run_config
         from ddpm_ood.devices import resolve_device
@@ -294,10 +306,12 @@ class OODScorer:
                 f"{ckpt_file}: has no stored configuration (an upstream checkpoint); score.py needs a checkpoint "
                 "written by ddpm-ood's train_ddpm.py"
             )
+        _check_noise_type(settings, run, val_path, ckpt_file)
         dev = resolve_device(device)
         model = load_model(
             ckpt, run, ckpt_file, dev, use_ema=settings.use_ema, max_batch=max_batch,
             precision=_scoring_precision(settings, dev, val_path, precision=precision, amp=amp),
+            vqvae_checkpoint=vqvae_checkpoint,
         )
         return cls(run, model, ReconstructionMetrics(dev), reference, calibration, settings, dev, batch_size)
 

@@ -11,7 +11,7 @@ Two paths with the same numbers:
 Conventions: the engine works in model space (``autoencoder``): inputs ``x0`` (B, C, *spatial) are encoded samples
 (pixel space: images in [0, 1] times b_scale), outputs (S, B, C, *spatial) are denoised samples, NOT clamped, S =
 len(start_ts) in the order given; ``pipeline.py`` decodes and clamps. t indexes the 1000-step training schedule. The
-noise of (image, t) comes from a generator seeded from (seed, the image's noise key, t) (``seeding``), so the noise does not depend on batch size, order, resuming or the number of
+noise of (image, t), Gaussian or simplex (``diffusion.noise``), is seeded from (seed, the image's noise key, t) (``seeding``), so the noise does not depend on batch size, order, resuming or the number of
 processes, and, a file's key being its stem (``noise_key``), not on where the data sits either. Batch composition
 still moves results by float rounding: the network's kernels round differently for other batch sizes (about 1e-6 in
 fp32).
@@ -27,10 +27,10 @@ import torch
 
 from ddpm_ood.config import ScheduleConfig
 from ddpm_ood.diffusion import plms
+from ddpm_ood.diffusion.noise import row_noise_batch
 from ddpm_ood.diffusion.schedule import alphas_cumprod, make_pndm_scheduler, to_epsilon
 from ddpm_ood.diffusion.timesteps import denoising_timesteps
 from ddpm_ood.errors import UserError
-from ddpm_ood.seeding import noise_batch
 
 # eps_fn(x_t: (N, C, *spatial) float32, t: (N,) long) -> noise estimate (N, C, *spatial) float32
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -119,8 +119,8 @@ def reconstruct_reference(
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One start point after another with a fresh MONAI PNDMScheduler each (history reset). -> (S, B, ...).
-    ``noise``: the (S, B, ...) start noise if already drawn (``seeding.noise_batch``), else drawn here."""
-    noise = _start_noise(noise, seed, keys, start_ts, x0).to(x0.device)
+    ``noise``: the (S, B, ...) start noise if already drawn (``diffusion.noise.row_noise_batch``), else drawn here."""
+    noise = _start_noise(noise, schedule.noise_type, seed, keys, start_ts, x0).to(x0.device)
     recons = []
     for s, start_t in enumerate(start_ts):
         scheduler = make_pndm_scheduler(schedule, num_inference_steps)
@@ -156,8 +156,8 @@ def reconstruct_batched(
     ceil(all calls / longest trajectory's calls), so every call has about the same number of samples instead of
     S*B at first and a handful at the end: the largest call halves (memory), the speed on a CPU is the same within
     run-to-run noise (benchmarks/README.md); ``balanced=False`` advances every unfinished trajectory at each tick.
-    ``noise``: the (S, B, ...) start noise if already drawn (reconstruct.py draws it in its loader workers with
-    ``seeding.noise_batch``'s seeds, overlapping the network), else drawn here.
+    ``noise``: the (S, B, ...) start noise if already drawn (reconstruct.py draws it one batch ahead with
+    ``diffusion.noise.row_noise_batch``, overlapping the network), else drawn here.
     A memory budget (``max_batch``) is the eps_fn's business (``model_eps_fn`` chunks each call). Each trajectory's
     steps and PLMS history are its own, so grouping changes results only by the network's float rounding.
     """
@@ -184,7 +184,7 @@ def reconstruct_batched(
     def alpha(t_idx: torch.Tensor) -> torch.Tensor:
         return torch.where(t_idx >= 0, acp[t_idx.clamp(min=0)], one).reshape((-1,) + spatial)
 
-    noise = _start_noise(noise, seed, keys, start_ts, x0)
+    noise = _start_noise(noise, schedule.noise_type, seed, keys, start_ts, x0)
     if device.type == "cuda" and noise.device.type == "cpu" and not noise.is_pinned():
         noise = noise.pin_memory()  # copied without a host wait
     noise = noise.to(device, non_blocking=True).reshape((n,) + x0.shape[1:])
@@ -219,12 +219,12 @@ def reconstruct_batched(
     return x.reshape((n_starts, batch) + x0.shape[1:])
 
 
-def _start_noise(noise: torch.Tensor | None, seed: int, keys: Sequence[str], start_ts: Sequence[int],
-                 x0: torch.Tensor) -> torch.Tensor:
-    """The (S, B, *sample shape) start noise: as given (checked), or drawn on the CPU (the same numbers on every
-    device)."""
+def _start_noise(noise: torch.Tensor | None, noise_type: str, seed: int, keys: Sequence[str],
+                 start_ts: Sequence[int], x0: torch.Tensor) -> torch.Tensor:
+    """The (S, B, *sample shape) start noise: as given (checked), or drawn (``row_noise_batch``: Gaussian on the
+    CPU, the same numbers on every device; simplex on the samples' device)."""
     if noise is None:
-        return noise_batch(seed, keys, start_ts, x0.shape[1:])
+        return row_noise_batch(noise_type, seed, keys, start_ts, x0.shape[1:], x0.device)
     want = (len(start_ts), x0.shape[0], *x0.shape[1:])
     if tuple(noise.shape) != want:
         raise ValueError(f"start noise has shape {tuple(noise.shape)}, the samples need {want}")

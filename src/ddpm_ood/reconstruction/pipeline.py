@@ -33,11 +33,13 @@ MEMORY_FRACTION = 0.6
 
 @dataclass(frozen=True)
 class ReconstructionModel:
-    """A trained diffusion model ready to reconstruct: its noise estimate, schedule and autoencoder."""
+    """A trained diffusion model ready to reconstruct: its noise estimate, schedule and autoencoder.
+    ``sample_shape``: (C', *spatial') of one model-space sample (the start noise of one (image, t))."""
 
     eps_fn: EpsFn
     schedule: ScheduleConfig
     autoencoder: Autoencoder
+    sample_shape: tuple[int, ...]
 
 
 def load_model(
@@ -49,15 +51,18 @@ def load_model(
     use_ema: bool = True,
     max_batch: int | None = None,
     precision: str = "fp32",
+    vqvae_checkpoint: str | Path | None = None,
 ) -> ReconstructionModel:
     """The checkpoint's UNet (EMA weights if present and ``use_ema``) on ``device`` in eval mode, with its schedule
-    and autoencoder. ``source`` names the checkpoint in error messages; ``precision`` (resolved,
-    ``devices.PRECISIONS``) is the forward pass's; ``max_batch`` bounds the samples per network call."""
+    and autoencoder (``autoencoder_for``; ``vqvae_checkpoint`` overrides where a latent model's VQ-VAE is read from).
+    ``source`` names the checkpoint in error messages; ``precision`` (resolved, ``devices.PRECISIONS``) is the
+    forward pass's; ``max_batch`` bounds the samples per network call."""
     from ddpm_ood.checkpoint import inference_state_dict, load_unet_state
     from ddpm_ood.devices import autocast_context
     from ddpm_ood.diffusion.unet import build_unet, wants_fused_attention
     from ddpm_ood.reconstruction.engine import model_eps_fn
 
+    autoencoder = autoencoder_for(run, device, vqvae_checkpoint=vqvae_checkpoint, source=str(source))
     model = build_unet(run.model, fused_attention=wants_fused_attention(device))
     load_unet_state(model, inference_state_dict(ckpt, use_ema=use_ema), str(source))
     model.to(device).eval()
@@ -68,9 +73,9 @@ def load_model(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # tick shapes repeat from batch to batch: autotune the convolutions
         if max_batch is None:
-            max_batch = memory_sized_max_batch(model, tuple(run.image_shape), device, autocast)
+            max_batch = memory_sized_max_batch(model, run.model_shape, device, autocast)
     eps_fn = model_eps_fn(model, run.schedule, max_batch=max_batch, autocast=autocast)
-    return ReconstructionModel(eps_fn, run.schedule, autoencoder_for(run))
+    return ReconstructionModel(eps_fn, run.schedule, autoencoder, run.model_shape)
 
 
 def max_batch_for_memory(free_bytes: int, bytes_per_sample: float, fraction: float = MEMORY_FRACTION) -> int:

@@ -51,6 +51,8 @@ class ReconstructionJob:
     precision: str | None = None
     device: str = "auto"
     flags: ModelFlags = ModelFlags()
+    vqvae_checkpoint: str | None = None
+    latent_pad: tuple[int, ...] | None = None
 
 
 def checkpoint_path(job: ReconstructionJob) -> Path:
@@ -115,8 +117,12 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
         ds = dataset_from_csv(csv, data_config, first_n=first_n, cache=job.cache_data)
         datasets[name] = ds
     if run is None:
-        run = run_config_from_flags(job.flags, datasets[sets[0][0]].image_shape)
+        run = _upstream_run_config(job, datasets[sets[0][0]].image_shape, sets[0][1])
         print(f"{ckpt_file}: no stored config (upstream checkpoint); using the model flags given")
+    elif job.latent_pad is not None and (run.latent is None or tuple(job.latent_pad) != run.latent.latent_pad):
+        recorded = "none (pixel space)" if run.latent is None else list(run.latent.latent_pad)
+        raise UserError(f"--latent_pad={list(job.latent_pad)} contradicts {ckpt_file} which was trained with "
+                        f"{recorded}; drop the flag")
     for name, csv, _, _ in sets:
         shape = tuple(datasets[name].image_shape)
         if shape != tuple(run.image_shape):
@@ -137,6 +143,21 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
         cleanup_distributed()
 
 
+def _upstream_run_config(job: ReconstructionJob, image_shape: tuple[int, ...], csv: str) -> RunConfig:
+    """An upstream checkpoint's model from the flags; with --vqvae_checkpoint, in that VQ-VAE's latent space."""
+    import dataclasses
+
+    run = run_config_from_flags(job.flags, image_shape)
+    if job.vqvae_checkpoint is None:
+        return run
+    from ddpm_ood.autoencoder.vqvae import latent_config, load_vqvae
+
+    vqvae = load_vqvae(job.vqvae_checkpoint)
+    latent = latent_config(vqvae, image_shape, len(run.model.channels), job.latent_pad, csv)
+    model = dataclasses.replace(run.model, in_channels=vqvae.config.embedding_dim)
+    return dataclasses.replace(run, model=model, latent=latent)
+
+
 def _reconstruct_sets(job: ReconstructionJob, ctx, sets: list[tuple[str, str, str, int | None]], datasets: dict,
                       ckpt: dict, ckpt_file: Path, run: RunConfig, start_ts: list[int], precision: str) -> list[Path]:
     """Every planned set in turn (the caller holds the run lock); returns the results files."""
@@ -145,7 +166,8 @@ def _reconstruct_sets(job: ReconstructionJob, ctx, sets: list[tuple[str, str, st
     from ddpm_ood.seeding import NOISE_KEY_RULE
 
     model = load_model(
-        ckpt, run, ckpt_file, ctx.device, use_ema=job.use_ema, max_batch=job.max_batch, precision=precision
+        ckpt, run, ckpt_file, ctx.device, use_ema=job.use_ema, max_batch=job.max_batch, precision=precision,
+        vqvae_checkpoint=job.vqvae_checkpoint,
     )
     metrics = ReconstructionMetrics(ctx.device)
     written = []
@@ -154,7 +176,8 @@ def _reconstruct_sets(job: ReconstructionJob, ctx, sets: list[tuple[str, str, st
             checkpoint=ckpt_file, checkpoint_epoch=ckpt.get("epoch"), csv=csv, first_n=first_n, seed=job.seed,
             num_inference_steps=job.num_inference_steps, inference_skip_factor=job.inference_skip_factor,
             recon_steps=job.recon_steps, start_timesteps=start_ts, use_ema=job.use_ema, precision=precision,
-            noise_key=NOISE_KEY_RULE,
+            noise_key=NOISE_KEY_RULE, autoencoder=None if run.latent is None else run.latent.weights_sha256,
+            noise_type=run.schedule.noise_type,
         )
         writer = ResumableResults(results_path(job.output_dir, job.model_name, name), settings, len(start_ts))
         written.append(writer.path)
@@ -180,7 +203,8 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
     n_batches = max((len(todo) + job.batch_size * ctx.world_size - 1) // (job.batch_size * ctx.world_size), 1)
     loader = DataLoader(Subset(dataset, mine), batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
                         pin_memory=ctx.device.type == "cuda")
-    batches = _batches_with_noise(loader, job.seed, start_ts, ctx.device)
+    batches = _batches_with_noise(loader, job.seed, start_ts, ctx.device, model.sample_shape,
+                                  model.schedule.noise_type)
     bar = tqdm(total=len(todo), desc=f"reconstruct {name}", unit="img", disable=not ctx.is_main)
     # Every rank runs n_batches rounds (some with no images) so the per-batch gathers stay in step.
     for _ in range(n_batches):
@@ -212,19 +236,22 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
     barrier(ctx)
 
 
-def _batches_with_noise(loader, seed: int, start_ts: list[int],
-                        device: torch.device) -> Iterator[tuple[dict, list[str], torch.Tensor]]:
-    """(batch, its noise keys, its start noise (S, B, *image shape)) triples; the noise of the NEXT batch is drawn in a background
-    thread while the caller runs this one through the network (the same ``seeding.noise_batch`` numbers, so nothing
-    changes; in the main process, so no shared-memory traffic). Pinned on CUDA for a copy without a host wait."""
+def _batches_with_noise(loader, seed: int, start_ts: list[int], device: torch.device, sample_shape: tuple[int, ...],
+                        noise_type: str = "gaussian") -> Iterator[tuple[dict, list[str], torch.Tensor]]:
+    """(batch, its noise keys, its start noise (S, B, *sample_shape)) triples (``sample_shape``: one model-space
+    sample, the image shape in pixel space); the noise of the NEXT batch is drawn in a background
+    thread while the caller runs this one through the network (the same ``diffusion.noise.row_noise_batch`` numbers
+    of ``noise_type``, so nothing changes; in the main process, so no shared-memory traffic). Gaussian noise is drawn
+    on the CPU and pinned on CUDA for a copy without a host wait; simplex noise is computed on ``device``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ddpm_ood.seeding import noise_batch, noise_key
+    from ddpm_ood.diffusion.noise import row_noise_batch
+    from ddpm_ood.seeding import noise_key
 
     def draw(batch: dict) -> tuple[list[str], torch.Tensor]:
         keys = [noise_key(p) for p in batch["path"]]
-        noise = noise_batch(seed, keys, start_ts, tuple(batch["image"].shape[1:]))
-        return keys, noise.pin_memory() if device.type == "cuda" else noise
+        noise = row_noise_batch(noise_type, seed, keys, start_ts, sample_shape, device)
+        return keys, noise.pin_memory() if noise.device.type == "cpu" and device.type == "cuda" else noise
 
     batches = iter(loader)
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -168,9 +168,13 @@ SETTINGS_KEYS = (
 def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: int | None, csv: str,
                             first_n: int | None, seed: int, num_inference_steps: int, inference_skip_factor: int,
                             recon_steps: int | None, start_timesteps: Sequence[int], use_ema: bool, precision: str,
-                            noise_key: str) -> dict[str, Any]:
-    """The sidecar content of one results file (``results_<set>.json``): every setting its numbers depend on."""
-    return {
+                            noise_key: str, autoencoder: str | None = None,
+                            noise_type: str = "gaussian") -> dict[str, Any]:
+    """The sidecar content of one results file (``results_<set>.json``): every setting its numbers depend on.
+    ``noise_type``: the checkpoint's (``ScheduleConfig.noise_type``), recorded unless Gaussian (key absent, as in
+    sidecars written before noise types existed), so a file made with the other type is recomputed.
+    ``autoencoder``: the weights hash of a latent model's VQ-VAE (key absent in pixel space, as in older sidecars)."""
+    settings = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_epoch": checkpoint_epoch,
         "csv": str(csv),
@@ -184,6 +188,11 @@ def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: 
         "precision": precision,
         "noise_key": noise_key,
     }
+    if noise_type != "gaussian":
+        settings["noise_type"] = noise_type
+    if autoencoder is not None:
+        settings["autoencoder"] = autoencoder
+    return settings
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,7 @@ class ReconSettings:
     use_ema: bool
     precision: str
     noise_key: str
+    noise_type: str = "gaussian"  # absent from a sidecar = Gaussian (``reconstruction_settings``)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> ReconSettings:
@@ -238,6 +248,7 @@ class ReconSettings:
             use_ema=bool(d["use_ema"]),
             precision=str(d["precision"]),
             noise_key=str(d["noise_key"]),
+            noise_type=str(d.get("noise_type", "gaussian")),
         )
 
     def to_dict(self) -> dict[str, Any]:

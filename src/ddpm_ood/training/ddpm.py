@@ -23,6 +23,7 @@ from ddpm_ood.autoencoder.base import Autoencoder, autoencoder_for, to_image
 from ddpm_ood.checkpoint import load_unet_state
 from ddpm_ood.config import RunConfig, ScheduleConfig
 from ddpm_ood.devices import autocast_context, configure_precision, make_grad_scaler, precision_from_legacy
+from ddpm_ood.diffusion.noise import draw_noise
 from ddpm_ood.diffusion.schedule import make_ddim_scheduler, make_ddpm_scheduler, training_target
 from ddpm_ood.diffusion.unet import build_unet, check_image_fits_unet, wants_fused_attention
 from ddpm_ood.distributed import DistContext
@@ -39,6 +40,7 @@ from ddpm_ood.training.loop import (
     fit,
     log,
     optimizer_state_fits,
+    optimizer_step,
 )
 
 
@@ -57,31 +59,26 @@ def train_step(
     """One optimizer step on a batch. Returns the detached fp32 loss (scalar tensor).
 
     clean: (B, C, *spatial) encoded samples (``Autoencoder.encode`` of images in [0, 1]); timesteps: (B,) long in
-    [0, T); noise: like clean, standard normal.
+    [0, T); noise: like clean, unit variance (Gaussian or simplex, ``diffusion.noise``).
     """
     x_t = scheduler.add_noise(original_samples=clean, noise=noise, timesteps=timesteps)
     with autocast_context(clean.device, precision):
         prediction = model(x_t, timesteps)
     target = training_target(scheduler, clean, noise, timesteps, schedule.prediction_type)
     loss = F.mse_loss(prediction.float(), target.float())
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    optimizer_step(loss, optimizer, scaler)
     return loss.detach()
 
 
-def draw_train_noise(seed: int, epoch: int, step: int, rank: int, shape: tuple[int, ...], num_timesteps: int
+def draw_train_noise(seed: int, epoch: int, step: int, rank: int, shape: tuple[int, ...], num_timesteps: int,
+                     noise_type: str = "gaussian", device: torch.device | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps (B,) long uniform in [0, num_timesteps), noise of ``shape`` ~ N(0, 1)) for one training step,
-    a pure function of (seed, epoch, step, rank)."""
+    """(timesteps (B,) long uniform in [0, num_timesteps) on the CPU, unit-variance noise of ``shape`` of
+    ``noise_type`` (``diffusion.noise.draw_noise``: Gaussian on the CPU, simplex on ``device``)) for one training
+    step, a pure function of (seed, epoch, step, rank)."""
     g = derive_generator(seed, STREAM_TRAIN, epoch, step, rank)
     timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=g)
-    noise = torch.randn(shape, generator=g)
+    noise = draw_noise(noise_type, g, shape, timesteps, device)
     return timesteps, noise
 
 
@@ -109,14 +106,16 @@ def validation_loss_sums(
         if max_batches is not None and b >= max_batches:
             break
         images = batch["image"]
-        ts, noises = [], []
+        clean = autoencoder.encode(images.to(device))
+        ts, generators = [], []
         for index in batch["index"].tolist():
             g = derive_generator(seed, STREAM_VAL, index)
             ts.append(torch.randint(0, scheduler.num_train_timesteps, (1,), generator=g))
-            noises.append(torch.randn(tuple(images.shape[1:]), generator=g))
-        timesteps = torch.cat(ts).to(device)
-        noise = torch.stack(noises).to(device)
-        clean = autoencoder.encode(images.to(device))
+            generators.append(g)
+        timesteps = torch.cat(ts)
+        # Each image's noise from its own generator, after its t (the run's noise type).
+        noise = draw_noise(schedule.noise_type, generators, tuple(clean.shape), timesteps, device).to(device)
+        timesteps = timesteps.to(device)
         x_t = scheduler.add_noise(original_samples=clean, noise=noise, timesteps=timesteps)
         with autocast_context(device, precision):
             prediction = model(x_t, timesteps)
@@ -131,7 +130,7 @@ def validation_loss_sums(
 def sample_images(
     model: torch.nn.Module,
     schedule: ScheduleConfig,
-    image_shape: tuple[int, ...],
+    sample_shape: tuple[int, ...],
     n: int,
     num_steps: int,
     generator: torch.Generator,
@@ -140,15 +139,17 @@ def sample_images(
     autoencoder: Autoencoder,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """Draw ``n`` images with a deterministic DDIM sampler (eta = 0, ``num_steps`` steps).
+    """Draw ``n`` images with a deterministic DDIM sampler (eta = 0, ``num_steps`` steps) in model space
+    (``sample_shape`` = (C', *spatial') of one model-space sample).
 
-    Returns float32 (n, C, *spatial) in [0, 1] (decoded, then clamped).
+    Returns float32 (n, C, *spatial) images in [0, 1] (decoded, then clamped).
     """
     model.eval()
     scheduler = make_ddim_scheduler(schedule, num_steps)
     # MONAI clips the predicted x0 to [-1, 1]; clean samples live in the autoencoder's range.
     scheduler.clip_sample_values = autoencoder.sample_range
-    x = torch.randn((n, *image_shape), generator=generator).to(device)
+    start = torch.full((n,), schedule.num_train_timesteps - 1, dtype=torch.long)
+    x = draw_noise(schedule.noise_type, generator, (n, *sample_shape), start, device).to(device)
     for t in scheduler.timesteps:
         t_int = int(t)
         with autocast_context(device, precision):
@@ -188,8 +189,9 @@ class DDPMTask:
         self.run_config, self.cfg, self.ctx = run_config, cfg, ctx
         self.device = ctx.device
         self.schedule = run_config.schedule
-        self.autoencoder = autoencoder_for(run_config)
-        check_image_fits_unet(tuple(run_config.image_shape), run_config.model, "training images")
+        self.autoencoder = autoencoder_for(run_config, self.device)
+        check_image_fits_unet(run_config.model_shape, run_config.model,
+                              "training latents" if run_config.latent is not None else "training images")
         seed_everything(cfg.seed)
         # Initial weights from the seeded global RNG: the same on every rank.
         self.model = build_unet(run_config.model, fused_attention=wants_fused_attention(self.device))
@@ -251,13 +253,15 @@ class DDPMTask:
         return self.ema.module if self.ema is not None else self.model
 
     def train_step(self, batch: dict, epoch: int, step: int) -> torch.Tensor:
-        images = batch["image"].to(self.device, non_blocking=True)
-        timesteps, noise = draw_train_noise(self.cfg.seed, epoch, step, self.ctx.rank, tuple(images.shape),
-                                            self.schedule.num_train_timesteps)
+        clean = self.autoencoder.encode(batch["image"].to(self.device, non_blocking=True))
+        timesteps, noise = draw_train_noise(self.cfg.seed, epoch, step, self.ctx.rank, tuple(clean.shape),
+                                            self.schedule.num_train_timesteps, self.schedule.noise_type, self.device)
         if self.device.type == "cuda":
             # Drawn on the CPU (the same numbers on every device), copied from pinned memory without a host wait.
-            timesteps, noise = timesteps.pin_memory(), noise.pin_memory()
-        loss = train_step(self.train_module, self.optimizer, self.scheduler, self.autoencoder.encode(images),
+            # (Simplex noise is computed on the device already.)
+            timesteps = timesteps.pin_memory()
+            noise = noise.pin_memory() if noise.device.type == "cpu" else noise
+        loss = train_step(self.train_module, self.optimizer, self.scheduler, clean,
                           timesteps.to(self.device, non_blocking=True), noise.to(self.device, non_blocking=True),
                           self.schedule, precision=self.cfg.precision, scaler=self.scaler)
         if self.ema is not None:
@@ -271,8 +275,8 @@ class DDPMTask:
 
     def log_evaluation(self, writer: Any, global_step: int) -> None:
         if self.cfg.sample_steps > 0:
-            shape = tuple(self.run_config.image_shape)
-            samples = sample_images(self.eval_model, self.schedule, shape, num_grid_samples(shape),
+            samples = sample_images(self.eval_model, self.schedule, self.run_config.model_shape,
+                                    num_grid_samples(tuple(self.run_config.image_shape)),
                                     self.cfg.sample_steps, derive_generator(self.cfg.seed, STREAM_SAMPLES),
                                     self.device, autoencoder=self.autoencoder, precision=self.cfg.precision)
             writer.add_image("samples", image_grid(samples), global_step)

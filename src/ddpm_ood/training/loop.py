@@ -149,12 +149,12 @@ class TrainingTask(Protocol):
         """Per-epoch values for the training TensorBoard writer (e.g. the learning rate)."""
 
 
-def find_resume_point(run_dir: str | Path, resume_epoch: int | None) -> ResumePoint | None:
+def find_resume_point(run_dir: str | Path, resume_epoch: int | None, kind: str = "ddpm") -> ResumePoint | None:
     """The checkpoint to continue from, or None to start afresh.
 
     ``resume_epoch`` given: ``checkpoint_<resume_epoch>.pth`` must exist (UserError otherwise). Else
     ``checkpoint_last.pth`` if present, else ``checkpoint.pth`` (what upstream resumed from, and all an upstream
-    run directory has).
+    run directory has). ``kind``: the checkpoint kind the run writes (``checkpoint.CHECKPOINT_KINDS``).
     """
     run_dir = Path(run_dir)
     if resume_epoch is not None:
@@ -163,11 +163,11 @@ def find_resume_point(run_dir: str | Path, resume_epoch: int | None) -> ResumePo
             present = sorted(p.name for p in run_dir.glob("checkpoint_*.pth") if p.name != LAST_CHECKPOINT)
             raise UserError(f"--ddpm_checkpoint_epoch={resume_epoch}: {path} not found "
                             f"(periodic checkpoints present: {', '.join(present) or 'none'})")
-        return ResumePoint(path, load_checkpoint(path))
+        return ResumePoint(path, load_checkpoint(path, kind))
     for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
         path = run_dir / name
         if path.is_file():
-            return ResumePoint(path, load_checkpoint(path))
+            return ResumePoint(path, load_checkpoint(path, kind))
     return None
 
 
@@ -182,6 +182,20 @@ def check_resume_config(resume: ResumePoint, given: RunConfig, *, compare_image_
             f"{resume.path}: flags contradict the checkpoint's configuration ({'; '.join(conflicts)}); "
             f"resume with the checkpoint's settings or train under another --model_name"
         )
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward ``loss`` and step ``optimizer`` (through the fp16 GradScaler when there is one, which skips a step
+    whose gradients are not finite)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 def optimizer_state_fits(optimizer: torch.optim.Optimizer, state_dict: dict) -> bool:

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Upstream's path for the MedNIST data stage: ``python src/data/get_mednist_datasets.py --data_root=...``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ddpm_ood.cli.get_mednist_datasets import main  # noqa: E402
+from ddpm_ood.cli.runner import run_cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,164 @@
+"""train_vqvae.py: train the VQ-VAE of latent diffusion on the images of a split CSV (upstream's flags, spellings and
+defaults, list flags as upstream writes them: ``--vqvae_num_channels=[256,256,256,256]``,
+``--vqvae_downsample_parameters=[[2,4,1,1],[2,4,1,1]]``).
+
+Writes ``<output_dir>/<model_name>/vqvae_config.json`` (upstream's format) and checkpoints (``checkpoint.pth`` = lowest
+validation L1, ``checkpoint_<epoch>.pth``, ``checkpoint_last.pth``) with the configuration, the discriminator and both
+optimizers inside. Running the same command again resumes. Under ``torchrun`` it trains with DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from ddpm_ood.cli.options import (
+    add_data_options,
+    add_run_options,
+    boolish,
+    checked_number,
+    int_list,
+    nested_int_list,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    refuse_unsupported,
+)
+
+_non_negative_float = checked_number(float, lambda v: v >= 0, "a number >= 0")
+_fraction = checked_number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    parsed = int_list(value)
+    if not parsed:
+        raise argparse.ArgumentTypeError(f"expected a list of integers like [128,128,256], got {value!r}")
+    return parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ddpm_ood.config import VQVAEConfig
+
+    d = VQVAEConfig()
+    p = argparse.ArgumentParser(prog="train_vqvae.py", description=__doc__.split("\n\n")[0])
+    add_run_options(p)
+    add_data_options(p, batch_size=4, spatial_dimension=3)
+    g = p.add_argument_group("VQ-VAE (MONAI core VQVAE arguments)")
+    g.add_argument("--vqvae_in_channels", type=positive_int, default=d.in_channels,
+                   help=f"image channels (1 with --is_grayscale=1; default {d.in_channels})")
+    g.add_argument("--vqvae_out_channels", type=positive_int, default=d.out_channels,
+                   help=f"reconstruction channels, = in channels (default {d.out_channels})")
+    g.add_argument("--vqvae_num_res_layers", type=positive_int, default=d.num_res_layers,
+                   help=f"residual layers per level (default {d.num_res_layers})")
+    g.add_argument("--vqvae_downsample_parameters", type=nested_int_list, default=d.downsample_parameters,
+                   help="[stride,kernel,dilation,padding] per level (default [[2,4,1,1]]*4)")
+    g.add_argument("--vqvae_upsample_parameters", type=nested_int_list, default=d.upsample_parameters,
+                   help="[stride,kernel,dilation,padding,output_padding] per level (default [[2,4,1,1,0]]*4)")
+    g.add_argument("--vqvae_num_channels", type=_int_list, default=d.channels,
+                   help=f"channels per level (default {list(d.channels)})")
+    g.add_argument("--vqvae_num_res_channels", type=_int_list, default=d.num_res_channels,
+                   help=f"residual channels per level (default {list(d.num_res_channels)})")
+    g.add_argument("--vqvae_num_embeddings", type=positive_int, default=d.num_embeddings,
+                   help=f"codebook size (default {d.num_embeddings})")
+    g.add_argument("--vqvae_embedding_dim", type=positive_int, default=d.embedding_dim,
+                   help=f"codebook vector length = latent channels (default {d.embedding_dim})")
+    g.add_argument("--vqvae_decay", type=_fraction, default=d.decay, help=f"codebook EMA decay (default {d.decay})")
+    g.add_argument("--vqvae_commitment_cost", type=_non_negative_float, default=d.commitment_cost,
+                   help=f"commitment loss weight (default {d.commitment_cost})")
+    g.add_argument("--vqvae_epsilon", type=positive_float, default=d.epsilon,
+                   help=f"codebook EMA epsilon (default {d.epsilon})")
+    g.add_argument("--vqvae_dropout", type=_fraction, default=d.dropout, help=f"dropout (default {d.dropout})")
+    g.add_argument("--vqvae_ddp_sync", type=boolish, default=d.ddp_sync,
+                   help="1/0: synchronise the codebook EMA across DDP ranks (default 1)")
+    g.add_argument("--vqvae_learning_rate", type=positive_float, default=3e-4,
+                   help="Adam learning rate of the VQ-VAE (default 3e-4)")
+    t = p.add_argument_group("training")
+    t.add_argument("--training_ids", type=str, required=True, help="split CSV of the training images")
+    t.add_argument("--validation_ids", type=str, required=True,
+                   help="split CSV of the validation images (their L1 reconstruction loss picks checkpoint.pth)")
+    t.add_argument("--n_epochs", type=positive_int, default=300, help="total number of epochs (default 300)")
+    t.add_argument("--eval_freq", type=positive_int, default=10,
+                   help="validate (loss, reconstruction figure, best checkpoint) every N epochs and at the last "
+                   "(default 10)")
+    t.add_argument("--checkpoint_every", type=non_negative_int, default=100,
+                   help="also keep checkpoint_<epoch>.pth every N epochs; 0 = never (default 100)")
+    t.add_argument("--adversarial_weight", type=_non_negative_float, default=0.01,
+                   help="weight of the patch-adversarial loss; 0 = no discriminator (default 0.01)")
+    t.add_argument("--adversarial_warmup", type=boolish, default=False,
+                   help="1 = ramp the adversarial weight linearly from 0 over the first 50 epochs (default 0)")
+    t.add_argument("--perceptual_weight", type=_non_negative_float, default=0.001,
+                   help="weight of the LPIPS loss (2.5D for volumes; upstream's 0.001); 0 = none (default 0.001)")
+    t.add_argument("--quick_test", type=boolish, default=False,
+                   help="1 = one training batch and one validation batch per epoch (smoke test)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ddpm_ood.cli.runner import run_training_stage
+    from ddpm_ood.config import DataConfig, VQVAEConfig
+    from ddpm_ood.errors import UserError
+    from ddpm_ood.training.loop import TrainConfig
+    from ddpm_ood.training.vqvae import VQVAELossConfig
+
+    args = build_parser().parse_args(argv)
+    refuse_unsupported(args)
+    data = DataConfig(is_grayscale=args.is_grayscale, spatial_dims=args.spatial_dimension,
+                      image_size=args.image_size, image_roi=args.image_roi, channel=args.channel)
+    try:
+        vqvae = VQVAEConfig(
+            spatial_dims=args.spatial_dimension, in_channels=args.vqvae_in_channels,
+            out_channels=args.vqvae_out_channels, num_res_layers=args.vqvae_num_res_layers,
+            downsample_parameters=args.vqvae_downsample_parameters, upsample_parameters=args.vqvae_upsample_parameters,
+            channels=args.vqvae_num_channels, num_res_channels=args.vqvae_num_res_channels,
+            num_embeddings=args.vqvae_num_embeddings, embedding_dim=args.vqvae_embedding_dim, decay=args.vqvae_decay,
+            commitment_cost=args.vqvae_commitment_cost, epsilon=args.vqvae_epsilon, dropout=args.vqvae_dropout,
+            ddp_sync=args.vqvae_ddp_sync)
+    except UserError as exc:
+        raise UserError(f"VQ-VAE flags: {exc}") from None
+    if vqvae.in_channels != data.channels or vqvae.out_channels != data.channels:
+        raise UserError(f"--vqvae_in_channels={vqvae.in_channels} --vqvae_out_channels={vqvae.out_channels} but "
+                        f"--is_grayscale={int(data.is_grayscale)} images have {data.channels} channel(s)")
+    losses = VQVAELossConfig(adversarial_weight=args.adversarial_weight, adversarial_warmup=args.adversarial_warmup,
+                             perceptual_weight=args.perceptual_weight)
+    run_dir = Path(args.output_dir) / args.model_name
+    cfg = TrainConfig(run_dir=str(run_dir), n_epochs=args.n_epochs, eval_freq=args.eval_freq,
+                      checkpoint_every=args.checkpoint_every, quick_test=args.quick_test,
+                      lr=args.vqvae_learning_rate, batch_size=args.batch_size, num_workers=args.num_workers,
+                      seed=args.seed, sample_steps=0)
+    return run_training_stage(cfg, device=args.device, precision=args.precision, amp=args.amp,
+                              lock_name="train_vqvae",
+                              body=lambda cfg, ctx: _train(args, cfg, ctx, data, vqvae, losses, run_dir))
+
+
+def _train(args: argparse.Namespace, cfg, ctx, data, vqvae, losses, run_dir: Path) -> int:
+    """Resume point, datasets, checks, ``vqvae_config.json``, then ``training.vqvae.train_vqvae``."""
+    from ddpm_ood.autoencoder.vqvae import VQVAE_CONFIG_FILE, check_image_fits_vqvae, upstream_config_json
+    from ddpm_ood.data.datasets import dataset_from_csv
+    from ddpm_ood.errors import UserError
+    from ddpm_ood.io import atomic_write_text
+    from ddpm_ood.training.loop import find_resume_point
+    from ddpm_ood.training.vqvae import check_vqvae_resume, train_vqvae, vqvae_checkpoint_config
+
+    resume = find_resume_point(run_dir, None, kind="vqvae")
+    if resume is not None and resume.epochs_completed >= cfg.n_epochs:
+        if ctx.is_main:
+            print(f"training already complete: {resume.path} holds {resume.epochs_completed} epoch(s), "
+                  f"--n_epochs={cfg.n_epochs}; nothing to do")
+        return 0
+    train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
+    image_shape = tuple(train_set.image_shape)
+    check_image_fits_vqvae(image_shape, vqvae, args.training_ids)
+    val_set = dataset_from_csv(args.validation_ids, data, cache=args.cache_data)
+    if tuple(val_set.image_shape) != image_shape:
+        raise UserError(f"{args.validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
+                        f"but training images ({args.training_ids}) have {image_shape}")
+    if resume is not None:
+        check_vqvae_resume(resume, vqvae_checkpoint_config(vqvae, data, image_shape))
+    if ctx.is_main:
+        atomic_write_text(run_dir / VQVAE_CONFIG_FILE, upstream_config_json(vqvae))
+    summary = train_vqvae(vqvae, data, losses, cfg, train_set, val_set, image_shape, ctx, resume=resume)
+    if ctx.is_main:
+        print(f"trained {summary.epochs_completed}/{cfg.n_epochs} epochs; best validation L1 "
+              f"{summary.best_loss:.5f}; checkpoints in {run_dir}")
+    return 0

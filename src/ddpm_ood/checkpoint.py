@@ -262,6 +262,7 @@ def config_conflicts(saved: RunConfig, given: RunConfig, *, compare_image_shape:
 
 
 def _latent_identity(run: RunConfig, with_shape: bool) -> str:
+    """How a run's autoencoder is named in a config conflict: pixel space, or its VQ-VAE's weights (and latents)."""
     if run.latent is None:
         return "none (pixel space)"
     shape = f", latent {'x'.join(map(str, run.latent.latent_shape))}" if with_shape else ""

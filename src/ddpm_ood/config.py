@@ -112,6 +112,9 @@ class DataConfig:
             raise UserError(f"--spatial_dimension must be 2 or 3, got {self.spatial_dims}")
         if not isinstance(self.channel, int) or self.channel < 0:
             raise UserError(f"--channel must be an integer >= 0, got {self.channel!r}")
+        if self.channel and not self.is_grayscale:
+            raise UserError(f"--channel={self.channel} picks one channel of multi-channel volumes: it needs "
+                            "--is_grayscale=1")
         if self.image_roi is not None:
             object.__setattr__(self, "image_roi", tuple(int(v) for v in self.image_roi))
             if len(self.image_roi) != self.spatial_dims:

@@ -108,6 +108,15 @@ def noise_batch(seed: int, keys: Sequence[str], start_ts: Sequence[int], image_s
     )
 
 
+def row_seed_draws(generators: torch.Generator | Sequence[torch.Generator], n: int) -> torch.Tensor:
+    """(n,) int64 row seeds in [0, 2^63 - 1) for training-side simplex noise: n draws from one generator (a training
+    step's), or one draw from each of n generators (validation images')."""
+    high = 2**63 - 1
+    if isinstance(generators, torch.Generator):
+        return torch.randint(0, high, (n,), generator=generators)
+    return torch.cat([torch.randint(0, high, (1,), generator=g) for g in generators])
+
+
 # splitmix64's constants (Steele, Lea & Flood 2014): the golden-ratio increment and the two multipliers.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)

@@ -173,10 +173,66 @@ def test_latent_config_checks_the_data_and_the_pad(tmp_path):
         latent_config(vq, (1, 28, 28), 3, (0, 0, 0, 0), "t.csv")
     with pytest.raises(UserError, match="needs 4 values"):
         latent_config(vq, (1, 28, 28), 3, (1, 1), "t.csv")
-    with pytest.raises(UserError, match=r"t.csv: images have 3 channel\(s\) but the VQ-VAE .* takes 1"):
+    with pytest.raises(UserError, match=r"t.csv: images load as \(3, 28, 28\) but the VQ-VAE .* was trained on"):
         latent_config(vq, (3, 28, 28), 3, None, "t.csv")
     with pytest.raises(UserError, match=r"t.csv: images load as \(1, 32, 32\) but the VQ-VAE .* was trained on"):
         latent_config(vq, (1, 32, 32), 3, None, "t.csv")
+    with pytest.raises(UserError, match=r"--channel=2: the VQ-VAE .* was trained on channel 0"):
+        latent_config(vq, (1, 28, 28), 3, None, "t.csv", DataConfig(is_grayscale=True, channel=2))
+
+
+def test_upstream_vqvae_is_checked_against_the_images(tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "checkpoint.pth", {"epoch": 1, "model_state_dict": build_vqvae(TINY_VQ_2D).state_dict()})
+    (tmp_path / VQVAE_CONFIG_FILE).write_text(upstream_config_json(TINY_VQ_2D))
+    vq = load_vqvae(tmp_path / "checkpoint.pth")  # no stored image shape: the round trip is what is checked
+    assert latent_config(vq, (1, 28, 28), 3, None, "t.csv").latent_shape == (3, 8, 8)
+    with pytest.raises(UserError, match="30x30 does not come back"):
+        latent_config(vq, (1, 30, 30), 3, None, "t.csv")
+    with pytest.raises(UserError, match=r"images have 3 channel\(s\) but the VQ-VAE takes 1"):
+        latent_config(vq, (3, 28, 28), 3, None, "t.csv")
+
+
+def test_b_scale_multiplies_latents_and_is_undone_before_decoding():
+    torch.manual_seed(0)
+    model = build_vqvae(TINY_VQ_2D).eval()
+    plain, scaled = VQVAEAutoencoder(model, (0, 1, 0, 1)), VQVAEAutoencoder(model, (0, 1, 0, 1), b_scale=2.5)
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(scaled.encode(x), 2.5 * plain.encode(x), rtol=0, atol=1e-6)
+    assert torch.equal(scaled.decode(scaled.encode(x)), plain.decode(plain.encode(x)))
+    assert scaled.sample_range == tuple(2.5 * v for v in plain.sample_range)
+
+
+def test_chunked_calls_give_the_same_latents_and_images(monkeypatch):
+    import ddpm_ood.autoencoder.vqvae as vqvae_module
+
+    torch.manual_seed(0)
+    ae = VQVAEAutoencoder(build_vqvae(TINY_VQ_2D), (0, 1, 0, 1), downsampling=4)
+    x = torch.rand(5, 1, 28, 28)
+    whole_z, whole_x = ae.encode(x), ae.decode(ae.encode(x))
+    calls = []
+    original = ae.model.decode_stage_2_outputs
+    monkeypatch.setattr(ae.model, "decode_stage_2_outputs", lambda z: calls.append(len(z)) or original(z))
+    monkeypatch.setattr(vqvae_module, "VOXELS_PER_CALL", 2 * 28 * 28)  # two images per call
+    assert torch.allclose(ae.encode(x), whole_z, rtol=0, atol=1e-6)
+    assert torch.allclose(ae.decode(whole_z), whole_x, rtol=0, atol=1e-5)
+    assert calls == [2, 2, 1]
+
+
+def test_quantizer_runs_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = build_vqvae(TINY_VQ_2D).eval()
+    seen = []
+    # MONAI's quantizer turns off CUDA autocast only; ours must also run with CPU autocast off, on fp32 inputs.
+    model.quantizer.quantizer.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_autocast_enabled("cpu"), args[0].dtype)))
+    z = model.encode(torch.rand(2, 1, 28, 28))
+    with torch.no_grad():
+        want, _ = model.quantize(z)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            got, _ = model.quantize(z.bfloat16())
+    assert seen == [(False, torch.float32), (False, torch.float32)]
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=0, atol=1e-6)
 
 
 def test_autoencoder_for_refuses_another_vqvae(tmp_path):

@@ -193,6 +193,18 @@ def test_latent_reconstruction_detection_and_scoring(trained2d, capsys):
     assert run(score, [f"--output_dir={out}", "--model_name=ldm", f"--inputs={s / 'Noise_test.csv'}",
                        f"--out_csv={scores}", "--batch_size=4"]) == 0
     assert len(pd.read_csv(scores)) == 6
+    # Validation results made with another VQ-VAE (or in pixel space) are not comparable: the scorer refuses them.
+    from ddpm_ood.errors import UserError
+    from ddpm_ood.ood.scorer import OODScorer
+
+    sidecar_path = ood / "results_val.json"
+    original = sidecar_path.read_text()
+    try:
+        sidecar_path.write_text(json.dumps({**json.loads(original), "autoencoder": "0" * 64}))
+        with pytest.raises(UserError, match="made in the VQ-VAE with weights sha256 000000000000"):
+            OODScorer.from_run(out, "ldm", device="cpu")
+    finally:
+        sidecar_path.write_text(original)
 
 
 @needs_lpips
@@ -257,6 +269,11 @@ def test_bad_input_is_one_line(trained2d, capsys):
     # ... also when resuming the DDPM's training with another VQ-VAE.
     err = _error(train_ddpm, ddpm_argv(out, s, "ldm", out / "vq2" / "checkpoint.pth", "--n_epochs=2"), capsys)
     assert "--vqvae_checkpoint (VQ-VAE weights)" in err
+    # Resuming the VQ-VAE with other loss weights, or --channel without --is_grayscale=1.
+    err = _error(train_vqvae, vqvae_argv(out, s, "vq", "--adversarial_weight=0", n_epochs=3), capsys)
+    assert "vq/checkpoint_last.pth: flags contradict" in err and "loss weights" in err
+    assert "needs --is_grayscale=1" in _error(train_vqvae, vqvae_argv(out, s, "bad", "--channel=1",
+                                                                      "--is_grayscale=0"), capsys)
     # Channel mismatches between the VQ-VAE and the data.
     err = _error(train_vqvae, vqvae_argv(out, s, "bad", "--is_grayscale=0"), capsys)
     assert "--vqvae_in_channels=1" in err

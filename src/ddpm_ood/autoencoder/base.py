@@ -84,4 +84,5 @@ def autoencoder_for(run: RunConfig, device: torch.device | str = "cpu", *,
         raise UserError(f"{path}: VQ-VAE {what} differ from the one {source} was trained on "
                         f"({run.latent.checkpoint}, weights sha256 {run.latent.weights_sha256[:12]}); "
                         "reconstruct with that VQ-VAE or retrain the DDPM")
-    return VQVAEAutoencoder(vqvae.model.to(device), run.latent.latent_pad)
+    return VQVAEAutoencoder(vqvae.model.to(device), run.latent.latent_pad, run.schedule.b_scale,
+                            run.latent.vqvae.downsampling)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddpm_ood.config import DataConfig, LatentConfig, VQVAEConfig
+from ddpm_ood.config import DataConfig, LatentConfig, RunConfig, VQVAEConfig
 from ddpm_ood.errors import UserError
 
 VQVAE_CONFIG_FILE = "vqvae_config.json"
@@ -37,10 +37,24 @@ _UPSTREAM_KEYS = {
 
 def build_vqvae(config: VQVAEConfig) -> torch.nn.Module:
     """MONAI core ``VQVAE``: images (B, in_channels, *spatial) -> (reconstruction, quantisation loss); latents
-    (B, embedding_dim, *spatial / downsampling)."""
+    (B, embedding_dim, *spatial / downsampling). Its quantiser always runs in fp32 (see ``_fp32_forward``)."""
     from monai.networks.nets import VQVAE
 
-    return VQVAE(**config.to_dict())
+    model = VQVAE(**config.to_dict())
+    model.quantizer.forward = _fp32_forward(model.quantizer.forward)
+    return model
+
+
+def _fp32_forward(forward):
+    """``forward`` with autocast off and fp32 inputs. MONAI's quantiser turns off CUDA autocast only: under CPU bf16
+    autocast its code distances and EMA codebook updates would run in bf16 and could pick other codes. Set on the
+    instance, so the state-dict keys stay MONAI's."""
+
+    def fp32_forward(inputs: torch.Tensor):
+        with torch.autocast(device_type=inputs.device.type, enabled=False):
+            return forward(inputs.float())
+
+    return fp32_forward
 
 
 def upstream_config_json(config: VQVAEConfig) -> str:
@@ -81,40 +95,60 @@ def weights_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         t = state_dict[key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+# Voxels (pixels) per VQ-VAE call when encoding or decoding: the full-resolution activations of the first and last
+# levels dominate memory (a 128^3 volume at 256 channels is 2 GiB in fp32), so calls are chunked by image size.
+VOXELS_PER_CALL = 2**20
 
 
 class VQVAEAutoencoder:
     """A frozen VQ-VAE as the diffusion model's autoencoder.
 
-    ``encode``: images (B, C, *spatial) in [0, 1] -> padded quantised latents (B, embedding_dim, *latent spatial);
-    ``decode``: latents -> images (B, C, *spatial), not clamped. Both in fp32 without gradients.
+    ``encode``: images (B, C, *spatial) in [0, 1] -> ``b_scale`` times the padded quantised latents (B, embedding_dim,
+    *latent spatial); ``decode``: latents -> divided by ``b_scale``, crop, re-quantise, decode -> images (B, C,
+    *spatial), not clamped. Both in fp32 without gradients, in chunks of at most ``VOXELS_PER_CALL`` image voxels.
+    (Upstream multiplies latents by b_scale too, but divides the decoded image instead of the latent.)
     """
 
-    def __init__(self, model: torch.nn.Module, latent_pad: Sequence[int] = ()) -> None:
+    def __init__(self, model: torch.nn.Module, latent_pad: Sequence[int] = (), b_scale: float = 1.0,
+                 downsampling: int = 1) -> None:
+        if not b_scale > 0:
+            raise ValueError(f"b_scale must be > 0, got {b_scale}")
         self.model = model.eval().requires_grad_(False)
+        self.downsampling = int(downsampling)  # image side / latent side (VQVAEConfig.downsampling), for chunk sizes
         self.latent_pad = tuple(int(p) for p in latent_pad)
+        self.b_scale = float(b_scale)
+
+    def _chunks(self, x: torch.Tensor, voxels_per_item: int) -> list[torch.Tensor]:
+        return list(torch.split(x, max(1, VOXELS_PER_CALL // max(voxels_per_item, 1))))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            latents = self.model.encode_stage_2_inputs(images.float())
-        return F.pad(latents, self.latent_pad) if any(self.latent_pad) else latents
+            latents = torch.cat([self.model.encode_stage_2_inputs(chunk.float())
+                                 for chunk in self._chunks(images, images[0].numel())])
+        latents = F.pad(latents, self.latent_pad) if any(self.latent_pad) else latents
+        return latents * self.b_scale if self.b_scale != 1.0 else latents
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        samples = samples / self.b_scale if self.b_scale != 1.0 else samples
         if any(self.latent_pad):
             samples = F.pad(samples, [-p for p in self.latent_pad])  # negative padding crops
+        factor = self.downsampling ** (samples.ndim - 2)
         with torch.no_grad():
-            return self.model.decode_stage_2_outputs(samples.float())
+            return torch.cat([self.model.decode_stage_2_outputs(chunk.float())
+                              for chunk in self._chunks(samples, samples[0, :1].numel() * factor)])
 
     @property
     def sample_range(self) -> tuple[float, float]:
-        # Quantised latents are codebook vectors (and the zero padding): their values bound clean samples.
+        # Quantised latents are codebook vectors (and the zero padding), times b_scale: they bound clean samples.
         codebook = self.model.quantizer.quantizer.embedding.weight
-        return (min(0.0, float(codebook.min())), max(0.0, float(codebook.max())))
+        return (self.b_scale * min(0.0, float(codebook.min())), self.b_scale * max(0.0, float(codebook.max())))
 
     def __repr__(self) -> str:
-        return f"VQVAEAutoencoder(latent_pad={list(self.latent_pad)})"
+        return f"VQVAEAutoencoder(latent_pad={list(self.latent_pad)}, b_scale={self.b_scale:g})"
 
 
 def latent_spatial(image_spatial: Sequence[int], config: VQVAEConfig) -> tuple[int, ...]:
@@ -158,6 +192,7 @@ def auto_latent_pad(spatial: Sequence[int], factor: int) -> tuple[int, ...]:
 
 
 def padded_spatial(spatial: Sequence[int], latent_pad: Sequence[int]) -> tuple[int, ...]:
+    """Spatial size after ``F.pad(latent_pad)`` (last dim first, (before, after) pairs; missing pairs are 0)."""
     pads = list(latent_pad) + [0] * (2 * len(spatial) - len(latent_pad))
     return tuple(s + pads[2 * i] + pads[2 * i + 1] for i, s in enumerate(reversed(tuple(spatial))))[::-1]
 
@@ -210,19 +245,19 @@ def load_vqvae(path: str | os.PathLike) -> LoadedVQVAE:
 
 
 def latent_config(vqvae: LoadedVQVAE, image_shape: Sequence[int], unet_levels: int,
-                  latent_pad: Sequence[int] | None, source: str) -> LatentConfig:
-    """The LatentConfig of a DDPM trained on ``vqvae``'s latents of images (C, *spatial): channels checked, the
-    padding given (``--latent_pad``, F.pad order) or chosen so that the UNet's ``unet_levels - 1`` halvings fit."""
+                  latent_pad: Sequence[int] | None, source: str, data: DataConfig | None = None) -> LatentConfig:
+    """The LatentConfig of a DDPM trained on ``vqvae``'s latents of images (C, *spatial) loaded with ``data``:
+    images checked against the VQ-VAE (shape, channels, round trip, BraTS channel), the padding given
+    (``--latent_pad``, F.pad order) or chosen so that the UNet's ``unet_levels - 1`` halvings fit."""
     image_shape = tuple(int(s) for s in image_shape)
-    if image_shape[0] != vqvae.config.in_channels:
-        raise UserError(f"{source}: images have {image_shape[0]} channel(s) but the VQ-VAE {vqvae.path} takes "
-                        f"{vqvae.config.in_channels} (check --is_grayscale)")
-    if len(image_shape) - 1 != vqvae.config.spatial_dims:
-        raise UserError(f"{source}: images have {len(image_shape) - 1} spatial dimensions but the VQ-VAE "
-                        f"{vqvae.path} is {vqvae.config.spatial_dims}D (check --spatial_dimension)")
     if vqvae.image_shape is not None and image_shape != vqvae.image_shape:
         raise UserError(f"{source}: images load as {image_shape} but the VQ-VAE {vqvae.path} was trained on "
-                        f"{vqvae.image_shape} (check --image_size / --image_roi)")
+                        f"{vqvae.image_shape} (check --is_grayscale / --spatial_dimension / --image_size / "
+                        "--image_roi)")
+    if vqvae.data is not None and data is not None and vqvae.data.channel != data.channel:
+        raise UserError(f"--channel={data.channel}: the VQ-VAE {vqvae.path} was trained on channel "
+                        f"{vqvae.data.channel}")
+    check_image_fits_vqvae(image_shape, vqvae.config, f"{source} (VQ-VAE {vqvae.path})")
     spatial = latent_spatial(image_shape[1:], vqvae.config)
     factor = 2 ** (unet_levels - 1)
     if latent_pad is None:
@@ -239,3 +274,13 @@ def latent_config(vqvae: LoadedVQVAE, image_shape: Sequence[int], unet_levels: i
                         "choose it automatically)")
     return LatentConfig(vqvae=vqvae.config, weights_sha256=vqvae.sha256, checkpoint=str(vqvae.path.resolve()),
                         latent_pad=pad, latent_shape=(vqvae.config.embedding_dim, *padded))
+
+
+def with_latent(run: RunConfig, vqvae: LoadedVQVAE, latent_pad: Sequence[int] | None, source: str) -> RunConfig:
+    """``run`` (built for pixel space) moved into ``vqvae``'s latent space: the UNet takes ``embedding_dim`` channels
+    and the run records the VQ-VAE (``latent_config``). The one place a latent run configuration is assembled."""
+    import dataclasses
+
+    model = dataclasses.replace(run.model, in_channels=vqvae.config.embedding_dim)
+    latent = latent_config(vqvae, run.image_shape, len(model.channels), latent_pad, source, run.data)
+    return dataclasses.replace(run, model=model, latent=latent)

@@ -186,6 +186,25 @@ def add_model_options(parser: argparse.ArgumentParser, *, from_checkpoint: bool)
                                                            "chosen automatically") + ". Undone before decoding")
 
 
+def add_training_loop_options(parser: argparse.ArgumentParser, *, validation: str,
+                              evaluation: str) -> argparse._ArgumentGroup:
+    """The flags of ``training.loop.fit`` every training script shares (upstream's names and defaults); returns the
+    "training" group for the script's own flags. ``validation``: what the validation images' loss is;
+    ``evaluation``: what each evaluation logs besides it."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--training_ids", type=str, required=True, help="split CSV of the training images")
+    g.add_argument("--validation_ids", type=str, required=True,
+                   help=f"split CSV of the validation images (their {validation} picks checkpoint.pth)")
+    g.add_argument("--n_epochs", type=positive_int, default=300, help="total number of epochs (default 300)")
+    g.add_argument("--eval_freq", type=positive_int, default=10,
+                   help=f"validate (loss, {evaluation}, best checkpoint) every N epochs and at the last (default 10)")
+    g.add_argument("--checkpoint_every", type=non_negative_int, default=100,
+                   help="also keep checkpoint_<epoch>.pth every N epochs; 0 = never (default 100)")
+    g.add_argument("--quick_test", type=boolish, default=False,
+                   help="1 = one training batch and one validation batch per epoch (smoke test)")
+    return g
+
+
 def add_max_batch_option(group: argparse._ActionsContainer) -> None:
     """--max_batch, shared by reconstruct.py and score.py."""
     group.add_argument("--max_batch", type=optional_int, default=None,

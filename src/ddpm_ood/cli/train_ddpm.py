@@ -16,12 +16,11 @@ from ddpm_ood.cli.options import (
     add_model_options,
     add_run_options,
     add_schedule_options,
-    boolish,
+    add_training_loop_options,
     checked_number,
     non_negative_int,
     optional_int,
     positive_float,
-    positive_int,
     refuse_unsupported,
 )
 
@@ -38,19 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(parser, batch_size=512)
     add_schedule_options(parser, from_checkpoint=False)
     add_model_options(parser, from_checkpoint=False)
-    g = parser.add_argument_group("training")
-    g.add_argument("--training_ids", type=str, required=True, help="split CSV of the training images")
-    g.add_argument("--validation_ids", type=str, required=True,
-                   help="split CSV of the validation images (their loss picks checkpoint.pth)")
-    g.add_argument("--n_epochs", type=positive_int, default=300, help="total number of epochs (default 300)")
-    g.add_argument("--eval_freq", type=positive_int, default=10,
-                   help="validate (loss, sample grid, best checkpoint) every N epochs and at the last (default 10)")
-    g.add_argument("--checkpoint_every", type=non_negative_int, default=100,
-                   help="also keep checkpoint_<epoch>.pth every N epochs; 0 = never (default 100)")
+    g = add_training_loop_options(parser, validation="loss", evaluation="sample grid")
     g.add_argument("--ddpm_checkpoint_epoch", type=optional_int, default=None,
                    help="resume from checkpoint_<N>.pth instead of checkpoint_last.pth (must exist)")
-    g.add_argument("--quick_test", type=boolish, default=False,
-                   help="1 = one training batch and one validation batch per epoch (smoke test)")
     g.add_argument("--lr", type=positive_float, default=2.5e-5, help="Adam learning rate (default 2.5e-5)")
     g.add_argument("--ema_decay", type=_decay, default=0.0,
                    help="EMA of the weights with this decay, e.g. 0.999, used for validation, samples and "
@@ -87,19 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               body=lambda cfg, ctx: _train(args, cfg, ctx, data, schedule, model, run_dir))
 
 
-def _provisional(vqvae):
-    """The LatentConfig part that is known before the data are loaded (the weights), for the early resume check."""
-    from ddpm_ood.config import LatentConfig
-
-    if vqvae is None:
-        return None
-    return LatentConfig(vqvae.config, vqvae.sha256, str(vqvae.path), latent_pad=(), latent_shape=())
-
-
 def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: Path) -> int:
     """Resume point, datasets, checks, then ``training.ddpm.train``; the caller holds the run lock."""
-    import dataclasses
-
     from ddpm_ood.config import RunConfig
     from ddpm_ood.data.datasets import dataset_from_csv
     from ddpm_ood.diffusion.unet import check_image_fits_unet
@@ -111,13 +89,11 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
     if args.vqvae_checkpoint is not None:
         from ddpm_ood.autoencoder.vqvae import load_vqvae
 
-        vqvae = load_vqvae(args.vqvae_checkpoint)
-        model = dataclasses.replace(model, in_channels=vqvae.config.embedding_dim)
+        vqvae = load_vqvae(args.vqvae_checkpoint)  # first: a wrong file fails before anything else
     resume = find_resume_point(run_dir, cfg.resume_epoch)
     if resume is not None:
-        # Settings first (cheap); the image and latent shapes are compared once the data are loaded.
-        check_resume_config(resume, RunConfig(model, schedule, data, image_shape=(), latent=_provisional(vqvae)),
-                            compare_image_shape=False)
+        if vqvae is None:  # settings first (cheap); a latent run's are compared once its latents are known
+            check_resume_config(resume, RunConfig(model, schedule, data, image_shape=()), compare_image_shape=False)
         if resume.epochs_completed >= cfg.n_epochs:
             if ctx.is_main:
                 print(f"training already complete: {resume.path} holds {resume.epochs_completed} epoch(s), "
@@ -125,19 +101,18 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
             return 0
     train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
     image_shape = tuple(train_set.image_shape)
-    latent = None
+    run_config = RunConfig(model=model, schedule=schedule, data=data, image_shape=image_shape)
+    source = args.training_ids
     if vqvae is not None:
-        from ddpm_ood.autoencoder.vqvae import latent_config
+        from ddpm_ood.autoencoder.vqvae import with_latent
 
-        latent = latent_config(vqvae, image_shape, len(model.channels), args.latent_pad, args.training_ids)
-        check_image_fits_unet(latent.latent_shape, model, f"{args.training_ids} (latents of {vqvae.path})")
-    else:
-        check_image_fits_unet(image_shape, model, args.training_ids)
+        run_config = with_latent(run_config, vqvae, args.latent_pad, args.training_ids)
+        source = f"{args.training_ids} (latents of {vqvae.path})"
+    check_image_fits_unet(run_config.model_shape, run_config.model, source)
     val_set = dataset_from_csv(args.validation_ids, data, cache=args.cache_data)
     if tuple(val_set.image_shape) != image_shape:
         raise UserError(f"{args.validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
                         f"but training images ({args.training_ids}) have {image_shape}")
-    run_config = RunConfig(model=model, schedule=schedule, data=data, image_shape=image_shape, latent=latent)
     if resume is not None:
         check_resume_config(resume, run_config, compare_image_shape=True)
     summary = train(run_config, cfg, train_set, val_set, ctx, resume=resume)

@@ -16,11 +16,11 @@ from pathlib import Path
 from ddpm_ood.cli.options import (
     add_data_options,
     add_run_options,
+    add_training_loop_options,
     boolish,
     checked_number,
     int_list,
     nested_int_list,
-    non_negative_int,
     positive_float,
     positive_int,
     refuse_unsupported,
@@ -73,24 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1/0: synchronise the codebook EMA across DDP ranks (default 1)")
     g.add_argument("--vqvae_learning_rate", type=positive_float, default=3e-4,
                    help="Adam learning rate of the VQ-VAE (default 3e-4)")
-    t = p.add_argument_group("training")
-    t.add_argument("--training_ids", type=str, required=True, help="split CSV of the training images")
-    t.add_argument("--validation_ids", type=str, required=True,
-                   help="split CSV of the validation images (their L1 reconstruction loss picks checkpoint.pth)")
-    t.add_argument("--n_epochs", type=positive_int, default=300, help="total number of epochs (default 300)")
-    t.add_argument("--eval_freq", type=positive_int, default=10,
-                   help="validate (loss, reconstruction figure, best checkpoint) every N epochs and at the last "
-                   "(default 10)")
-    t.add_argument("--checkpoint_every", type=non_negative_int, default=100,
-                   help="also keep checkpoint_<epoch>.pth every N epochs; 0 = never (default 100)")
+    t = add_training_loop_options(p, validation="L1 reconstruction loss", evaluation="reconstruction figure")
     t.add_argument("--adversarial_weight", type=_non_negative_float, default=0.01,
                    help="weight of the patch-adversarial loss; 0 = no discriminator (default 0.01)")
     t.add_argument("--adversarial_warmup", type=boolish, default=False,
                    help="1 = ramp the adversarial weight linearly from 0 over the first 50 epochs (default 0)")
     t.add_argument("--perceptual_weight", type=_non_negative_float, default=0.001,
                    help="weight of the LPIPS loss (2.5D for volumes; upstream's 0.001); 0 = none (default 0.001)")
-    t.add_argument("--quick_test", type=boolish, default=False,
-                   help="1 = one training batch and one validation batch per epoch (smoke test)")
     return p
 
 
@@ -154,7 +143,7 @@ def _train(args: argparse.Namespace, cfg, ctx, data, vqvae, losses, run_dir: Pat
         raise UserError(f"{args.validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
                         f"but training images ({args.training_ids}) have {image_shape}")
     if resume is not None:
-        check_vqvae_resume(resume, vqvae_checkpoint_config(vqvae, data, image_shape))
+        check_vqvae_resume(resume, vqvae_checkpoint_config(vqvae, data, image_shape), losses)
     if ctx.is_main:
         atomic_write_text(run_dir / VQVAE_CONFIG_FILE, upstream_config_json(vqvae))
     summary = train_vqvae(vqvae, data, losses, cfg, train_set, val_set, image_shape, ctx, resume=resume)

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.seeding import channel_seeds, noise_batch, row_seed
+from ddpm_ood.seeding import channel_seeds, noise_batch, row_seed, row_seed_draws
 
 # AnoDDPM's reference parameters (upstream ddpm-ood uses them, and has no flags for them).
 SIMPLEX_OCTAVES = 6
@@ -220,14 +220,6 @@ def simplex_noise(row_seeds: Sequence[int] | np.ndarray | torch.Tensor, ts: Sequ
 Generators = torch.Generator | Sequence[torch.Generator]
 
 
-def _row_seed_draws(generators: Generators, n: int) -> torch.Tensor:
-    """(n,) int64 row seeds in [0, 2^63 - 1): n draws from one generator, or one draw from each of n."""
-    high = 2**63 - 1
-    if isinstance(generators, torch.Generator):
-        return torch.randint(0, high, (n,), generator=generators)
-    return torch.cat([torch.randint(0, high, (1,), generator=g) for g in generators])
-
-
 def _gaussian_draw(generators: Generators, shape: tuple[int, ...], timesteps: torch.Tensor,
                    device: torch.device | None) -> torch.Tensor:
     if isinstance(generators, torch.Generator):
@@ -237,7 +229,7 @@ def _gaussian_draw(generators: Generators, shape: tuple[int, ...], timesteps: to
 
 def _simplex_draw(generators: Generators, shape: tuple[int, ...], timesteps: torch.Tensor,
                   device: torch.device | None) -> torch.Tensor:
-    return simplex_noise(_row_seed_draws(generators, shape[0]), timesteps, shape[1:], device)
+    return simplex_noise(row_seed_draws(generators, shape[0]), timesteps, shape[1:], device)
 
 
 def _gaussian_rows(seed: int, keys: Sequence[str], start_ts: Sequence[int], sample_shape: tuple[int, ...],

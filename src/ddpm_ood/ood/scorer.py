@@ -115,13 +115,23 @@ def calibrate_threshold(val_scores: Sequence[float] | np.ndarray, val_keep: floa
     return Calibration(threshold, val_keep, int(scores.size), int((scores > threshold).sum()))
 
 
-def _check_noise_type(settings: ReconSettings, run: RunConfig, val_path: Path, ckpt_file: Path) -> None:
-    """Scores are only comparable with validation results made with the checkpoint's noise type (a checkpoint
-    retrained in place with the other ``--simplex_noise`` keeps its path); UserError otherwise."""
+def _check_model_matches(settings: ReconSettings, run: RunConfig, val_path: Path, ckpt_file: Path) -> None:
+    """Scores are only comparable with validation results made with the checkpoint's noise type and autoencoder (a
+    checkpoint retrained in place with the other ``--simplex_noise`` or another VQ-VAE keeps its path); UserError
+    otherwise."""
     if settings.noise_type != run.schedule.noise_type:
         raise UserError(
             f"{val_path.with_suffix('.json')}: validation results made with {settings.noise_type} noise, but "
             f"{ckpt_file} was trained with {run.schedule.noise_type} noise; rerun reconstruct.py with --run_val=1"
+        )
+    vqvae = None if run.latent is None else run.latent.weights_sha256
+    if settings.autoencoder != vqvae:
+        def name(h: str | None) -> str:
+            return "pixel space" if h is None else f"the VQ-VAE with weights sha256 {h[:12]}"
+
+        raise UserError(
+            f"{val_path.with_suffix('.json')}: validation results made in {name(settings.autoencoder)}, but "
+            f"{ckpt_file} works in {name(vqvae)}; rerun reconstruct.py with --run_val=1"
         )
 
 
@@ -306,7 +316,7 @@ class OODScorer:
                 f"{ckpt_file}: has no stored configuration (an upstream checkpoint); score.py needs a checkpoint "
                 "written by ddpm-ood's train_ddpm.py"
             )
-        _check_noise_type(settings, run, val_path, ckpt_file)
+        _check_model_matches(settings, run, val_path, ckpt_file)
         dev = resolve_device(device)
         model = load_model(
             ckpt, run, ckpt_file, dev, use_ema=settings.use_ema, max_batch=max_batch,

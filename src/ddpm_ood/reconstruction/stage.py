@@ -145,17 +145,14 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
 
 def _upstream_run_config(job: ReconstructionJob, image_shape: tuple[int, ...], csv: str) -> RunConfig:
     """An upstream checkpoint's model from the flags; with --vqvae_checkpoint, in that VQ-VAE's latent space."""
-    import dataclasses
-
     run = run_config_from_flags(job.flags, image_shape)
     if job.vqvae_checkpoint is None:
+        if job.latent_pad is not None:
+            raise UserError("--latent_pad only applies to latent diffusion: give --vqvae_checkpoint too")
         return run
-    from ddpm_ood.autoencoder.vqvae import latent_config, load_vqvae
+    from ddpm_ood.autoencoder.vqvae import load_vqvae, with_latent
 
-    vqvae = load_vqvae(job.vqvae_checkpoint)
-    latent = latent_config(vqvae, image_shape, len(run.model.channels), job.latent_pad, csv)
-    model = dataclasses.replace(run.model, in_channels=vqvae.config.embedding_dim)
-    return dataclasses.replace(run, model=model, latent=latent)
+    return with_latent(run, load_vqvae(job.vqvae_checkpoint), job.latent_pad, csv)
 
 
 def _reconstruct_sets(job: ReconstructionJob, ctx, sets: list[tuple[str, str, str, int | None]], datasets: dict,

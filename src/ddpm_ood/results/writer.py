@@ -210,6 +210,7 @@ class ReconSettings:
     precision: str
     noise_key: str
     noise_type: str = "gaussian"  # absent from a sidecar = Gaussian (``reconstruction_settings``)
+    autoencoder: str | None = None  # a latent model's VQ-VAE weights hash; absent = pixel space
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> ReconSettings:
@@ -249,6 +250,7 @@ class ReconSettings:
             precision=str(d["precision"]),
             noise_key=str(d["noise_key"]),
             noise_type=str(d.get("noise_type", "gaussian")),
+            autoencoder=d.get("autoencoder"),
         )
 
     def to_dict(self) -> dict[str, Any]:

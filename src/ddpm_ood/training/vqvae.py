@@ -101,14 +101,36 @@ def _perceptual(weight: float, device: torch.device):
     return PerceptualDistance(build_lpips(device))
 
 
-def check_vqvae_resume(resume: ResumePoint, config: dict) -> None:
-    """UserError naming the checkpoint unless it was trained with the same VQ-VAE, data settings and image shape."""
-    stored = resume.ckpt.get("config") or {}
-    diffs = [f"{key}: checkpoint {stored.get(key)}, flags {config[key]}" for key in ("vqvae", "data", "image_shape")
+def check_vqvae_resume(resume: ResumePoint, config: dict, losses: VQVAELossConfig) -> None:
+    """UserError naming the checkpoint unless it was trained with the same VQ-VAE, data settings, image shape and
+    loss weights. An upstream checkpoint (no stored configuration) is compared with the ``vqvae_config.json`` beside
+    it, the only record it has."""
+    stored = resume.ckpt.get("config")
+    if stored is None:
+        from ddpm_ood.autoencoder.vqvae import VQVAE_CONFIG_FILE, read_vqvae_config_json
+
+        stored = {"vqvae": read_vqvae_config_json(resume.path.parent / VQVAE_CONFIG_FILE).to_dict()}
+        keys = ["vqvae"]
+    else:
+        keys = ["vqvae", "data", "image_shape"]
+    diffs = [f"{key}: checkpoint {stored.get(key)}, flags {config[key]}" for key in keys
              if stored.get(key) != config[key]]
+    saved_losses = resume.ckpt.get("loss_config")
+    if saved_losses is not None and saved_losses != asdict(losses):
+        diffs.append(f"loss weights: checkpoint {saved_losses}, flags {asdict(losses)}")
     if diffs:
         raise UserError(f"{resume.path}: flags contradict the checkpoint's configuration ({'; '.join(diffs)}); "
                         "resume with the checkpoint's settings or train under another --model_name")
+
+
+def _load_weights(module: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Strict load; a mismatch is one line naming ``source`` (not torch's list of every key)."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else "")[:200]
+        raise UserError(f"{source}: weights do not fit the network the flags build ({detail})") from None
 
 
 class VQVAETask:
@@ -134,7 +156,7 @@ class VQVAETask:
         self.scaler_d = make_grad_scaler(self.device, cfg.precision)
         self.skips_non_finite = self.scaler_g is not None
         if resume is not None:
-            check_vqvae_resume(resume, self.config)
+            check_vqvae_resume(resume, self.config, losses)
             self._restore(resume)
         from monai.losses import JukeboxLoss, PatchAdversarialLoss
 
@@ -157,9 +179,10 @@ class VQVAETask:
         from ddpm_ood.seeding import restore_rng_state
 
         ck = resume.ckpt
-        self.model.load_state_dict(ck["model_state_dict"])
+        _load_weights(self.model, ck["model_state_dict"], f"{resume.path} (model_state_dict)")
         if ck.get("discriminator_state_dict") is not None:
-            self.discriminator.load_state_dict(ck["discriminator_state_dict"])
+            _load_weights(self.discriminator, ck["discriminator_state_dict"],
+                          f"{resume.path} (discriminator_state_dict)")
         else:
             log(self.ctx, f"note: {resume.path} has no discriminator weights (upstream); it starts afresh")
         for name, opt in (("optimizer_g_state_dict", self.opt_g), ("optimizer_d_state_dict", self.opt_d)):
@@ -195,6 +218,8 @@ class VQVAETask:
         return terms
 
     def train_step(self, batch: dict, epoch: int, step: int) -> torch.Tensor:
+        """One generator step, then (when w_adv > 0) one discriminator step, on batch["image"] (B, C, *spatial) in
+        [0, 1]. Returns the detached generator loss; every term is summed for the epoch's ``scalars``."""
         images = batch["image"].to(self.device, non_blocking=True)
         w_adv = self.losses.adversarial_weight_at(epoch)
         with autocast_context(self.device, self.cfg.precision):
@@ -250,6 +275,8 @@ class VQVAETask:
         writer.add_image("recons", make_grid(tiles, nrow=len(images), padding=2, pad_value=1.0), global_step)
 
     def state_dict(self) -> dict[str, Any]:
+        """The VQ-VAE checkpoint's own part: both networks (unwrapped from DDP), both optimizers and scalers, the
+        configuration (``vqvae_checkpoint_config``) and the loss weights."""
         return {
             "model_state_dict": self.model.state_dict(),
             "discriminator_state_dict": self.discriminator.state_dict(),
@@ -262,7 +289,8 @@ class VQVAETask:
         }
 
     def scalars(self) -> dict[str, float]:
-        """The epoch's mean of every loss term (then reset), and the learning rate."""
+        """The epoch's mean of every loss term (then reset; under DDP the main rank's share of the batches), and the
+        learning rate."""
         out = {name: float(value) / max(self._steps, 1) for name, value in self._sums.items()}
         self._sums, self._steps = {}, 0
         out["lr"] = self.opt_g.param_groups[0]["lr"]

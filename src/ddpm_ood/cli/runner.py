@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ddpm_ood.distributed import DistContext
+    from ddpm_ood.training.loop import TrainConfig
 
 # Exit status of a file-system fault (sysexits' EX_IOERR), so scripts can tell it from bad input (2).
 EXIT_IO_ERROR = 74
@@ -35,11 +40,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         return 130
 
 
-def run_training_stage(cfg, *, device: str, precision: str | None, amp: bool, lock_name: str,
-                       body: Callable[[object, object], int]) -> int:
+def run_training_stage(cfg: TrainConfig, *, device: str, precision: str | None, amp: bool, lock_name: str,
+                       body: Callable[[TrainConfig, DistContext], int]) -> int:
     """The frame of a training script: start DDP when launched by torchrun, resolve the precision for the device,
     check the run folder and say the device (main rank), hold the run lock, then ``body(cfg, ctx)`` with ``cfg``'s
-    precision resolved; the process group is always torn down. ``cfg``: a ``training.loop.TrainConfig``."""
+    precision resolved; the process group is always torn down."""
     import dataclasses
     from pathlib import Path
 

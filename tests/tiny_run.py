@@ -11,13 +11,17 @@ import pytest
 import torch
 
 from ddpm_ood.checkpoint import save_checkpoint
-from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
+from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig, VQVAEConfig
 from ddpm_ood.diffusion.unet import build_unet, randomize_zero_init_convs
 
 # The repository root (tests live one or two folders below it).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ModelConfig("test", 2, 1, (8, 16, 16), (False, False, True), 1, 16, 8)
 TINY_SCHEDULE = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
+# A 2-level VQ-VAE (8/16 channels, 16 codes of 3 dims): 28x28 images -> 7x7 latents.
+TINY_VQ_2D = VQVAEConfig(spatial_dims=2, channels=(8, 16), num_res_channels=(8, 16), num_res_layers=1,
+                         downsample_parameters=((2, 4, 1, 1),) * 2, upsample_parameters=((2, 4, 1, 1, 0),) * 2,
+                         num_embeddings=16, embedding_dim=3)
 # How far a metric or z-score may move when the same images are batched differently (fp32): the network's kernels
 # round differently for other batch compositions (about 1e-6 here); anything larger is a real difference.
 FLOAT_ROUNDING = 1e-5

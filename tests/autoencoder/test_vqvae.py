@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_run import save_tiny_checkpoint
+from tiny_run import TINY_VQ_2D, save_tiny_checkpoint
 
 from ddpm_ood.autoencoder.base import autoencoder_for
 from ddpm_ood.autoencoder.vqvae import (
@@ -25,14 +25,11 @@ from ddpm_ood.autoencoder.vqvae import (
     weights_hash,
 )
 from ddpm_ood.checkpoint import load_checkpoint, save_checkpoint
-from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig, VQVAEConfig
+from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
 from ddpm_ood.diffusion.unet import model_config_from_preset
 from ddpm_ood.errors import UserError
 from ddpm_ood.training.vqvae import vqvae_checkpoint_config
 
-TINY_VQ_2D = VQVAEConfig(spatial_dims=2, channels=(8, 16), num_res_channels=(8, 16), num_res_layers=1,
-                         downsample_parameters=((2, 4, 1, 1),) * 2, upsample_parameters=((2, 4, 1, 1, 0),) * 2,
-                         num_embeddings=16, embedding_dim=3)
 TINY_VQ_3D = dataclasses.replace(TINY_VQ_2D, spatial_dims=3, channels=(8,), num_res_channels=(8,),
                                  downsample_parameters=((2, 4, 1, 1),), upsample_parameters=((2, 4, 1, 1, 0),))
 

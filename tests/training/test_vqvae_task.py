@@ -1,0 +1,56 @@
+"""The VQ-VAE task's parts: the adversarial warm-up, the discriminator's depth for small images, the loss sum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_run import TINY_VQ_2D
+
+from ddpm_ood.errors import UserError
+from ddpm_ood.training.vqvae import (
+    ADVERSARIAL_WARMUP_EPOCHS,
+    DISCRIMINATOR_LAYERS,
+    VQVAELossConfig,
+    discriminator_layers,
+)
+
+
+def test_adversarial_weight_is_constant_or_ramped_over_50_epochs():
+    flat = VQVAELossConfig(adversarial_weight=0.02)
+    assert [flat.adversarial_weight_at(e) for e in (0, 10, 100)] == [0.02] * 3
+    ramp = VQVAELossConfig(adversarial_weight=0.02, adversarial_warmup=True)
+    assert ADVERSARIAL_WARMUP_EPOCHS == 50
+    assert ramp.adversarial_weight_at(0) == 0.0
+    assert ramp.adversarial_weight_at(25) == pytest.approx(0.01)
+    assert ramp.adversarial_weight_at(50) == ramp.adversarial_weight_at(500) == pytest.approx(0.02)
+    with pytest.raises(UserError):
+        VQVAELossConfig(adversarial_weight=-1)
+
+
+@pytest.mark.parametrize("size, layers", [(64, 3), (28, 3), (16, 2), (8, 1)])
+def test_discriminator_is_upstreams_unless_the_images_are_too_small(size, layers):
+    assert DISCRIMINATOR_LAYERS == 3
+    assert discriminator_layers(TINY_VQ_2D, (1, size, size)) == layers
+
+
+def test_images_too_small_for_any_discriminator_are_refused():
+    with pytest.raises(UserError, match="4x4 are too small for the patch discriminator; use --adversarial_weight=0"):
+        discriminator_layers(TINY_VQ_2D, (1, 4, 4))
+
+
+def test_generator_loss_is_the_weighted_sum_of_its_terms(tmp_path):
+    from ddpm_ood.config import DataConfig
+    from ddpm_ood.distributed import DistContext
+    from ddpm_ood.training.loop import TrainConfig
+    from ddpm_ood.training.vqvae import VQVAETask
+
+    losses = VQVAELossConfig(adversarial_weight=0.5, perceptual_weight=0.0)
+    task = VQVAETask(TINY_VQ_2D, DataConfig(is_grayscale=True), (1, 16, 16), losses,
+                     TrainConfig(run_dir=str(tmp_path), num_workers=0), DistContext())
+    images = torch.rand(2, 1, 16, 16)
+    recon, vq_loss = task.model(images)
+    terms = task.generator_losses(images, recon, vq_loss, w_adv=0.5)
+    want = terms["l1_loss"] + terms["vq_loss"] + terms["jukebox_loss"] + 0.5 * terms["adversarial_loss"]
+    assert torch.allclose(terms["generator_loss"], want)
+    assert terms["adversarial_loss"] > 0 and terms["perceptual_loss"] == 0
+    assert torch.allclose(terms["l1_loss"], (recon - images).abs().mean())

@@ -251,8 +251,8 @@ def config_conflicts(saved: RunConfig, given: RunConfig, *, compare_image_shape:
     stored["model architecture"] = saved.model.to_dict() if saved.model.preset == given.model.preset else None
     wanted["num_train_timesteps"] = given.schedule.num_train_timesteps
     stored["num_train_timesteps"] = saved.schedule.num_train_timesteps
-    wanted["--vqvae_checkpoint (VQ-VAE weights)"] = _latent_identity(given, compare_image_shape)
-    stored["--vqvae_checkpoint (VQ-VAE weights)"] = _latent_identity(saved, compare_image_shape)
+    wanted["--vqvae_checkpoint (VQ-VAE weights)"] = _latent_identity(given)
+    stored["--vqvae_checkpoint (VQ-VAE weights)"] = _latent_identity(saved)
     if compare_image_shape:
         wanted["image shape (C, *spatial)"] = tuple(given.image_shape)
         stored["image shape (C, *spatial)"] = tuple(saved.image_shape)
@@ -261,12 +261,11 @@ def config_conflicts(saved: RunConfig, given: RunConfig, *, compare_image_shape:
     return [f"{flag}: checkpoint {a}, flags {b}" for flag, a, b in flag_conflicts(stored, wanted, skip_not_given=False)]
 
 
-def _latent_identity(run: RunConfig, with_shape: bool) -> str:
-    """How a run's autoencoder is named in a config conflict: pixel space, or its VQ-VAE's weights (and latents)."""
+def _latent_identity(run: RunConfig) -> str:
+    """How a run's autoencoder is named in a config conflict: pixel space, or its VQ-VAE's weights and latents."""
     if run.latent is None:
         return "none (pixel space)"
-    shape = f", latent {'x'.join(map(str, run.latent.latent_shape))}" if with_shape else ""
-    return f"VQ-VAE sha256 {run.latent.weights_sha256[:12]}{shape}"
+    return f"VQ-VAE sha256 {run.latent.weights_sha256[:12]}, latent {'x'.join(map(str, run.latent.latent_shape))}"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from ddpm_ood.autoencoder.vqvae import (
     build_vqvae,
     check_image_fits_vqvae,
     latent_config,
-    latent_spatial,
     load_vqvae,
     padded_spatial,
     read_vqvae_config_json,
@@ -96,7 +95,7 @@ def test_auto_latent_pad_reaches_the_next_multiple(spatial, factor, pad, padded)
 def test_encode_pads_and_decode_unpads_exactly(config, image_shape):
     torch.manual_seed(0)
     model = build_vqvae(config).eval()
-    spatial = latent_spatial(image_shape[1:], config)
+    spatial = check_image_fits_vqvae(image_shape, config, "x.csv")
     assert spatial == tuple(s // config.downsampling for s in image_shape[1:])
     pad = auto_latent_pad(spatial, 4)
     ae = VQVAEAutoencoder(model, pad)
@@ -124,7 +123,7 @@ def test_weights_hash_identifies_the_weights():
 
 
 def test_image_must_survive_the_vqvae(tmp_path):
-    check_image_fits_vqvae((1, 28, 28), TINY_VQ_2D, "x.csv")
+    assert check_image_fits_vqvae((1, 28, 28), TINY_VQ_2D, "x.csv") == (7, 7)
     with pytest.raises(UserError, match="x.csv: image size 30x30 does not come back"):
         check_image_fits_vqvae((1, 30, 30), TINY_VQ_2D, "x.csv")
     with pytest.raises(UserError, match="3 channel"):

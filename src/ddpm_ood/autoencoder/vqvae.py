@@ -151,16 +151,9 @@ class VQVAEAutoencoder:
         return f"VQVAEAutoencoder(latent_pad={list(self.latent_pad)}, b_scale={self.b_scale:g})"
 
 
-def latent_spatial(image_spatial: Sequence[int], config: VQVAEConfig) -> tuple[int, ...]:
-    """Latent spatial size of an image of this size (a zero tensor through the encoder on the meta device)."""
-    with torch.device("meta"):
-        model = build_vqvae(config)
-        out = model.encode(torch.zeros((1, config.in_channels, *image_spatial)))
-    return tuple(int(s) for s in out.shape[2:])
-
-
-def check_image_fits_vqvae(image_shape: Sequence[int], config: VQVAEConfig, source: str) -> None:
-    """UserError naming ``source`` unless images (C, *spatial) go through the VQ-VAE and come back the same size."""
+def check_image_fits_vqvae(image_shape: Sequence[int], config: VQVAEConfig, source: str) -> tuple[int, ...]:
+    """The latent spatial size of images (C, *spatial), from a dry run on the meta device; UserError naming ``source``
+    unless the images go through the VQ-VAE and come back the same size."""
     spatial = tuple(int(s) for s in image_shape[1:])
     if len(spatial) != config.spatial_dims:
         raise UserError(f"{source}: images have {len(spatial)} spatial dimensions {spatial} but the VQ-VAE is "
@@ -179,6 +172,7 @@ def check_image_fits_vqvae(image_shape: Sequence[int], config: VQVAEConfig, sour
         raise UserError(f"{source}: image size {'x'.join(map(str, spatial))} does not come back through the VQ-VAE's "
                         f"{len(config.channels)} levels (downsampling x{config.downsampling}); resize with "
                         "--image_size to a multiple of it")
+    return tuple(int(s) for s in latent.shape[2:])
 
 
 def auto_latent_pad(spatial: Sequence[int], factor: int) -> tuple[int, ...]:
@@ -257,8 +251,7 @@ def latent_config(vqvae: LoadedVQVAE, image_shape: Sequence[int], unet_levels: i
     if vqvae.data is not None and data is not None and vqvae.data.channel != data.channel:
         raise UserError(f"--channel={data.channel}: the VQ-VAE {vqvae.path} was trained on channel "
                         f"{vqvae.data.channel}")
-    check_image_fits_vqvae(image_shape, vqvae.config, f"{source} (VQ-VAE {vqvae.path})")
-    spatial = latent_spatial(image_shape[1:], vqvae.config)
+    spatial = check_image_fits_vqvae(image_shape, vqvae.config, f"{source} (VQ-VAE {vqvae.path})")
     factor = 2 ** (unet_levels - 1)
     if latent_pad is None:
         pad = auto_latent_pad(spatial, factor)

@@ -83,7 +83,7 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
     from ddpm_ood.diffusion.unet import check_image_fits_unet
     from ddpm_ood.errors import UserError
     from ddpm_ood.training.ddpm import train
-    from ddpm_ood.training.loop import check_resume_config, find_resume_point
+    from ddpm_ood.training.loop import already_complete, check_resume_config, find_resume_point
 
     vqvae = None
     if args.vqvae_checkpoint is not None:
@@ -94,10 +94,7 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
     if resume is not None:
         if vqvae is None:  # settings first (cheap); a latent run's are compared once its latents are known
             check_resume_config(resume, RunConfig(model, schedule, data, image_shape=()), compare_image_shape=False)
-        if resume.epochs_completed >= cfg.n_epochs:
-            if ctx.is_main:
-                print(f"training already complete: {resume.path} holds {resume.epochs_completed} epoch(s), "
-                      f"--n_epochs={cfg.n_epochs}; nothing to do")
+        if already_complete(resume, cfg.n_epochs, ctx):
             return 0
     train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
     image_shape = tuple(train_set.image_shape)

@@ -126,14 +126,11 @@ def _train(args: argparse.Namespace, cfg, ctx, data, vqvae, losses, run_dir: Pat
     from ddpm_ood.data.datasets import dataset_from_csv
     from ddpm_ood.errors import UserError
     from ddpm_ood.io import atomic_write_text
-    from ddpm_ood.training.loop import find_resume_point
+    from ddpm_ood.training.loop import already_complete, find_resume_point
     from ddpm_ood.training.vqvae import check_vqvae_resume, train_vqvae, vqvae_checkpoint_config
 
     resume = find_resume_point(run_dir, None, kind="vqvae")
-    if resume is not None and resume.epochs_completed >= cfg.n_epochs:
-        if ctx.is_main:
-            print(f"training already complete: {resume.path} holds {resume.epochs_completed} epoch(s), "
-                  f"--n_epochs={cfg.n_epochs}; nothing to do")
+    if already_complete(resume, cfg.n_epochs, ctx):
         return 0
     train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
     image_shape = tuple(train_set.image_shape)

@@ -171,6 +171,17 @@ def find_resume_point(run_dir: str | Path, resume_epoch: int | None, kind: str =
     return None
 
 
+def already_complete(resume: ResumePoint | None, n_epochs: int, ctx: DistContext) -> bool:
+    """True (said on the main rank) when ``resume`` already holds ``n_epochs`` epochs: nothing to train, and the
+    data need not be loaded."""
+    if resume is None or resume.epochs_completed < n_epochs:
+        return False
+    if ctx.is_main:
+        print(f"training already complete: {resume.path} holds {resume.epochs_completed} epoch(s), "
+              f"--n_epochs={n_epochs}; nothing to do")
+    return True
+
+
 def check_resume_config(resume: ResumePoint, given: RunConfig, *, compare_image_shape: bool) -> None:
     """UserError naming the checkpoint and both values of every setting where the flags contradict it."""
     saved = run_config_of(resume.ckpt, resume.path)

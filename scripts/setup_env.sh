@@ -15,6 +15,12 @@ stamp="$VENV/.ddpm_ood_requirements.sha256"
 want="$(cd "$REPO_ROOT" && cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "[setup] installing requirements (torch is large: a few minutes on a fresh machine)"
+  # The CUDA build of torch needs about 6 GB in the environment plus pip's temporary files; a full disk otherwise
+  # shows up as a bare "No space left on device" deep inside pip.
+  free_kb="$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}' || true)"
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((8 * 1024 * 1024)) ]; then
+    echo "[setup] WARNING: only $((free_kb / 1024)) MB free under $(dirname "$VENV"); installing needs about 8 GB" >&2
+  fi
   (cd "$REPO_ROOT" && python -m pip install -q --upgrade pip && python -m pip install -q -r requirements-dev.txt)
   echo "$want" > "$stamp"
 else

@@ -119,6 +119,15 @@ def test_two_cpu_processes_train_one_vqvae(tmp_path):
     for key in ("model_state_dict", "discriminator_state_dict"):
         assert not any(k.startswith("module.") for k in ckpt[key])
     assert proc.stdout.count("trained 1/1 epochs") == 1
+    # The per-term means cover both ranks' batches: the generator loss term equals the epoch loss (the all-reduced
+    # mean of the generator losses), not rank 0's half of it.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train = EventAccumulator(str(run / "train")).Reload()
+    epoch_loss = train.Scalars("epoch_loss")[-1].value
+    rank0_steps = [e.value for e in train.Scalars("loss")]  # per-step losses, logged by rank 0 only
+    assert train.Scalars("generator_loss")[-1].value == pytest.approx(epoch_loss, rel=1e-5)
+    assert abs(sum(rank0_steps) / len(rank0_steps) - epoch_loss) > 1e-4  # the ranks' halves differ
 
 
 @pytest.mark.slow

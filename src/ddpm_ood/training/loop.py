@@ -146,7 +146,8 @@ class TrainingTask(Protocol):
         """The task's part of a checkpoint (weights, optimizer states, its configuration)."""
 
     def scalars(self) -> dict[str, float]:
-        """Per-epoch values for the training TensorBoard writer (e.g. the learning rate)."""
+        """Per-epoch values for the training TensorBoard writer (e.g. the learning rate); called on every rank at
+        each epoch's end, so it may all-reduce."""
 
 
 def find_resume_point(run_dir: str | Path, resume_epoch: int | None, kind: str = "ddpm") -> ResumePoint | None:
@@ -366,11 +367,12 @@ class _Fit:
         epoch_loss = loss_sum / max(batch_count, 1)
         self.throughput = image_count / max(elapsed, 1e-9)
         self.summary.epoch_losses.append(epoch_loss)
+        scalars = self.task.scalars()  # on every rank: a task may all-reduce its values
         if self.writers:
             step = self.summary.global_step
             self.writers["train"].add_scalar("epoch_loss", epoch_loss, step)
             self.writers["train"].add_scalar("images_per_second", self.throughput, step)
-            for name, value in self.task.scalars().items():
+            for name, value in scalars.items():
                 self.writers["train"].add_scalar(name, value, step)
 
     def evaluate(self, done: int) -> tuple[bool, str]:

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from ddpm_ood.autoencoder.vqvae import build_vqvae
 from ddpm_ood.config import DataConfig, VQVAEConfig
 from ddpm_ood.devices import autocast_context, configure_precision, make_grad_scaler
-from ddpm_ood.distributed import DistContext
+from ddpm_ood.distributed import DistContext, all_reduce_sum
 from ddpm_ood.errors import UserError
 from ddpm_ood.seeding import seed_everything
 from ddpm_ood.training.loop import (
@@ -289,9 +289,10 @@ class VQVAETask:
         }
 
     def scalars(self) -> dict[str, float]:
-        """The epoch's mean of every loss term (then reset; under DDP the main rank's share of the batches), and the
-        learning rate."""
-        out = {name: float(value) / max(self._steps, 1) for name, value in self._sums.items()}
+        """The epoch's mean of every loss term over all ranks' batches (then reset), and the learning rate. Under DDP
+        every rank must call it (it all-reduces)."""
+        sums = all_reduce_sum([float(self._sums.get(name, 0.0)) for name in LOSS_TERMS] + [self._steps], self.ctx)
+        out = {name: value / max(sums[-1], 1) for name, value in zip(LOSS_TERMS, sums[:-1], strict=True)}
         self._sums, self._steps = {}, 0
         out["lr"] = self.opt_g.param_groups[0]["lr"]
         return out

@@ -59,3 +59,51 @@ def test_memory_sized_calls():
 
     assert max_batch_for_memory(10 * 2**30, 2**20) == int(MEMORY_FRACTION * 10 * 1024)
     assert max_batch_for_memory(100, 10**9) == 1  # never zero
+
+
+def test_volumes_are_decoded_and_measured_in_bounded_chunks_with_the_same_values(monkeypatch):
+    from ddpm_ood.perceptual.lpips import build_lpips
+    from ddpm_ood.reconstruction import pipeline
+    from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
+
+    schedule = ScheduleConfig()
+    images = torch.rand(3, 1, 8, 8, 8)
+    decoded_rows: list[int] = []
+
+    class CountingIdentity(IdentityAutoencoder):
+        def decode(self, samples):
+            decoded_rows.append(samples.shape[0])
+            return super().decode(samples)
+
+    ae = CountingIdentity()
+    clean = ae.encode(images) * 0.9  # reconstructions differ from the images: the metrics are not all zero
+    acp = alphas_cumprod(schedule)
+
+    def eps_fn(x, t):
+        a = acp[t].reshape(-1, 1, 1, 1, 1)
+        return (x - a.sqrt() * clean.repeat(x.shape[0] // 3, 1, 1, 1, 1)) / (1 - a).sqrt()
+
+    model = ReconstructionModel(eps_fn, schedule, ae, tuple(images.shape[1:]))
+    torch.manual_seed(0)
+    metrics = ReconstructionMetrics("cpu", lpips_net=build_lpips(pretrained_backbone=False))
+    starts = start_timesteps(10, 4)  # S start points x 3 images = 3S reconstructions
+    whole = pipeline.measure_batch(model, metrics, images, ["a", "b", "c"], starts, 10, 3)
+    assert decoded_rows == [3 * len(starts)]
+    decoded_rows.clear()
+    monkeypatch.setattr(pipeline, "MEASURE_VOXELS", 2 * 512)  # two 8^3 volumes at a time
+    chunked = pipeline.measure_batch(model, metrics, images, ["a", "b", "c"], starts, 10, 3)
+    assert decoded_rows == [2] * (3 * len(starts) // 2) + [1] * (3 * len(starts) % 2)
+    for name in METRIC_COLUMNS:
+        assert whole[name].shape == (len(starts), 3) and whole[name].min() > 0
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-7)
+    # Each (start, image) cell is that pair's own value: pair the rows up by hand.
+    recons = pipeline.reconstruct_images(model, images, ["a", "b", "c"], starts, 10, 3)
+    assert torch.allclose(whole["mse"][1, 2], mse(images[2:3], recons[1, 2:3])[0])
+
+
+def test_chunks_are_whole_lpips_batches_where_one_fits():
+    from ddpm_ood.reconstruction.pipeline import MEASURE_VOXELS, measure_chunk_rows
+
+    assert measure_chunk_rows(784, 256) % 256 == 0 and measure_chunk_rows(784, 256) * 784 <= MEASURE_VOXELS
+    assert measure_chunk_rows(128**3, 256) == MEASURE_VOXELS // 128**3  # volumes: fewer than an LPIPS batch
+    assert measure_chunk_rows(4 * 160**3 * 10, 256) == 1  # never zero

@@ -29,6 +29,9 @@ ENGINES = ("batched", "reference")
 # Share of the free GPU memory that one network call may take when --max_batch is not given (the rest: the engine's
 # per-trajectory state, LPIPS, the allocator's fragmentation).
 MEMORY_FRACTION = 0.6
+# Image voxels (rows x C x spatial) of reconstructions decoded and measured at once (64 MiB in fp32): bounds the
+# memory of a batch of volumes; 2D batches of the usual sizes are one chunk.
+MEASURE_VOXELS = 2**24
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def memory_sized_max_batch(model: torch.nn.Module, sample_shape: tuple[int, ...]
     return chosen
 
 
-def reconstruct_images(
+def reconstruct_samples(
     model: ReconstructionModel,
     images: torch.Tensor,
     keys: Sequence[str],
@@ -119,7 +122,8 @@ def reconstruct_images(
     noise: torch.Tensor | None = None,
     balanced: bool = True,
 ) -> torch.Tensor:
-    """Reconstructions (S, B, C, *spatial) in [0, 1] of images (B, C, *spatial) in [0, 1] from every start t.
+    """Model-space reconstructions (S, B, *sample_shape) of images (B, C, *spatial) in [0, 1] from every start t,
+    not decoded.
 
     keys[b]: the noise key of image b (``seeding.noise_key(path)`` for a file); row s belongs to start_ts[s].
     ``engine``: ``batched`` (default) or ``reference`` (the plain loop; same numbers, needs ``recon_steps=None``).
@@ -128,15 +132,28 @@ def reconstruct_images(
     """
     x0 = model.autoencoder.encode(images)
     if engine == "reference":
-        samples = reconstruct_reference(model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed,
-                                        noise=noise)
-    else:
-        samples = reconstruct_batched(
-            model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed, recon_steps,
-            balanced=balanced, noise=noise,
-        )
+        return reconstruct_reference(model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed,
+                                     noise=noise)
+    return reconstruct_batched(model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed,
+                               recon_steps, balanced=balanced, noise=noise)
+
+
+def reconstruct_images(model: ReconstructionModel, images: torch.Tensor, keys: Sequence[str],
+                       start_ts: Sequence[int], num_inference_steps: int, seed: int, **engine_options) -> torch.Tensor:
+    """Reconstructions (S, B, C, *spatial) in [0, 1] of images (B, C, *spatial) in [0, 1] from every start t: the
+    ``reconstruct_samples`` (same arguments) decoded and clamped, all at once (``measure_batch`` decodes in
+    chunks instead)."""
+    samples = reconstruct_samples(model, images, keys, start_ts, num_inference_steps, seed, **engine_options)
     decoded = model.autoencoder.decode(samples.reshape((-1,) + samples.shape[2:]))
     return to_image(decoded).reshape((len(start_ts), images.shape[0]) + tuple(images.shape[1:]))
+
+
+def measure_chunk_rows(image_voxels: int, lpips_batch_size: int) -> int:
+    """Reconstructions decoded and measured at once, for images of ``image_voxels`` voxels (C x spatial): about
+    ``MEASURE_VOXELS`` voxels, rounded down to whole LPIPS batches where one fits (so 2D LPIPS calls see the same
+    images whatever the chunking), at least 1."""
+    rows = max(1, MEASURE_VOXELS // max(image_voxels, 1))
+    return rows - rows % lpips_batch_size if rows >= lpips_batch_size else rows
 
 
 def measure_batch(
@@ -155,13 +172,22 @@ def measure_batch(
     """Reconstruct a batch from every start t and measure it: ``{metric name: (S, B) float32 CPU}``.
 
     images: (B, C, *spatial) in [0, 1] on the model's device; S = len(start_ts), row s for start_ts[s]. Metric
-    names: ``METRIC_COLUMNS``.
+    names: ``METRIC_COLUMNS``. The S x B reconstructions are decoded, clamped and measured ``measure_chunk_rows`` at
+    a time: a batch of volumes never holds all its decoded reconstructions (upstream's Decathlon command, 32
+    volumes of 128^3 from 50 start points, would hold 12.5 GiB of them, and as much again for their originals).
     """
-    recons = reconstruct_images(model, images, keys, start_ts, num_inference_steps, seed,
-                                recon_steps=recon_steps, engine=engine, noise=noise)
-    originals = images.unsqueeze(0).expand_as(recons).reshape((-1,) + images.shape[1:])
-    values = metrics(originals, recons.reshape((-1,) + images.shape[1:]))
-    return {name: v.reshape(len(start_ts), images.shape[0]).cpu() for name, v in values.items()}
+    samples = reconstruct_samples(model, images, keys, start_ts, num_inference_steps, seed,
+                                  recon_steps=recon_steps, engine=engine, noise=noise)
+    flat = samples.reshape((-1,) + samples.shape[2:])  # row r: start_ts[r // B], image r % B
+    n_images = images.shape[0]
+    step = measure_chunk_rows(images[0].numel(), metrics.perceptual.batch_size)
+    parts = []
+    for first in range(0, flat.shape[0], step):
+        rows = torch.arange(first, min(first + step, flat.shape[0]), device=images.device)
+        recons = to_image(model.autoencoder.decode(flat[first : first + step]))
+        parts.append(metrics(images[rows % n_images], recons))
+    return {name: torch.cat([part[name] for part in parts]).reshape(len(start_ts), n_images)
+            for name in parts[0]}
 
 
 def result_rows(

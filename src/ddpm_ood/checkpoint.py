@@ -265,7 +265,8 @@ def _latent_identity(run: RunConfig) -> str:
     """How a run's autoencoder is named in a config conflict: pixel space, or its VQ-VAE's weights and latents."""
     if run.latent is None:
         return "none (pixel space)"
-    return f"VQ-VAE sha256 {run.latent.weights_sha256[:12]}, latent {'x'.join(map(str, run.latent.latent_shape))}"
+    return (f"VQ-VAE sha256 {run.latent.weights_sha256[:12]}, latent {'x'.join(map(str, run.latent.latent_shape))}"
+            f", --latent_pad={list(run.latent.latent_pad)}")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -356,3 +356,18 @@ def test_3d_routes_end_to_end(data3d, route, capsys):
     assert (latent is not None) == (route == "latent")
     if latent is not None:
         assert latent.latent_shape == (2, 4, 4, 4)
+
+
+def test_latent_resume_keeps_its_padding_and_refuses_another(trained2d, capsys):
+    _, s, out, vq = trained2d
+    assert run(train_ddpm, ddpm_argv(out, s, "ldm_pad", vq, "--latent_pad=[0,4,0,4]", "--sample_steps=0")) == 0
+    # Resumed without the flag: the checkpoint's padding, not the automatic one.
+    assert run(train_ddpm, ddpm_argv(out, s, "ldm_pad", vq, "--n_epochs=2", "--sample_steps=0")) == 0
+    ck = load_checkpoint(out / "ldm_pad" / "checkpoint_last.pth")
+    assert ck["epoch"] == 2 and run_config_of(ck).latent.latent_pad == (0, 4, 0, 4)
+    message = _error(train_ddpm, ddpm_argv(out, s, "ldm_pad", vq, "--n_epochs=3", "--latent_pad=[4,0,4,0]"), capsys)
+    assert "--latent_pad=[0, 4, 0, 4]" in message and "--latent_pad=[4, 0, 4, 0]" in message
+    # A finished latent run rerun with contradicting flags is refused, not reported complete.
+    message = _error(train_ddpm, ddpm_argv(out, s, "ldm_pad", vq, "--n_epochs=2", "--beta_end=0.02"), capsys)
+    assert "--beta_end" in message and "contradict" in message
+    assert load_checkpoint(out / "ldm_pad" / "checkpoint_last.pth")["epoch"] == 2

@@ -54,3 +54,48 @@ def test_generator_loss_is_the_weighted_sum_of_its_terms(tmp_path):
     assert torch.allclose(terms["generator_loss"], want)
     assert terms["adversarial_loss"] > 0 and terms["perceptual_loss"] == 0
     assert torch.allclose(terms["l1_loss"], (recon - images).abs().mean())
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 64, 64), (2, 1, 64, 48, 40)])
+def test_perceptual_loss_is_monais_as_the_reference_builds_it(shape):
+    # MONAI's own PerceptualLoss(network_type="alex", is_fake_3d=True), its LPIPS stubbed with the same network (its
+    # constructor would download AlexNet), against ours under the same RNG state: equal, 2D and 3D (random half of
+    # the slices per axis, summed over the axes, inputs not normalised).
+    from unittest import mock
+
+    import monai.losses.perceptual as monai_perceptual
+
+    from ddpm_ood.perceptual.loss import ReferencePerceptualLoss
+    from ddpm_ood.perceptual.lpips import build_lpips
+
+    torch.manual_seed(0)
+    net = build_lpips(pretrained_backbone=False)
+    calls = []
+
+    def stub(x, y, normalize=False):
+        calls.append(normalize)
+        return net(x, y, normalize=normalize)
+
+    with mock.patch.object(monai_perceptual, "LPIPS", return_value=stub):
+        theirs = monai_perceptual.PerceptualLoss(spatial_dims=len(shape) - 2, network_type="alex", is_fake_3d=True)
+    ours = ReferencePerceptualLoss(len(shape) - 2, net)
+    x, y = torch.rand(shape), torch.rand(shape)
+    torch.manual_seed(1)
+    want = theirs(x, y)
+    torch.manual_seed(1)
+    got = ours(x, y)
+    assert calls and not any(calls) and got.ndim == 0 and got > 0
+    torch.testing.assert_close(got, want)
+    if len(shape) == 5:  # the slice subset follows the RNG: another seed, another value
+        torch.manual_seed(2)
+        assert not torch.equal(ours(x, y), want)
+
+
+def test_perceptual_loss_pads_images_too_small_for_alexnet():
+    from ddpm_ood.perceptual.loss import ReferencePerceptualLoss
+    from ddpm_ood.perceptual.lpips import build_lpips
+
+    torch.manual_seed(0)
+    loss = ReferencePerceptualLoss(2, build_lpips(pretrained_backbone=False))
+    x = torch.rand(2, 1, 16, 16)
+    assert loss(x, x) == 0 and loss(x, torch.rand(2, 1, 16, 16)) > 0

@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: Path) -> int:
     """Resume point, datasets, checks, then ``training.ddpm.train``; the caller holds the run lock."""
+    from ddpm_ood.autoencoder.vqvae import load_vqvae, with_latent
+    from ddpm_ood.checkpoint import run_config_of
     from ddpm_ood.config import RunConfig
     from ddpm_ood.data.datasets import dataset_from_csv
     from ddpm_ood.diffusion.unet import check_image_fits_unet
@@ -87,13 +89,19 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
 
     vqvae = None
     if args.vqvae_checkpoint is not None:
-        from ddpm_ood.autoencoder.vqvae import load_vqvae
-
         vqvae = load_vqvae(args.vqvae_checkpoint)  # first: a wrong file fails before anything else
     resume = find_resume_point(run_dir, cfg.resume_epoch)
+    saved = run_config_of(resume.ckpt, resume.path) if resume is not None else None
+    latent_pad = args.latent_pad
+    if latent_pad is None and saved is not None and saved.latent is not None:
+        latent_pad = saved.latent.latent_pad  # a resumed latent run keeps its padding unless the flag says otherwise
     if resume is not None:
-        if vqvae is None:  # settings first (cheap); a latent run's are compared once its latents are known
-            check_resume_config(resume, RunConfig(model, schedule, data, image_shape=()), compare_image_shape=False)
+        # Settings first, before any data is read (a finished run with contradicting flags is refused too); the
+        # image shape is compared once the data are read.
+        given = RunConfig(model, schedule, data, image_shape=saved.image_shape if saved is not None else ())
+        if vqvae is not None and saved is not None:
+            given = with_latent(given, vqvae, latent_pad, str(resume.path))
+        check_resume_config(resume, given, compare_image_shape=False)
         if already_complete(resume, cfg.n_epochs, ctx):
             return 0
     train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
@@ -101,9 +109,7 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
     run_config = RunConfig(model=model, schedule=schedule, data=data, image_shape=image_shape)
     source = args.training_ids
     if vqvae is not None:
-        from ddpm_ood.autoencoder.vqvae import with_latent
-
-        run_config = with_latent(run_config, vqvae, args.latent_pad, args.training_ids)
+        run_config = with_latent(run_config, vqvae, latent_pad, args.training_ids)
         source = f"{args.training_ids} (latents of {vqvae.path})"
     check_image_fits_unet(run_config.model_shape, run_config.model, source)
     val_set = dataset_from_csv(args.validation_ids, data, cache=args.cache_data)

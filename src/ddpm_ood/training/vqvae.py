@@ -1,6 +1,7 @@
 """The VQ-VAE task plugged into ``loop.fit`` (the first stage of latent diffusion, upstream's ``train_vqvae.py``).
 
-Generator loss, as the reference: L1 + VQ (commitment) loss + ``perceptual_weight`` * LPIPS (2.5D for volumes) +
+Generator loss, as the reference: L1 + VQ (commitment) loss + ``perceptual_weight`` * MONAI's perceptual loss
+(``perceptual.loss``) +
 MONAI's Jukebox spectral loss + w_adv * least-squares patch-adversarial loss; discriminator loss w_adv * (fake + real)
 / 2. w_adv = ``adversarial_weight``, ramped linearly over the first 50 epochs with ``adversarial_warmup``. Images are
 float32 (B, C, *spatial) in [0, 1]; the VQ-VAE reconstructs them in the same range (not clamped).
@@ -93,12 +94,13 @@ def discriminator_layers(config: VQVAEConfig, image_shape: tuple[int, ...]) -> i
                     "discriminator; use --adversarial_weight=0")
 
 
-def _perceptual(weight: float, device: torch.device):
+def _perceptual(weight: float, spatial_dims: int, device: torch.device) -> torch.nn.Module | None:
     if weight <= 0:
         return None
-    from ddpm_ood.perceptual.lpips import PerceptualDistance, build_lpips
+    from ddpm_ood.perceptual.loss import ReferencePerceptualLoss
+    from ddpm_ood.perceptual.lpips import build_lpips
 
-    return PerceptualDistance(build_lpips(device))
+    return ReferencePerceptualLoss(spatial_dims, build_lpips(device))
 
 
 def check_vqvae_resume(resume: ResumePoint, config: dict, losses: VQVAELossConfig) -> None:
@@ -162,7 +164,7 @@ class VQVAETask:
 
         self.jukebox = JukeboxLoss(spatial_dims=vqvae.spatial_dims)
         self.adversarial = PatchAdversarialLoss(criterion="least_squares")
-        self.perceptual = _perceptual(losses.perceptual_weight, self.device)
+        self.perceptual = _perceptual(losses.perceptual_weight, vqvae.spatial_dims, self.device)
         self.generator, self.critic = self.model, self.discriminator
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -203,7 +205,7 @@ class VQVAETask:
         recon = recon.float()
         terms = {"l1_loss": F.l1_loss(recon, images), "vq_loss": vq_loss.float().mean(),
                  "jukebox_loss": self.jukebox(recon, images)}
-        terms["perceptual_loss"] = (self.perceptual(recon, images).mean() if self.perceptual is not None
+        terms["perceptual_loss"] = (self.perceptual(recon, images) if self.perceptual is not None
                                     else torch.zeros((), device=images.device))
         if w_adv > 0:
             with autocast_context(images.device, self.cfg.precision):

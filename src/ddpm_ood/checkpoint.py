@@ -217,7 +217,7 @@ def flag_values(run: RunConfig) -> dict[str, Any]:
         "--prediction_type": run.schedule.prediction_type,
         "--b_scale": run.schedule.b_scale,
         "--snr_shift": run.schedule.snr_shift,
-        "--simplex_noise": int(run.schedule.noise_type == "simplex"),
+        "--simplex_noise": int(run.schedule.noise_type != "gaussian"),
     }
 
 
@@ -322,6 +322,7 @@ def resolve_run_config(ckpt: dict, flags: ModelFlags, source: Path) -> RunConfig
 
 def run_config_from_flags(flags: ModelFlags, image_shape: Sequence[int]) -> RunConfig:
     """For upstream checkpoints: the model defined by the flags (upstream defaults otherwise)."""
+    from ddpm_ood.diffusion.noise import noise_type_for_flags
     from ddpm_ood.diffusion.unet import model_config_from_preset
 
     data = data_config_for_upstream(flags)
@@ -332,7 +333,7 @@ def run_config_from_flags(flags: ModelFlags, image_shape: Sequence[int]) -> RunC
         prediction_type=flags.prediction_type or "epsilon",
         b_scale=flags.b_scale if flags.b_scale is not None else 1.0,
         snr_shift=flags.snr_shift if flags.snr_shift is not None else 1.0,
-        noise_type="simplex" if flags.simplex_noise else "gaussian",
+        noise_type=noise_type_for_flags(bool(flags.simplex_noise), upstream_checkpoint=True),
     )
     model = model_config_from_preset(flags.model_type or "small", data.spatial_dims, data.channels)
     return RunConfig(model=model, schedule=schedule, data=data, image_shape=tuple(image_shape))

@@ -121,3 +121,33 @@ def test_simplex_and_gaussian_training_differ(simplex_run, tmp_path):
         losses[flag] = load_checkpoint(tmp_path / f"n{flag}" / BEST_CHECKPOINT)["best_loss"]
     assert losses["0"] != losses["1"]
     assert pd.notna(losses["1"]) and np.isfinite(losses["1"])
+
+
+def test_an_upstream_simplex_checkpoint_gets_upstreams_raw_noise(simplex_run, tmp_path, capsys):
+    # A checkpoint trained by upstream ddpm-ood (weights only) learned AnoDDPM's raw octave sum: reconstructing it
+    # and resuming its training with --simplex_noise=1 use that noise, and say so.
+    from ddpm_ood.diffusion.noise import UPSTREAM_SIMPLEX
+
+    splits, out = simplex_run
+    ck = load_checkpoint(out / "simplex" / BEST_CHECKPOINT)
+    (tmp_path / "simplex").mkdir()
+    torch.save({k: ck[k] for k in ("model_state_dict", "epoch", "global_step", "best_loss")},
+               tmp_path / "simplex" / BEST_CHECKPOINT)
+    model_flags = [f"{flag}={value}" for flag, value in flag_values(run_config_of(ck)).items() if value is not None]
+    assert "--simplex_noise=1" in model_flags
+    capsys.readouterr()
+    assert run_cli(reconstruct.main, _recon_args(tmp_path, splits, "--run_in=0", *model_flags)) == 0
+    assert f"noise {UPSTREAM_SIMPLEX}: AnoDDPM's raw" in capsys.readouterr().out
+    sidecar = json.loads(results_path(tmp_path, "simplex", "val").with_suffix(".json").read_text())
+    assert sidecar["noise_type"] == UPSTREAM_SIMPLEX
+    ours = read_results(results_path(out, "simplex", "val"))
+    theirs = read_results(results_path(tmp_path, "simplex", "val"))
+    assert not np.allclose(ours["mse"], theirs["mse"])  # the same weights, other start noise
+
+    train_flags = [f"--training_ids={splits / 'Toy_train.csv'}", f"--validation_ids={splits / 'Toy_val.csv'}",
+                   f"--output_dir={tmp_path}", "--model_name=simplex", "--batch_size=4", "--n_epochs=3",
+                   "--eval_freq=1", "--checkpoint_every=0", "--num_workers=0", "--sample_steps=0", "--device=cpu"]
+    assert run_cli(train_ddpm.main, train_flags + model_flags) == 0
+    assert "was trained by upstream ddpm-ood: resuming with its noise" in capsys.readouterr().out
+    resumed = run_config_of(load_checkpoint(tmp_path / "simplex" / "checkpoint_last.pth"))
+    assert resumed.schedule.noise_type == UPSTREAM_SIMPLEX

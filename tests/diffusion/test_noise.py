@@ -190,7 +190,7 @@ def test_neighbouring_pixels_are_correlated_unlike_gaussian():
 
 # ------------------------------------------------------------------------------------------------- registry
 def test_noise_types_are_checked_at_construction():
-    assert set(noise.NOISE_TYPES) == {"gaussian", "simplex"}
+    assert set(noise.NOISE_TYPES) == {"gaussian", "simplex", noise.UPSTREAM_SIMPLEX}
     assert ScheduleConfig().noise_type == "gaussian"
     old = ScheduleConfig().to_dict()
     del old["noise_type"]  # a checkpoint written before noise types existed
@@ -199,3 +199,23 @@ def test_noise_types_are_checked_at_construction():
         ScheduleConfig(noise_type="perlin")
     with pytest.raises(UserError, match="unknown noise type"):
         noise.row_noise_batch("perlin", 1, ["a"], [1], (1, 4, 4))
+
+
+def test_upstream_simplex_is_the_raw_octave_sum_and_only_for_upstream_checkpoints():
+    from ddpm_ood.diffusion.noise import (
+        SIMPLEX_STD,
+        UPSTREAM_SIMPLEX,
+        draw_noise,
+        noise_type_for_flags,
+        row_noise_batch,
+    )
+
+    unit = row_noise_batch("simplex", 3, ["a", "b"], [10, 500], (1, 16, 16))
+    raw = row_noise_batch(UPSTREAM_SIMPLEX, 3, ["a", "b"], [10, 500], (1, 16, 16))
+    torch.testing.assert_close(raw, unit * SIMPLEX_STD)
+    t = torch.tensor([3, 700])
+    torch.testing.assert_close(draw_noise(UPSTREAM_SIMPLEX, torch.Generator().manual_seed(1), (2, 1, 8, 8), t),
+                               draw_noise("simplex", torch.Generator().manual_seed(1), (2, 1, 8, 8), t) * SIMPLEX_STD)
+    assert noise_type_for_flags(True, upstream_checkpoint=True) == UPSTREAM_SIMPLEX
+    assert noise_type_for_flags(True, upstream_checkpoint=False) == "simplex"
+    assert noise_type_for_flags(False, upstream_checkpoint=True) == "gaussian"

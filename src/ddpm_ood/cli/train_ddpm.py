@@ -8,6 +8,7 @@ Under ``torchrun --nproc_per_node=N train_ddpm.py ...`` it trains with DDP (gloo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ddpm_ood.cli.runner import run_training_stage
     from ddpm_ood.config import DataConfig, ScheduleConfig
+    from ddpm_ood.diffusion.noise import noise_type_for_flags
     from ddpm_ood.diffusion.unet import model_config_from_preset
     from ddpm_ood.errors import UserError
     from ddpm_ood.training.loop import TrainConfig
@@ -65,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       image_size=args.image_size, image_roi=args.image_roi, channel=args.channel)
     schedule = ScheduleConfig(beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end,
                               prediction_type=args.prediction_type, b_scale=args.b_scale, snr_shift=args.snr_shift,
-                              noise_type="simplex" if args.simplex_noise else "gaussian")
+                              noise_type=noise_type_for_flags(args.simplex_noise, upstream_checkpoint=False))
     model = model_config_from_preset(args.model_type, data.spatial_dims, data.channels)
     run_dir = Path(args.output_dir) / args.model_name
     cfg = TrainConfig(run_dir=str(run_dir), n_epochs=args.n_epochs, eval_freq=args.eval_freq,
@@ -82,10 +84,11 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
     from ddpm_ood.checkpoint import run_config_of
     from ddpm_ood.config import RunConfig
     from ddpm_ood.data.datasets import dataset_from_csv
+    from ddpm_ood.diffusion.noise import describe_noise, noise_type_for_flags
     from ddpm_ood.diffusion.unet import check_image_fits_unet
     from ddpm_ood.errors import UserError
     from ddpm_ood.training.ddpm import train
-    from ddpm_ood.training.loop import already_complete, check_resume_config, find_resume_point
+    from ddpm_ood.training.loop import already_complete, check_resume_config, find_resume_point, log
 
     vqvae = None
     if args.vqvae_checkpoint is not None:
@@ -95,6 +98,10 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
     latent_pad = args.latent_pad
     if latent_pad is None and saved is not None and saved.latent is not None:
         latent_pad = saved.latent.latent_pad  # a resumed latent run keeps its padding unless the flag says otherwise
+    if resume is not None and saved is None and args.simplex_noise:
+        schedule = dataclasses.replace(schedule, noise_type=noise_type_for_flags(True, upstream_checkpoint=True))
+        log(ctx, f"note: {resume.path} was trained by upstream ddpm-ood: resuming with its noise, "
+                 f"{describe_noise(schedule.noise_type)}")
     if resume is not None:
         # Settings first, before any data is read (a finished run with contradicting flags is refused too); the
         # image shape is compared once the data are read.

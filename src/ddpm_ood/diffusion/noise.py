@@ -32,7 +32,8 @@ counterpart, and the schedule would not mean what it says. So the sum is divided
 (the standard deviation of the raw sum, see its comment): a fixed scale keeps AnoDDPM's field as it is (no per-image
 standardisation, which would remove the low-frequency octaves that make it simplex noise). The mean is 0 over seeds
 (the gradients are symmetric); one small image is one smooth field, so its own mean is not (it varies with a
-standard deviation of about 0.7 across 28x28 images).
+standard deviation of about 0.7 across 28x28 images). Checkpoints trained by upstream ddpm-ood learned the raw sum;
+for them, and only them, ``--simplex_noise=1`` selects it (``UPSTREAM_SIMPLEX``, ``noise_type_for_flags``).
 
 Seeding: a row's 64-bit seed is what seeds its Gaussian noise: ``seeding.row_seed(seed, key, t)`` in
 reconstruction, and in training one ``torch.randint`` per row from the step's (or the validation image's) generator,
@@ -59,6 +60,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -76,6 +78,7 @@ SIMPLEX_FREQUENCY = 64.0  # period of the first octave, in pixels; halved at eve
 # sqrt(E[sum_v (2 - |d_v|^2)_+^8 d_v' E[g g'] d_v] / 103^2 * sum_k 0.64^k), is 0.5048. Dividing by it gives unit
 # variance, as the forward process assumes (tests/diffusion/test_noise.py checks it).
 SIMPLEX_STD = 0.509
+UPSTREAM_SIMPLEX = "simplex_upstream"
 
 # OpenSimplex 3D (KdotJPG, 2014; opensimplex.constants): skew constants, normaliser and the 24 gradients.
 _STRETCH3 = -1.0 / 6
@@ -189,8 +192,10 @@ def fractal_field(perm: torch.Tensor, gradient_index: torch.Tensor, ts: torch.Te
 
 
 def simplex_noise(row_seeds: Sequence[int] | np.ndarray | torch.Tensor, ts: Sequence[int] | torch.Tensor,
-                  sample_shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
-    """Unit-variance simplex noise (N, C, *spatial) float32 on ``device`` (default CPU) for N rows.
+                  sample_shape: Sequence[int], device: torch.device | str | None = None, *,
+                  unit_variance: bool = True) -> torch.Tensor:
+    """Unit-variance simplex noise (N, C, *spatial) float32 on ``device`` (default CPU) for N rows (AnoDDPM's raw
+    octave sum, standard deviation about ``SIMPLEX_STD``, with ``unit_variance=False``).
 
     row_seeds: N integers in [0, 2^64) (one per row: ``seeding.row_seed``, or drawn from a training generator);
     ts: N timesteps in [0, T); sample_shape: (C, H, W) or (C, D, H, W). Row n depends only on (row_seeds[n], ts[n]),
@@ -211,7 +216,7 @@ def simplex_noise(row_seeds: Sequence[int] | np.ndarray | torch.Tensor, ts: Sequ
         perm, gradient_index = (torch.from_numpy(t).to(device)
                                 for t in permutation_tables(seeds[start : start + per_chunk]))
         field = fractal_field(perm, gradient_index, row_ts[start : start + per_chunk], spatial)
-        fields.append((field / SIMPLEX_STD).to(torch.float32))
+        fields.append((field / SIMPLEX_STD if unit_variance else field).to(torch.float32))
     out = torch.cat(fields) if fields else torch.zeros((0, *spatial), device=device)
     return out.reshape(-1, channels, *spatial)
 
@@ -228,8 +233,9 @@ def _gaussian_draw(generators: Generators, shape: tuple[int, ...], timesteps: to
 
 
 def _simplex_draw(generators: Generators, shape: tuple[int, ...], timesteps: torch.Tensor,
-                  device: torch.device | None) -> torch.Tensor:
-    return simplex_noise(row_seed_draws(generators, shape[0]), timesteps, shape[1:], device)
+                  device: torch.device | None, unit_variance: bool = True) -> torch.Tensor:
+    return simplex_noise(row_seed_draws(generators, shape[0]), timesteps, shape[1:], device,
+                         unit_variance=unit_variance)
 
 
 def _gaussian_rows(seed: int, keys: Sequence[str], start_ts: Sequence[int], sample_shape: tuple[int, ...],
@@ -238,11 +244,11 @@ def _gaussian_rows(seed: int, keys: Sequence[str], start_ts: Sequence[int], samp
 
 
 def _simplex_rows(seed: int, keys: Sequence[str], start_ts: Sequence[int], sample_shape: tuple[int, ...],
-                  device: torch.device | None) -> torch.Tensor:
+                  device: torch.device | None, unit_variance: bool = True) -> torch.Tensor:
     # One sha256 per row (keys are strings); everything after it is vectorised.
     seeds = [row_seed(seed, key, t) for t in start_ts for key in keys]
     ts = [int(t) for t in start_ts for _ in keys]
-    noise = simplex_noise(seeds, ts, sample_shape, device)
+    noise = simplex_noise(seeds, ts, sample_shape, device, unit_variance=unit_variance)
     return noise.reshape(len(start_ts), len(keys), *sample_shape)
 
 
@@ -259,8 +265,26 @@ NOISE_TYPES: dict[str, NoiseType] = {
     "gaussian": NoiseType("N(0, 1) per element (default)", _gaussian_draw, _gaussian_rows),
     "simplex": NoiseType("AnoDDPM's 6-octave simplex noise, unit variance (--simplex_noise=1)", _simplex_draw,
                          _simplex_rows),
+    # What upstream ddpm-ood trains with under --simplex_noise=1: only for its checkpoints (which record nothing),
+    # so that they are reconstructed (and resumed) with the noise they learned.
+    UPSTREAM_SIMPLEX: NoiseType("AnoDDPM's raw 6-octave simplex sum (standard deviation about 0.51), as upstream "
+                                "trains with --simplex_noise=1", partial(_simplex_draw, unit_variance=False),
+                                partial(_simplex_rows, unit_variance=False)),
 }
 DEFAULT_NOISE_TYPE = "gaussian"
+
+
+def noise_type_for_flags(simplex_noise: bool, *, upstream_checkpoint: bool) -> str:
+    """The noise type ``--simplex_noise`` selects: Gaussian, simplex, or for a checkpoint trained by upstream
+    ddpm-ood (no stored configuration) upstream's raw simplex sum."""
+    if not simplex_noise:
+        return "gaussian"
+    return UPSTREAM_SIMPLEX if upstream_checkpoint else "simplex"
+
+
+def describe_noise(noise_type: str) -> str:
+    """One line on a noise type, for messages."""
+    return f"{noise_type}: {NOISE_TYPES[check_noise_type(noise_type)].description}"
 
 
 def check_noise_type(name: str) -> str:

@@ -97,6 +97,7 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
     from ddpm_ood.checkpoint import load_checkpoint
     from ddpm_ood.data.datasets import dataset_from_csv
     from ddpm_ood.devices import describe_device, resolve_precision
+    from ddpm_ood.diffusion.noise import describe_noise
     from ddpm_ood.distributed import cleanup_distributed, init_distributed
     from ddpm_ood.io import check_output_dir, run_lock
 
@@ -118,7 +119,8 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
         datasets[name] = ds
     if run is None:
         run = _upstream_run_config(job, datasets[sets[0][0]].image_shape, sets[0][1])
-        print(f"{ckpt_file}: no stored config (upstream checkpoint); using the model flags given")
+        noise = "" if run.schedule.noise_type == "gaussian" else f"; noise {describe_noise(run.schedule.noise_type)}"
+        print(f"{ckpt_file}: no stored config (upstream checkpoint); using the model flags given{noise}")
     elif job.latent_pad is not None and (run.latent is None or tuple(job.latent_pad) != run.latent.latent_pad):
         recorded = "none (pixel space)" if run.latent is None else list(run.latent.latent_pad)
         raise UserError(f"--latent_pad={list(job.latent_pad)} contradicts {ckpt_file} which was trained with "

@@ -371,3 +371,19 @@ def test_latent_resume_keeps_its_padding_and_refuses_another(trained2d, capsys):
     message = _error(train_ddpm, ddpm_argv(out, s, "ldm_pad", vq, "--n_epochs=2", "--beta_end=0.02"), capsys)
     assert "--beta_end" in message and "contradict" in message
     assert load_checkpoint(out / "ldm_pad" / "checkpoint_last.pth")["epoch"] == 2
+
+
+def test_an_out_set_without_the_models_channel_is_refused_before_anything_is_written(data3d, capsys):
+    # As Task05_Prostate (2 channels) under a BraTS model of --channel=3.
+    root, s = data3d
+    write_split_csv(s / "Two_test.csv", volumes_3d(root / "two", "Two", 2, 4, "out", channels=2))
+    out = root / "out_channel"
+    assert run(train_ddpm, [f"--output_dir={out}", "--model_name=ddpm", f"--training_ids={s / 'Vol_train.csv'}",
+                            f"--validation_ids={s / 'Vol_train.csv'}", "--n_epochs=1", "--checkpoint_every=0",
+                            "--channel=3", "--model_type=tiny", "--sample_steps=0", *SCHEDULE, *_common_3d(s)]) == 0
+    message = _error(reconstruct, [f"--output_dir={out}", "--model_name=ddpm",
+                                   f"--validation_ids={s / 'Vol_train.csv'}", f"--in_ids={s / 'Vol_train.csv'}",
+                                   f"--out_ids={s / 'Two_test.csv'}", "--num_inference_steps=10",
+                                   "--inference_skip_factor=5", "--num_workers=0"], capsys)
+    assert "Two_000.nii.gz: has 2 channels" in message and "--channel=3 is out of range 0..1" in message
+    assert not list((out / "ddpm").rglob("results_*"))

@@ -287,6 +287,35 @@ def test_medmnist3d_bad_npz_is_one_line(tmp_path, capsys):
     assert main([f"--data_root={tmp_path}", "--datasets=nodulemnist3d", "--download=0"]) == 1
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "is not a MedMNIST .npz" in lines[0] and "val_images" in lines[0]
+    assert "delete it to download it again" in lines[0]
+
+
+def test_medmnist_download_is_atomic(tmp_path, capsys, monkeypatch):
+    # A stand-in for the medmnist package: its class downloads <root>/<flag>.npz; the first attempt dies half-way
+    # (as a dropped connection), the second succeeds. Nothing half-written is ever taken for the set.
+    import types
+
+    attempts = []
+
+    class FakeSet:
+        def __init__(self, split, download, root):
+            attempts.append(root)
+            if len(attempts) == 1:
+                (Path(root) / "adrenalmnist3d.npz").write_bytes(b"PK\x03\x04 truncated")
+                raise RuntimeError("connection reset")
+            write_medmnist_npz(Path(root), "adrenalmnist3d", (3, 1, 2))
+
+    fake = types.SimpleNamespace(AdrenalMNIST3D=FakeSet, INFO={"adrenalmnist3d": {"python_class": "AdrenalMNIST3D"}})
+    monkeypatch.setitem(sys.modules, "medmnist", fake)
+    folder = tmp_path / "MedMNIST3D"
+    assert main([f"--data_root={tmp_path}", "--datasets=adrenalmnist3d"]) == 1
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "the download failed (RuntimeError: connection reset)" in lines[0]
+    assert sorted(p.name for p in folder.iterdir()) == []  # no partial file, no temporary folder
+    assert main([f"--data_root={tmp_path}", "--datasets=adrenalmnist3d"]) == 0
+    assert Path(attempts[1]).parent == folder and not Path(attempts[1]).exists()
+    assert (folder / "adrenalmnist3d.npz").is_file()
+    assert [len(v) for v in csv_rows(tmp_path, "adrenalmnist3d").values()] == [3, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------- names and parsers

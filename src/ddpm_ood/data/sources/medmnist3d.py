@@ -14,6 +14,8 @@ would give every MedMNIST out set the same name ("medmnist3d") and reconstruct.p
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +45,19 @@ def _download(flag: str, npz: Path, timeout_s: float) -> None:
                                  "pip install medmnist (or put the .npz there)") from None
     print(f"{flag}: {npz} not found; downloading with medmnist ...", flush=True)
     npz.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        cls = getattr(medmnist, INFO[flag]["python_class"])
-        with socket_timeout(timeout_s):
-            cls(split="train", download=True, root=str(npz.parent))
-    except Exception as exc:  # network errors, medmnist's RuntimeError
-        raise DatasetUnavailable(f"{flag}: {npz} not found, and the download failed ({one_line(exc)})") from None
+    # medmnist writes straight to <root>/<flag>.npz: an interrupted or md5-failed download would leave a file that
+    # looks present. So it downloads into a temporary folder beside it, and the checked file is renamed into place.
+    with tempfile.TemporaryDirectory(dir=npz.parent, prefix=f".{flag}-download-") as partial:
+        try:
+            cls = getattr(medmnist, INFO[flag]["python_class"])
+            with socket_timeout(timeout_s):
+                cls(split="train", download=True, root=partial)
+        except Exception as exc:  # network errors, medmnist's RuntimeError
+            raise DatasetUnavailable(f"{flag}: {npz} not found, and the download failed ({one_line(exc)})") from None
+        downloaded = Path(partial) / npz.name
+        if not downloaded.is_file():
+            raise DatasetUnavailable(f"{flag}: medmnist reported a download but wrote no {npz.name}")
+        os.replace(downloaded, npz)
 
 
 def read_npz(flag: str, npz: Path) -> dict[str, np.ndarray]:
@@ -57,7 +66,8 @@ def read_npz(flag: str, npz: Path) -> dict[str, np.ndarray]:
         with np.load(npz, allow_pickle=False) as z:
             arrays = {split: z[f"{split}_images"] for split in SPLITS}
     except Exception as exc:  # zipfile/pickle/KeyError for a truncated or foreign file
-        raise DatasetUnavailable(f"{flag}: {npz} is not a MedMNIST .npz with {KEYS} ({one_line(exc)})") from None
+        raise DatasetUnavailable(f"{flag}: {npz} is not a MedMNIST .npz with {KEYS} ({one_line(exc)}); delete it "
+                                 "to download it again") from None
     for split, a in arrays.items():
         if a.dtype != np.uint8 or a.ndim != 4:
             raise DatasetUnavailable(f"{flag}: {npz}: {split}_images is {a.dtype} {a.shape}, expected uint8 "

@@ -46,9 +46,11 @@ def error_lines(err: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ MedNIST
 
 
-def test_mednist_each_class_split_80_10_10_from_sorted_files(tmp_path):
+def test_mednist_each_class_split_80_10_10_from_sorted_files(tmp_path, capsys):
     files = write_mednist(tmp_path, MEDNIST)
     assert main([f"--data_root={tmp_path}", "--datasets=MedNIST", "--download=0"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "where MONAI's MedNIST has" in line]
+    assert len(notes) == len(MEDNIST) and "BreastMRI has" in " ".join(notes) and "8,954" in " ".join(notes)
     for cls, n in MEDNIST.items():
         rows = csv_rows(tmp_path, cls)
         assert [len(rows[s]) for s in SPLITS] == [n - 2 * int(n * 0.1), int(n * 0.1), int(n * 0.1)]

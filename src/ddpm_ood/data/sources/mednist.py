@@ -14,6 +14,7 @@ so each class keeps exactly 10%/10%.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ ARCHIVE = "MedNIST.tar.gz"  # MedNISTDataset.compressed_file_name
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 SEED = 0  # MedNISTDataset's default seed, as upstream
 VAL_FRACTION = 0.1  # MedNISTDataset's defaults
+# Images per class in MONAI's MedNIST (58,954 in all): a folder with other counts is a partial or foreign copy.
+CLASS_SIZES = {"AbdomenCT": 10000, "BreastMRI": 8954, "CXR": 10000, "ChestCT": 10000, "Hand": 10000, "HeadCT": 10000}
 TEST_FRACTION = 0.1
 
 
@@ -60,6 +63,9 @@ def list_class(name: str, root: str, allow_download: bool, timeout_s: float) -> 
     if not files:
         raise DatasetUnavailable(f"{name}: no images (*.jpeg) in {class_dir}; expected MONAI's MedNIST layout "
                                  f"{os.path.join(root, FOLDER)}/<Class>/*.jpeg")
+    if len(files) != CLASS_SIZES.get(name, len(files)):
+        print(f"note: {class_dir} has {len(files):,} images where MONAI's MedNIST has {CLASS_SIZES[name]:,} (a partial "
+              "copy?); the splits use the images that are there", file=sys.stderr, flush=True)
     return monai_split([os.path.join(class_dir, f) for f in files])
 
 

@@ -277,3 +277,15 @@ def test_noise_drawn_ahead_is_the_seeded_noise_and_its_shape_is_checked():
     with pytest.raises(ValueError, match="start noise has shape"):
         reconstruct_batched(lambda x, t: x, TINY_SCHEDULE, torch.rand(2, 1, 4, 4), ["a", "b"], [1, 501], 10, 7,
                             noise=torch.zeros(2, 2, 1, 8, 8))
+
+
+def test_abbreviated_model_flags_count_as_given():
+    # argparse accepts unambiguous abbreviations; a flag given that way must be checked like the full spelling.
+    from ddpm_ood.cli.reconstruct import build_parser
+
+    parser = build_parser()
+    base = ["--output_dir=o", "--model_name=m"]
+    args = parser.parse_args(base)
+    assert (args.is_grayscale, args.spatial_dimension, args.channel) == (None, None, None)  # the checkpoint's
+    args = parser.parse_args([*base, "--chan=2", "--is_gray=1", "--spatial_dim=3"])
+    assert (args.is_grayscale, args.spatial_dimension, args.channel) == (True, 3, 2)

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched: all start points of a batch share network calls (fast, default); reference: one "
                    "start point after another (the oracle; same numbers)")
     add_max_batch_option(g)
+    # Not given = the checkpoint's value (None); argparse resolves abbreviations (--chan=2), so a flag is "given"
+    # exactly when it is not None.
+    p.set_defaults(is_grayscale=None, spatial_dimension=None, channel=None)
     return p
 
 
@@ -68,11 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     refuse_unsupported(args)
     flags = ModelFlags(
         model_type=args.model_type,
-        is_grayscale=args.is_grayscale if _given(argv, "is_grayscale") else None,
-        spatial_dims=args.spatial_dimension if _given(argv, "spatial_dimension") else None,
+        is_grayscale=args.is_grayscale,
+        spatial_dims=args.spatial_dimension,
         image_size=args.image_size,
         image_roi=args.image_roi,
-        channel=args.channel if _given(argv, "channel") else None,
+        channel=args.channel,
         beta_schedule=args.beta_schedule,
         beta_start=args.beta_start,
         beta_end=args.beta_end,
@@ -112,11 +115,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run_reconstruction(job)
     return 0
-
-
-def _given(argv: Sequence[str] | None, name: str) -> bool:
-    """Whether --name was on the command line (flags with a non-None default cannot tell otherwise)."""
-    import sys
-
-    words = sys.argv[1:] if argv is None else argv
-    return any(w == f"--{name}" or w.startswith(f"--{name}=") for w in words)

@@ -118,12 +118,27 @@ def inference_state_dict(ckpt: Mapping[str, Any], use_ema: bool = True) -> dict:
     return ckpt["model_state_dict"]
 
 
-def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict:
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """Drop a ``module.`` prefix (a state dict saved from a DDP-wrapped model by other code)."""
     keys = list(state_dict)
     if keys and all(k.startswith("module.") for k in keys):
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return dict(state_dict)
+
+
+def load_state_strict(module: torch.nn.Module, state_dict: Mapping[str, Any], source: str, what: str) -> None:
+    """Load ``state_dict`` (a ``module.`` prefix dropped) into ``module``: every tensor present, used and of the
+    module's shape, else one UserError naming ``source`` and ``what`` the weights should fit (not torch's list of
+    every key). For UNets, ``load_unet_state`` (it also converts upstream key names)."""
+    state = strip_module_prefix(state_dict)
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = sorted(k for k in set(own) & set(state)
+                 if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or bad:
+        raise UserError(f"{source}: weights do not fit {what} ({len(missing)} missing, {len(unexpected)} unexpected, "
+                        f"{len(bad)} not a tensor of the network's shape; first {(missing or unexpected or bad)[0]})")
+    module.load_state_dict(state, strict=True)
 
 
 def _shape_signature(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[int, ...]]:
@@ -136,7 +151,7 @@ def guess_model_flags(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     ``--model_type=small --is_grayscale=1 --spatial_dimension=2``; None if no preset fits."""
     from ddpm_ood.diffusion.unet import MODEL_PRESETS, build_unet, model_config_from_preset
 
-    state_dict = _strip_prefix(state_dict)
+    state_dict = strip_module_prefix(state_dict)
     conv_in = state_dict.get("conv_in.conv.weight")
     if conv_in is None or conv_in.ndim not in (4, 5):
         return None
@@ -172,7 +187,7 @@ def load_unet_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tenso
     ``DiffusionModelUNet.load_old_state_dict``. Every model tensor must be provided and every checkpoint tensor
     used, with equal shapes; otherwise UserError naming ``source`` and the flags the weights seem to need.
     """
-    state_dict = _strip_prefix(state_dict)
+    state_dict = strip_module_prefix(state_dict)
     own = model.state_dict()
     if set(state_dict) == set(own):
         bad = [k for k in own if tuple(own[k].shape) != tuple(state_dict[k].shape)]

@@ -7,3 +7,9 @@ class UserError(Exception):
     The message must name the file or flag at fault and the problem, in one line. The CLI prints it as
     ``error: <message>`` and exits with status 2.
     """
+
+
+def one_line(exc: BaseException) -> str:
+    """``"<ExceptionName>: <message on one line, at most 300 characters>"``: another library's error inside ours."""
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text[:300]}"

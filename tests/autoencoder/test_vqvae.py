@@ -246,3 +246,26 @@ def test_autoencoder_for_refuses_another_vqvae(tmp_path):
     pixel = dataclasses.replace(run, latent=None)
     with pytest.raises(UserError, match="ddpm.pth is a pixel-space DDPM"):
         autoencoder_for(pixel, vqvae_checkpoint=tmp_path / "vq.pth", source="ddpm.pth")
+    # The recorded VQ-VAE moved: say which file it is and how to point at the new place, which then works.
+    (tmp_path / "vq.pth").rename(tmp_path / "moved.pth")
+    with pytest.raises(UserError, match=r"vq.pth: not found: the VQ-VAE ddpm.pth was trained on .* --vqvae_checkpoint"):
+        autoencoder_for(run, source="ddpm.pth")
+    assert isinstance(autoencoder_for(run, vqvae_checkpoint=tmp_path / "moved.pth", source="ddpm.pth"),
+                      VQVAEAutoencoder)
+
+
+def test_malformed_stored_vqvae_checkpoints_are_one_line_naming_the_file(tmp_path):
+    model = save_vqvae(tmp_path / "vq.pth")
+    ck = load_checkpoint(tmp_path / "vq.pth", kind="vqvae")
+    # A configuration our own checks refuse (levels of channels and of downsampling differ).
+    ck["config"]["vqvae"]["channels"] = [8, 16, 32]
+    save_checkpoint(tmp_path / "levels.pth", ck)
+    with pytest.raises(UserError, match=r"levels.pth: stored VQ-VAE configuration is malformed \(UserError: "):
+        load_vqvae(tmp_path / "levels.pth")
+    # A weight that is not a tensor.
+    ck = load_checkpoint(tmp_path / "vq.pth", kind="vqvae")
+    ck["model_state_dict"][next(iter(model.state_dict()))] = [0.0]
+    save_checkpoint(tmp_path / "list.pth", ck)
+    with pytest.raises(UserError, match=r"list.pth: weights do not fit its VQ-VAE configuration \(0 missing, 0 "
+                                        r"unexpected, 1 not a tensor"):
+        load_vqvae(tmp_path / "list.pth")

@@ -78,6 +78,9 @@ def autoencoder_for(run: RunConfig, device: torch.device | str = "cpu", *,
     from ddpm_ood.autoencoder.vqvae import VQVAEAutoencoder, load_vqvae
 
     path = vqvae_checkpoint if vqvae_checkpoint not in (None, "", "None") else run.latent.checkpoint
+    if path == run.latent.checkpoint and not os.path.isfile(path):
+        raise UserError(f"{path}: not found: the VQ-VAE {source} was trained on (recorded there) has moved or gone; "
+                        "give its location with --vqvae_checkpoint")
     vqvae = load_vqvae(path)
     if vqvae.sha256 != run.latent.weights_sha256 or vqvae.config != run.latent.vqvae:
         what = "configuration" if vqvae.config != run.latent.vqvae else "weights"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_ood.config import DataConfig, LatentConfig, RunConfig, VQVAEConfig
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import UserError, one_line
 
 VQVAE_CONFIG_FILE = "vqvae_config.json"
 # Upstream's vqvae_config.json keys (MONAI Generative's VQVAE arguments) -> our VQVAEConfig fields.
@@ -208,7 +208,7 @@ def load_vqvae(path: str | os.PathLike) -> LoadedVQVAE:
     """Load a VQ-VAE checkpoint written by train_vqvae.py (config stored inside) or by the reference code (weights
     only; ``vqvae_config.json`` beside it). Errors name the file: missing, not a VQ-VAE (a DDPM checkpoint), or
     weights that do not fit the configuration."""
-    from ddpm_ood.checkpoint import load_checkpoint
+    from ddpm_ood.checkpoint import load_checkpoint, load_state_strict, strip_module_prefix
 
     path = Path(path)
     ckpt = load_checkpoint(path, kind="vqvae")
@@ -219,22 +219,16 @@ def load_vqvae(path: str | os.PathLike) -> LoadedVQVAE:
             config = VQVAEConfig.from_dict(stored["vqvae"])
             data = DataConfig.from_dict(stored["data"])
             image_shape = tuple(int(s) for s in stored["image_shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path}: stored VQ-VAE configuration is malformed ({exc.__class__.__name__}: {exc})"
-                            ) from None
+        except (KeyError, TypeError, ValueError, UserError) as exc:
+            raise UserError(f"{path}: stored VQ-VAE configuration is malformed ({one_line(exc)})") from None
     else:
         config = read_vqvae_config_json(path.parent / VQVAE_CONFIG_FILE)
-    model = build_vqvae(config)
-    state = ckpt["model_state_dict"]
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
-    bad = [k for k in set(state) & set(model.state_dict()) if state[k].shape != model.state_dict()[k].shape]
-    if missing or unexpected or bad:
-        first = sorted(missing or unexpected or bad)[0]
-        raise UserError(f"{path}: weights do not fit its VQ-VAE configuration ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected, {len(bad)} of another shape; first {first})")
-    model.load_state_dict(state, strict=True)
+    try:
+        model = build_vqvae(config)
+    except (TypeError, ValueError, AssertionError) as exc:  # MONAI's checks of the configuration
+        raise UserError(f"{path}: its VQ-VAE configuration does not build ({one_line(exc)})") from None
+    state = strip_module_prefix(ckpt["model_state_dict"])
+    load_state_strict(model, state, str(path), "its VQ-VAE configuration")
     return LoadedVQVAE(path, model.eval(), config, weights_hash(state), data, image_shape)
 
 

@@ -125,16 +125,6 @@ def check_vqvae_resume(resume: ResumePoint, config: dict, losses: VQVAELossConfi
                         "resume with the checkpoint's settings or train under another --model_name")
 
 
-def _load_weights(module: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Strict load; a mismatch is one line naming ``source`` (not torch's list of every key)."""
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else "")[:200]
-        raise UserError(f"{source}: weights do not fit the network the flags build ({detail})") from None
-
-
 class VQVAETask:
     """The VQ-VAE (generator) and its patch discriminator, their two Adam optimizers and (fp16 on CUDA) scalers,
     built and restored in a fixed order so that the seeded initial weights are the same on every rank and run."""
@@ -178,13 +168,15 @@ class VQVAETask:
         self._grid_images: torch.Tensor | None = None
 
     def _restore(self, resume: ResumePoint) -> None:
+        from ddpm_ood.checkpoint import load_state_strict
         from ddpm_ood.seeding import restore_rng_state
 
         ck = resume.ckpt
-        _load_weights(self.model, ck["model_state_dict"], f"{resume.path} (model_state_dict)")
+        load_state_strict(self.model, ck["model_state_dict"], f"{resume.path} (model_state_dict)",
+                          "the VQ-VAE the flags build")
         if ck.get("discriminator_state_dict") is not None:
-            _load_weights(self.discriminator, ck["discriminator_state_dict"],
-                          f"{resume.path} (discriminator_state_dict)")
+            load_state_strict(self.discriminator, ck["discriminator_state_dict"],
+                              f"{resume.path} (discriminator_state_dict)", "the discriminator the flags build")
         else:
             log(self.ctx, f"note: {resume.path} has no discriminator weights (upstream); it starts afresh")
         for name, opt in (("optimizer_g_state_dict", self.opt_g), ("optimizer_d_state_dict", self.opt_d)):

@@ -109,12 +109,6 @@ def family_of(name: str) -> DatasetFamily:
     return importlib.import_module(_FAMILY_MODULES[name]).FAMILIES[name]
 
 
-def one_line(exc: BaseException) -> str:
-    """``"<ExceptionName>: <message on one line, at most 300 characters>"``."""
-    text = " ".join(str(exc).split())
-    return f"{exc.__class__.__name__}: {text[:300]}"
-
-
 def content_hash(*parts: bytes | str) -> str:
     h = hashlib.sha1(usedforsecurity=False)
     for p in parts:

@@ -17,7 +17,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from ddpm_ood.data.sources import DatasetUnavailable, one_line, socket_timeout
+from ddpm_ood.data.sources import DatasetUnavailable, socket_timeout
+from ddpm_ood.errors import one_line
 
 EXTRACTING_SUFFIX = ".extracting"
 

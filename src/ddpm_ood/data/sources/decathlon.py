@@ -21,8 +21,9 @@ import json
 import os
 from pathlib import Path
 
-from ddpm_ood.data.sources import DECATHLON_TASKS, DatasetFamily, DatasetUnavailable, SplitFiles, one_line
+from ddpm_ood.data.sources import DECATHLON_TASKS, DatasetFamily, DatasetUnavailable, SplitFiles
 from ddpm_ood.data.sources.archives import obtain_folder
+from ddpm_ood.errors import one_line
 
 FOLDER = "Decathlon"  # upstream's README passes --data_root=${data_root}/Decathlon
 SEED = 0  # DecathlonDataset's default, as upstream

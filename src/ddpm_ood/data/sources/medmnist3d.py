@@ -26,9 +26,9 @@ from ddpm_ood.data.sources import (
     DatasetUnavailable,
     SplitSource,
     array_sources,
-    one_line,
     socket_timeout,
 )
+from ddpm_ood.errors import one_line
 
 FOLDER = "MedMNIST3D"
 SPLITS = ("train", "val", "test")

@@ -26,9 +26,9 @@ from ddpm_ood.data.sources import (
     SplitSource,
     array_sources,
     content_hash,
-    one_line,
     socket_timeout,
 )
+from ddpm_ood.errors import one_line
 from ddpm_ood.io import atomic_path
 
 CELEBA_SIZE = 32

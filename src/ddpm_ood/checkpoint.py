@@ -217,15 +217,22 @@ def load_unet_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tenso
                               f"{len(remaining)} checkpoint tensor(s) unused, first {next(iter(remaining))}")
 
 
+def data_flag_values(data: DataConfig) -> dict[str, Any]:
+    """How images are read and preprocessed, under the flags that set it (``--is_grayscale`` as 0/1)."""
+    return {
+        "--spatial_dimension": data.spatial_dims,
+        "--is_grayscale": int(data.is_grayscale),
+        "--image_size": data.image_size,
+        "--image_roi": None if data.image_roi is None else tuple(data.image_roi),
+        "--channel": data.channel,
+    }
+
+
 def flag_values(run: RunConfig) -> dict[str, Any]:
     """A run's settings under the command-line flags that set them (``--is_grayscale`` as 0/1)."""
     return {
         "--model_type": run.model.preset,
-        "--spatial_dimension": run.data.spatial_dims,
-        "--is_grayscale": int(run.data.is_grayscale),
-        "--image_size": run.data.image_size,
-        "--image_roi": None if run.data.image_roi is None else tuple(run.data.image_roi),
-        "--channel": run.data.channel,
+        **data_flag_values(run.data),
         "--beta_schedule": run.schedule.beta_schedule,
         "--beta_start": run.schedule.beta_start,
         "--beta_end": run.schedule.beta_end,

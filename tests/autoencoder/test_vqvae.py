@@ -173,8 +173,13 @@ def test_latent_config_checks_the_data_and_the_pad(tmp_path):
         latent_config(vq, (3, 28, 28), 3, None, "t.csv")
     with pytest.raises(UserError, match=r"t.csv: images load as \(1, 32, 32\) but the VQ-VAE .* was trained on"):
         latent_config(vq, (1, 32, 32), 3, None, "t.csv")
-    with pytest.raises(UserError, match=r"--channel=2: the VQ-VAE .* was trained on channel 0"):
+    with pytest.raises(UserError, match=r"--channel=2: the VQ-VAE .* was trained with --channel=0"):
         latent_config(vq, (1, 28, 28), 3, None, "t.csv", DataConfig(is_grayscale=True, channel=2))
+    # Same shape, other preprocessing (upstream's crop then resize): refused, naming both values.
+    with pytest.raises(UserError, match=r"--image_roi=\(20, 20\): the VQ-VAE .* was trained with --image_roi=None"):
+        latent_config(vq, (1, 28, 28), 3, None, "t.csv", DataConfig(is_grayscale=True, image_roi=(20, 20),
+                                                                     image_size=28))
+    assert latent_config(vq, (1, 28, 28), 3, None, "t.csv", DataConfig(is_grayscale=True)).latent_shape == (3, 8, 8)
 
 
 def test_upstream_vqvae_is_checked_against_the_images(tmp_path):

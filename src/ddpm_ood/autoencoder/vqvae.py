@@ -242,9 +242,15 @@ def latent_config(vqvae: LoadedVQVAE, image_shape: Sequence[int], unet_levels: i
         raise UserError(f"{source}: images load as {image_shape} but the VQ-VAE {vqvae.path} was trained on "
                         f"{vqvae.image_shape} (check --is_grayscale / --spatial_dimension / --image_size / "
                         "--image_roi)")
-    if vqvae.data is not None and data is not None and vqvae.data.channel != data.channel:
-        raise UserError(f"--channel={data.channel}: the VQ-VAE {vqvae.path} was trained on channel "
-                        f"{vqvae.data.channel}")
+    if vqvae.data is not None and data is not None:
+        # The same shape is not the same data: a crop then resize (--image_roi) or another BraTS channel would feed
+        # the VQ-VAE images it never saw.
+        from ddpm_ood.checkpoint import data_flag_values, flag_conflicts
+
+        conflicts = flag_conflicts(data_flag_values(vqvae.data), data_flag_values(data), skip_not_given=False)
+        if conflicts:
+            raise UserError("; ".join(f"{flag}={given}: the VQ-VAE {vqvae.path} was trained with {flag}={stored}"
+                                      for flag, stored, given in conflicts) + " (give its data flags)")
     spatial = check_image_fits_vqvae(image_shape, vqvae.config, f"{source} (VQ-VAE {vqvae.path})")
     factor = 2 ** (unet_levels - 1)
     if latent_pad is None:

@@ -190,6 +190,6 @@ def test_simplex_noise_is_a_stored_setting_refused_when_contradicted(tmp_path):
     legacy = gaussian.to_dict()
     del legacy["schedule"]["noise_type"]  # a checkpoint written before noise types existed
     assert resolve_run_config({"config": legacy}, ModelFlags(simplex_noise=False), tmp_path / "c.pth") == gaussian
-    # An upstream checkpoint (no config): the flag says which noise it was trained with.
-    assert run_config_from_flags(ModelFlags(simplex_noise=True), (1, 8, 8)).schedule.noise_type == "simplex"
+    # An upstream checkpoint (no config): the flag says which noise it was trained with, upstream's unscaled simplex.
+    assert run_config_from_flags(ModelFlags(simplex_noise=True), (1, 8, 8)).schedule.noise_type == "simplex_upstream"
     assert run_config_from_flags(ModelFlags(), (1, 8, 8)).schedule.noise_type == "gaussian"

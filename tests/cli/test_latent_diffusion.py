@@ -387,3 +387,14 @@ def test_an_out_set_without_the_models_channel_is_refused_before_anything_is_wri
                                    "--inference_skip_factor=5", "--num_workers=0"], capsys)
     assert "Two_000.nii.gz: has 2 channels" in message and "--channel=3 is out of range 0..1" in message
     assert not list((out / "ddpm").rglob("results_*"))
+
+
+def test_finished_vqvae_run_with_contradicting_flags_is_refused(trained2d, capsys):
+    _, s, out, _ = trained2d
+    message = _error(train_vqvae, vqvae_argv(out, s, "vq", "--vqvae_num_embeddings=32"), capsys)
+    assert "vq" in message and "contradict" in message and "num_embeddings" in message
+    message = _error(train_vqvae, vqvae_argv(out, s, "vq", "--adversarial_weight=0.5"), capsys)
+    assert "loss weights" in message
+    capsys.readouterr()
+    assert run(train_vqvae, vqvae_argv(out, s, "vq")) == 0  # the same flags: already complete
+    assert "already complete" in capsys.readouterr().out

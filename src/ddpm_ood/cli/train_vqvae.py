@@ -130,6 +130,8 @@ def _train(args: argparse.Namespace, cfg, ctx, data, vqvae, losses, run_dir: Pat
     from ddpm_ood.training.vqvae import check_vqvae_resume, train_vqvae, vqvae_checkpoint_config
 
     resume = find_resume_point(run_dir, None, kind="vqvae")
+    if resume is not None:  # settings before any data is read: a finished run with contradicting flags is refused
+        check_vqvae_resume(resume, vqvae_checkpoint_config(vqvae, data, ()), losses, compare_image_shape=False)
     if already_complete(resume, cfg.n_epochs, ctx):
         return 0
     train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
@@ -139,8 +141,6 @@ def _train(args: argparse.Namespace, cfg, ctx, data, vqvae, losses, run_dir: Pat
     if tuple(val_set.image_shape) != image_shape:
         raise UserError(f"{args.validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
                         f"but training images ({args.training_ids}) have {image_shape}")
-    if resume is not None:
-        check_vqvae_resume(resume, vqvae_checkpoint_config(vqvae, data, image_shape), losses)
     if ctx.is_main:
         atomic_write_text(run_dir / VQVAE_CONFIG_FILE, upstream_config_json(vqvae))
     summary = train_vqvae(vqvae, data, losses, cfg, train_set, val_set, image_shape, ctx, resume=resume)

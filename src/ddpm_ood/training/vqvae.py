@@ -103,10 +103,11 @@ def _perceptual(weight: float, spatial_dims: int, device: torch.device) -> torch
     return ReferencePerceptualLoss(spatial_dims, build_lpips(device))
 
 
-def check_vqvae_resume(resume: ResumePoint, config: dict, losses: VQVAELossConfig) -> None:
-    """UserError naming the checkpoint unless it was trained with the same VQ-VAE, data settings, image shape and
-    loss weights. An upstream checkpoint (no stored configuration) is compared with the ``vqvae_config.json`` beside
-    it, the only record it has."""
+def check_vqvae_resume(resume: ResumePoint, config: dict, losses: VQVAELossConfig, *,
+                       compare_image_shape: bool = True) -> None:
+    """UserError naming the checkpoint unless it was trained with the same VQ-VAE, data settings, image shape (unless
+    ``compare_image_shape`` is False: before the data are read) and loss weights. An upstream checkpoint (no stored
+    configuration) is compared with the ``vqvae_config.json`` beside it, the only record it has."""
     stored = resume.ckpt.get("config")
     if stored is None:
         from ddpm_ood.autoencoder.vqvae import VQVAE_CONFIG_FILE, read_vqvae_config_json
@@ -114,7 +115,7 @@ def check_vqvae_resume(resume: ResumePoint, config: dict, losses: VQVAELossConfi
         stored = {"vqvae": read_vqvae_config_json(resume.path.parent / VQVAE_CONFIG_FILE).to_dict()}
         keys = ["vqvae"]
     else:
-        keys = ["vqvae", "data", "image_shape"]
+        keys = ["vqvae", "data", "image_shape"] if compare_image_shape else ["vqvae", "data"]
     diffs = [f"{key}: checkpoint {stored.get(key)}, flags {config[key]}" for key in keys
              if stored.get(key) != config[key]]
     saved_losses = resume.ckpt.get("loss_config")

@@ -4,7 +4,7 @@
 #                                         # environment step; FashionMNIST vs MNIST AUROC about 0.92 (README)
 #   QUICKSTART_FAST=1 bash scripts/quickstart.sh   # ~1-2-minute smoke version (CI runs it); AUROC not meaningful
 #   QUICKSTART_LDM=1 bash scripts/quickstart.sh    # the latent-diffusion route (VQ-VAE, then a DDPM in its latent
-#                                                  # space): 4 min 45 s (AVX-512 + bf16) to ~13-15 min (AVX2,
+#                                                  # space): 5-5.5 min (AVX-512 + bf16) to ~14-17 min (AVX2,
 #                                                  # projected), AUROC about 0.95; combines with QUICKSTART_FAST=1
 #                                                  # (CI runs that too)
 #   QUICKSTART_SIMPLEX=1 bash scripts/quickstart.sh  # the same DDPM with AnoDDPM's simplex noise (--simplex_noise=1)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import UserError, one_line
 from ddpm_ood.io import atomic_torch_save
 
 BEST_CHECKPOINT = "checkpoint.pth"
@@ -82,8 +82,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "ddpm") -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
             AttributeError, IndexError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {first_line})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({one_line(exc)})") from None
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         raise UserError(f"{path}: not a {kind} checkpoint (no 'model_state_dict' entry)")
     found = checkpoint_kind(ckpt)
@@ -102,7 +101,7 @@ def run_config_of(ckpt: Mapping[str, Any], source: str | os.PathLike = "checkpoi
     try:
         return RunConfig.from_dict(config)
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{source}: stored run configuration is malformed ({exc.__class__.__name__}: {exc})") from None
+        raise UserError(f"{source}: stored run configuration is malformed ({one_line(exc)})") from None
 
 
 def is_upstream_checkpoint(ckpt: Mapping[str, Any]) -> bool:
@@ -126,10 +125,11 @@ def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict:
     return dict(state_dict)
 
 
-def load_state_strict(module: torch.nn.Module, state_dict: Mapping[str, Any], source: str, what: str) -> None:
+def load_state_strict(module: torch.nn.Module, state_dict: Mapping[str, Any], source: str, what: str) -> dict:
     """Load ``state_dict`` (a ``module.`` prefix dropped) into ``module``: every tensor present, used and of the
     module's shape, else one UserError naming ``source`` and ``what`` the weights should fit (not torch's list of
-    every key). For UNets, ``load_unet_state`` (it also converts upstream key names)."""
+    every key). Returns the state dict as loaded. For UNets, ``load_unet_state`` (it also converts upstream key
+    names)."""
     state = strip_module_prefix(state_dict)
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -139,6 +139,7 @@ def load_state_strict(module: torch.nn.Module, state_dict: Mapping[str, Any], so
         raise UserError(f"{source}: weights do not fit {what} ({len(missing)} missing, {len(unexpected)} unexpected, "
                         f"{len(bad)} not a tensor of the network's shape; first {(missing or unexpected or bad)[0]})")
     module.load_state_dict(state, strict=True)
+    return state
 
 
 def _shape_signature(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[int, ...]]:

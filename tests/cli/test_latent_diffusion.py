@@ -398,3 +398,13 @@ def test_finished_vqvae_run_with_contradicting_flags_is_refused(trained2d, capsy
     capsys.readouterr()
     assert run(train_vqvae, vqvae_argv(out, s, "vq")) == 0  # the same flags: already complete
     assert "already complete" in capsys.readouterr().out
+
+
+def test_a_pixel_run_resumed_with_a_vqvae_is_refused_naming_both(trained2d, capsys):
+    _, s, out, vq = trained2d
+    pixel = ddpm_argv(out, s, "pixel", vq, "--sample_steps=0")
+    pixel.remove(f"--vqvae_checkpoint={vq}")
+    assert run(train_ddpm, pixel) == 0
+    message = _error(train_ddpm, ddpm_argv(out, s, "pixel", vq, "--n_epochs=2"), capsys)
+    assert "pixel-space DDPM" in message and f"--vqvae_checkpoint={vq}" in message
+

@@ -151,3 +151,7 @@ def test_an_upstream_simplex_checkpoint_gets_upstreams_raw_noise(simplex_run, tm
     assert "was trained by upstream ddpm-ood: resuming with its noise" in capsys.readouterr().out
     resumed = run_config_of(load_checkpoint(tmp_path / "simplex" / "checkpoint_last.pth"))
     assert resumed.schedule.noise_type == UPSTREAM_SIMPLEX
+    # Resumed again, now from our own checkpoint of that run: the same flag keeps upstream's noise.
+    assert run_cli(train_ddpm.main, [*train_flags, "--n_epochs=4", *model_flags]) == 0
+    ck = load_checkpoint(tmp_path / "simplex" / "checkpoint_last.pth")
+    assert ck["epoch"] == 4 and run_config_of(ck).schedule.noise_type == UPSTREAM_SIMPLEX

@@ -99,3 +99,28 @@ def test_perceptual_loss_pads_images_too_small_for_alexnet():
     loss = ReferencePerceptualLoss(2, build_lpips(pretrained_backbone=False))
     x = torch.rand(2, 1, 16, 16)
     assert loss(x, x) == 0 and loss(x, torch.rand(2, 1, 16, 16)) > 0
+
+
+def test_loss_term_means_leave_out_non_finite_steps(tmp_path, monkeypatch):
+    # As the epoch loss does: a step whose loss is not finite (fp16: skipped by the GradScaler) is not averaged in.
+    from ddpm_ood.config import DataConfig
+    from ddpm_ood.distributed import DistContext
+    from ddpm_ood.training import vqvae as vqvae_training
+    from ddpm_ood.training.loop import TrainConfig
+
+    task = vqvae_training.VQVAETask(TINY_VQ_2D, DataConfig(is_grayscale=True), (1, 16, 16),
+                                    VQVAELossConfig(adversarial_weight=0.0, perceptual_weight=0.0),
+                                    TrainConfig(run_dir=str(tmp_path), num_workers=0), DistContext())
+    monkeypatch.setattr(vqvae_training, "optimizer_step", lambda *args, **kwargs: None)
+    values = iter([1.0, float("nan"), 3.0])
+
+    def terms(images, recon, vq_loss, w_adv):
+        value = torch.tensor(next(values))
+        return {name: value for name in vqvae_training.LOSS_TERMS if name != "discriminator_loss"}
+
+    monkeypatch.setattr(task, "generator_losses", terms)
+    for step in range(3):
+        task.train_step({"image": torch.rand(2, 1, 16, 16)}, epoch=0, step=step)
+    scalars = task.scalars()
+    assert scalars["generator_loss"] == scalars["l1_loss"] == 2.0 and scalars["discriminator_loss"] == 0.0
+    assert task.scalars()["generator_loss"] == 0.0  # reset after each epoch

@@ -208,7 +208,7 @@ def load_vqvae(path: str | os.PathLike) -> LoadedVQVAE:
     """Load a VQ-VAE checkpoint written by train_vqvae.py (config stored inside) or by the reference code (weights
     only; ``vqvae_config.json`` beside it). Errors name the file: missing, not a VQ-VAE (a DDPM checkpoint), or
     weights that do not fit the configuration."""
-    from ddpm_ood.checkpoint import load_checkpoint, load_state_strict, strip_module_prefix
+    from ddpm_ood.checkpoint import load_checkpoint, load_state_strict
 
     path = Path(path)
     ckpt = load_checkpoint(path, kind="vqvae")
@@ -227,8 +227,7 @@ def load_vqvae(path: str | os.PathLike) -> LoadedVQVAE:
         model = build_vqvae(config)
     except (TypeError, ValueError, AssertionError) as exc:  # MONAI's checks of the configuration
         raise UserError(f"{path}: its VQ-VAE configuration does not build ({one_line(exc)})") from None
-    state = strip_module_prefix(ckpt["model_state_dict"])
-    load_state_strict(model, state, str(path), "its VQ-VAE configuration")
+    state = load_state_strict(model, ckpt["model_state_dict"], str(path), "its VQ-VAE configuration")
     return LoadedVQVAE(path, model.eval(), config, weights_hash(state), data, image_shape)
 
 

@@ -161,8 +161,9 @@ def add_schedule_options(parser: argparse.ArgumentParser, *, from_checkpoint: bo
     g.add_argument("--snr_shift", type=float, default=None if from_checkpoint else 1.0,
                    help=f"scale the signal-to-noise ratio of every t{note or ' (default 1)'}")
     g.add_argument("--simplex_noise", type=boolish, default=None if from_checkpoint else False,
-                   help="1 = AnoDDPM's simplex noise (6 octaves, persistence 0.8, frequency 64, unit variance) "
-                   "instead of Gaussian noise, in training and reconstruction; recorded in the checkpoint"
+                   help="1 = AnoDDPM's simplex noise (6 octaves, persistence 0.8, frequency 64, unit variance; "
+                   "for checkpoints of upstream ddpm-ood its unscaled sum, as it trained) instead of Gaussian noise, "
+                   "in training and reconstruction; recorded in the checkpoint"
                    f"{note or ' (default 0)'}")
 
 

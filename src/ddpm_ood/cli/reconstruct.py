@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Not given = the checkpoint's value (None); argparse resolves abbreviations (--chan=2), so a flag is "given"
     # exactly when it is not None.
     p.set_defaults(is_grayscale=None, spatial_dimension=None, channel=None)
+    for action in p._actions:  # their help names upstream's defaults, which only upstream checkpoints take
+        if action.dest in ("is_grayscale", "spatial_dimension", "channel"):
+            action.help = f"{action.help}; here: default from the checkpoint (upstream checkpoints: upstream's)"
     return p
 
 

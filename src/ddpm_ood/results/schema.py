@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import UserError, one_line
 
 RESULT_COLUMNS = ["filename", "type", "t", "perceptual_difference", "mse"]
 # The per-(image, t) metrics, in the order they are reported. Names are the CSV column names.
@@ -73,7 +73,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
     except Exception as exc:  # pandas raises many types for malformed files
-        raise UserError(f"{path}: cannot be read as CSV ({exc.__class__.__name__}: {exc})") from None
+        raise UserError(f"{path}: cannot be read as CSV ({one_line(exc)})") from None
     df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed")]]
     missing = [c for c in RESULT_COLUMNS if c not in df.columns]
     if missing:

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from ddpm_ood.devices import precision_from_legacy
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import UserError, one_line
 from ddpm_ood.io import atomic_write_csv, atomic_write_text
 from ddpm_ood.results.schema import RESULT_COLUMNS
 
@@ -226,7 +226,7 @@ class ReconSettings:
         try:
             d = read_settings(path)
         except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
+            raise UserError(f"{path}: cannot be read as JSON ({one_line(exc)})") from None
         if isinstance(d, dict) and "precision" not in d and "amp" in d:
             raise UserError(f"{path}: made with amp=1, which does not say whether it was fp16 (CUDA) or bf16 "
                             "(CPU); rerun reconstruct.py with --run_val=1")

@@ -165,7 +165,7 @@ class VQVAETask:
             self.critic = DistributedDataParallel(self.discriminator, device_ids=ids, broadcast_buffers=False)
         self.train_module = torch.nn.ModuleList([self.generator, self.critic])
         self._sums: dict[str, torch.Tensor] = {}
-        self._steps = 0
+        self._steps: torch.Tensor | int = 0  # steps with a finite generator loss, on the device
         self._grid_images: torch.Tensor | None = None
 
     def _restore(self, resume: ResumePoint) -> None:
@@ -231,9 +231,13 @@ class VQVAETask:
             terms["discriminator_loss"] = d_loss
         else:
             terms["discriminator_loss"] = torch.zeros((), device=self.device)
+        # Steps with a non-finite generator loss (fp16: skipped by the GradScaler) are left out of the means, as
+        # they are of the epoch loss; kept on the device (no host sync per step).
+        finite = torch.isfinite(terms["generator_loss"].detach())
         for name in LOSS_TERMS:
-            self._sums[name] = self._sums.get(name, 0) + terms[name].detach().float()
-        self._steps += 1
+            value = torch.where(finite, terms[name].detach().float(), 0.0)
+            self._sums[name] = self._sums.get(name, 0) + value
+        self._steps = self._steps + finite.long()
         return terms["generator_loss"].detach()
 
     @torch.no_grad()
@@ -284,9 +288,10 @@ class VQVAETask:
         }
 
     def scalars(self) -> dict[str, float]:
-        """The epoch's mean of every loss term over all ranks' batches (then reset), and the learning rate. Under DDP
-        every rank must call it (it all-reduces)."""
-        sums = all_reduce_sum([float(self._sums.get(name, 0.0)) for name in LOSS_TERMS] + [self._steps], self.ctx)
+        """The epoch's mean of every loss term over all ranks' batches with a finite loss (then reset), and the
+        learning rate. Under DDP every rank must call it (it all-reduces)."""
+        sums = all_reduce_sum([float(self._sums.get(name, 0.0)) for name in LOSS_TERMS] + [float(self._steps)],
+                              self.ctx)
         out = {name: value / max(sums[-1], 1) for name, value in zip(LOSS_TERMS, sums[:-1], strict=True)}
         self._sums, self._steps = {}, 0
         out["lr"] = self.opt_g.param_groups[0]["lr"]

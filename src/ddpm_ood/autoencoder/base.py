@@ -70,15 +70,17 @@ def autoencoder_for(run: RunConfig, device: torch.device | str = "cpu", *,
     read from ``vqvae_checkpoint`` if given, else from where it was at training time; its weights must hash to the
     recorded ones (UserError naming both files otherwise). ``source`` names the diffusion checkpoint in errors.
     """
+    if vqvae_checkpoint in ("", "None"):  # upstream's spelling of "not given", as the CLI's optional_path reads it
+        vqvae_checkpoint = None
     if run.latent is None:
-        if vqvae_checkpoint not in (None, "", "None"):
+        if vqvae_checkpoint is not None:
             raise UserError(f"--vqvae_checkpoint={vqvae_checkpoint}: {source} is a pixel-space DDPM (trained "
                             "without a VQ-VAE); drop the flag")
         return IdentityAutoencoder(run.schedule.b_scale)
     from ddpm_ood.autoencoder.vqvae import VQVAEAutoencoder, load_vqvae
 
-    path = vqvae_checkpoint if vqvae_checkpoint not in (None, "", "None") else run.latent.checkpoint
-    if path == run.latent.checkpoint and not os.path.isfile(path):
+    path = vqvae_checkpoint if vqvae_checkpoint is not None else run.latent.checkpoint
+    if vqvae_checkpoint is None and not os.path.isfile(path):
         raise UserError(f"{path}: not found: the VQ-VAE {source} was trained on (recorded there) has moved or gone; "
                         "give its location with --vqvae_checkpoint")
     vqvae = load_vqvae(path)

@@ -72,7 +72,8 @@ def _images(csv: str | None, n: int) -> tuple[torch.Tensor, list[str]]:
     if csv is None:
         g = torch.Generator().manual_seed(0)
         return torch.rand((n, *IMAGE_SHAPE), generator=g), [f"bench_{i}" for i in range(n)]
-    from ddpm_ood.data.datasets import dataset_from_csv, image_stem
+    from ddpm_ood.data.datasets import dataset_from_csv
+    from ddpm_ood.fileio import image_stem
 
     ds = dataset_from_csv(csv, DATA, first_n=n)
     return torch.stack([ds[i]["image"] for i in range(len(ds))]), [image_stem(p) for p in ds.paths]
@@ -81,14 +82,13 @@ def _images(csv: str | None, n: int) -> tuple[torch.Tensor, list[str]]:
 def time_model(checkpoint: Path, images: torch.Tensor, keys: list[str], args: argparse.Namespace,
                precision: str) -> tuple[float, str]:
     """(images/s over ``args.repeats`` timed batches after one warm-up batch, the model's one-line description)."""
-    from ddpm_ood.checkpoint import load_checkpoint, run_config_of
     from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-    from ddpm_ood.reconstruction.pipeline import load_model, measure_batch
+    from ddpm_ood.reconstruction.pipeline import measure_batch
+    from ddpm_ood.runs import load_run_model, open_run
 
-    ckpt = load_checkpoint(checkpoint)
-    run = run_config_of(ckpt)
+    run = open_run(checkpoint)
     device = torch.device("cpu")
-    model = load_model(ckpt, run, checkpoint, device, precision=precision)
+    model = load_run_model(run, device, precision=precision)
     metrics = ReconstructionMetrics(device)
     ts = start_timesteps(args.num_inference_steps, args.inference_skip_factor)
 
@@ -100,7 +100,7 @@ def time_model(checkpoint: Path, images: torch.Tensor, keys: list[str], args: ar
     for _ in range(args.repeats):
         once()
     elapsed = time.perf_counter() - started
-    what = f"{'latent ' + 'x'.join(map(str, run.model_shape)) if run.latent else 'pixel'} ({checkpoint.name})"
+    what = f"{'latent ' + 'x'.join(map(str, run.config.model_shape)) if run.config.latent else 'pixel'} ({checkpoint.name})"
     return args.repeats * len(images) / elapsed, what
 
 

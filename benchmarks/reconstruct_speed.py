@@ -50,6 +50,7 @@ from ddpm_ood.devices import (
     fastest_native_precision,
     resolve_device,
 )
+from ddpm_ood.diffusion.eps import EpsFn, model_eps_fn
 from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.diffusion.unet import (
     MODEL_PRESETS,
@@ -59,14 +60,10 @@ from ddpm_ood.diffusion.unet import (
     wants_fused_attention,
 )
 from ddpm_ood.errors import UserError
-from ddpm_ood.reconstruction.engine import (
-    EpsFn,
-    balanced_tick_size,
-    calls_per_start,
-    model_eps_fn,
-)
+from ddpm_ood.reconstruction.engine import balanced_tick_size, calls_per_start
 from ddpm_ood.reconstruction.metrics import mse
-from ddpm_ood.reconstruction.pipeline import ReconstructionModel, reconstruct_images
+from ddpm_ood.reconstruction.pipeline import reconstruct_images
+from ddpm_ood.runs import RunModel
 
 # The FashionMNIST recipe of the upstream README (scaled_linear 0.0015..0.0195); speed does not depend on it.
 SCHEDULE = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
@@ -192,8 +189,8 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, 
     return time.perf_counter() - started, out
 
 
-def _model(eps_fn: EpsFn, setup: BenchmarkSetup) -> ReconstructionModel:
-    return ReconstructionModel(eps_fn, setup.schedule, IdentityAutoencoder(setup.schedule.b_scale), setup.image_shape)
+def _model(eps_fn: EpsFn, setup: BenchmarkSetup) -> RunModel:
+    return RunModel(eps_fn, setup.schedule, IdentityAutoencoder(setup.schedule.b_scale), setup.image_shape)
 
 
 def run_reference(eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, paths: Sequence[str]) -> torch.Tensor:

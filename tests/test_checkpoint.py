@@ -7,15 +7,12 @@ import re
 import pytest
 import torch
 
-from ddpm_ood import io as ddpm_io
+from ddpm_ood import fileio as ddpm_io
 from ddpm_ood.checkpoint import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
-    config_conflicts,
-    guess_model_flags,
     inference_state_dict,
     load_checkpoint,
-    load_unet_state,
     periodic_checkpoint_name,
     run_config_of,
     save_checkpoint,
@@ -23,6 +20,9 @@ from ddpm_ood.checkpoint import (
 from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
 from ddpm_ood.diffusion.unet import build_unet, model_config_from_preset
 from ddpm_ood.errors import UserError
+from ddpm_ood.run_flags import RunFlags, check_flags, config_conflicts
+from ddpm_ood.upstream.flags import run_config_from_flags
+from ddpm_ood.upstream.weights import guess_model_flags, load_unet_state
 
 
 def to_upstream_keys(state_dict: dict) -> dict:
@@ -94,7 +94,7 @@ def test_failed_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
     assert err.value.filename == str(path)  # named after the checkpoint, not the temporary file
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pth"]
-    assert ddpm_io  # the atomic write lives in ddpm_ood.io
+    assert ddpm_io  # the atomic write lives in ddpm_ood.fileio
 
 
 def test_inference_state_dict_prefers_ema():
@@ -164,7 +164,6 @@ def test_config_conflicts_name_both_values(tiny_model_config):
 
 def test_a_setting_the_checkpoint_has_but_the_flags_leave_unset_is_a_conflict_on_resume():
     # Resuming without --image_roi must not silently train on uncropped images of the same final shape.
-    from ddpm_ood.checkpoint import config_conflicts
     from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
     from ddpm_ood.diffusion.unet import model_config_from_preset
 
@@ -177,19 +176,24 @@ def test_a_setting_the_checkpoint_has_but_the_flags_leave_unset_is_a_conflict_on
 
 
 def test_simplex_noise_is_a_stored_setting_refused_when_contradicted(tmp_path):
-    from ddpm_ood.checkpoint import ModelFlags, resolve_run_config, run_config_from_flags
-
     model = model_config_from_preset("tiny", 2, 1)
     simplex = RunConfig(model, ScheduleConfig(noise_type="simplex"), DataConfig(is_grayscale=True), (1, 8, 8))
     gaussian = RunConfig(model, ScheduleConfig(), DataConfig(is_grayscale=True), (1, 8, 8))
     assert config_conflicts(simplex, gaussian) == ["--simplex_noise: checkpoint 1, flags 0"]
     ckpt = {"model_state_dict": {}, "config": simplex.to_dict()}
-    assert resolve_run_config(ckpt, ModelFlags(simplex_noise=True), tmp_path / "c.pth") == simplex
+    assert _resolve(ckpt, RunFlags(simplex_noise=True), tmp_path / "c.pth") == simplex
     with pytest.raises(UserError, match=r"^--simplex_noise=0 contradicts .*c\.pth which was trained with 1; drop"):
-        resolve_run_config(ckpt, ModelFlags(simplex_noise=False), tmp_path / "c.pth")
+        _resolve(ckpt, RunFlags(simplex_noise=False), tmp_path / "c.pth")
     legacy = gaussian.to_dict()
     del legacy["schedule"]["noise_type"]  # a checkpoint written before noise types existed
-    assert resolve_run_config({"config": legacy}, ModelFlags(simplex_noise=False), tmp_path / "c.pth") == gaussian
+    assert _resolve({"config": legacy}, RunFlags(simplex_noise=False), tmp_path / "c.pth") == gaussian
     # An upstream checkpoint (no config): the flag says which noise it was trained with, upstream's unscaled simplex.
-    assert run_config_from_flags(ModelFlags(simplex_noise=True), (1, 8, 8)).schedule.noise_type == "simplex_upstream"
-    assert run_config_from_flags(ModelFlags(), (1, 8, 8)).schedule.noise_type == "gaussian"
+    assert run_config_from_flags(RunFlags(simplex_noise=True), (1, 8, 8)).schedule.noise_type == "simplex_upstream"
+    assert run_config_from_flags(RunFlags(), (1, 8, 8)).schedule.noise_type == "gaussian"
+
+
+def _resolve(ckpt: dict, flags: RunFlags, source) -> RunConfig:
+    """A checkpoint's stored configuration checked against explicit flags, as ``runs.open_run`` does it."""
+    run = run_config_of(ckpt, source)
+    check_flags(run, flags, source)
+    return run

@@ -13,10 +13,10 @@ from ddpm_ood.devices import (
     default_num_workers,
     fastest_native_precision,
     make_grad_scaler,
-    precision_from_legacy,
     resolve_precision,
 )
 from ddpm_ood.errors import UserError
+from ddpm_ood.upstream.legacy import precision_from_legacy
 
 CPU = torch.device("cpu")
 # A CUDA device object needs no GPU until something runs on it; the rule only looks at its type.

@@ -34,7 +34,7 @@ from ddpm_ood.cli import get_datasets, ood_detection, reconstruct, score, train_
 from ddpm_ood.cli.runner import EXIT_IO_ERROR, run_cli
 from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.errors import UserError
-from ddpm_ood.io import run_lock
+from ddpm_ood.fileio import run_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = REPO_ROOT
@@ -265,7 +265,7 @@ def test_second_run_on_the_same_folder_is_refused(train_data, tmp_path, capsys):
 
 def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom ddpm_ood.io import run_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom ddpm_ood.fileio import run_lock\n"
          f"with run_lock({str(tmp_path)!r}, 'train_ddpm'):\n    print('locked', flush=True)\n    time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -38,7 +38,7 @@ def lpips_installed() -> bool:
 
 
 needs_lpips = pytest.mark.skipif(
-    not lpips_installed(), reason="LPIPS AlexNet weights not installed: run `python -m ddpm_ood.perceptual.weights`"
+    not lpips_installed(), reason="LPIPS AlexNet weights not installed: run `python -m ddpm_ood.cli.lpips_weights`"
 )
 
 

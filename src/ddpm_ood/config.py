@@ -7,16 +7,48 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ddpm_ood.diffusion.noise import DEFAULT_NOISE_TYPE, check_noise_type
-from ddpm_ood.diffusion.schedule import (
-    DEFAULT_BETA_END,
-    DEFAULT_BETA_START,
-    NUM_TRAIN_TIMESTEPS,
-    PREDICTION_TYPES,
-    SCHEDULES_WITH_BETA_RANGE,
-    canonical_schedule_name,
-)
 from ddpm_ood.errors import UserError
+
+# Canonical MONAI names, and the paper-era / diffusers spellings users type (README_additional uses
+# `scaled_linear`, upstream reconstruct.py defaults to `linear`). Names may be added, never renamed.
+SCHEDULE_ALIASES: dict[str, str] = {
+    "linear_beta": "linear_beta",
+    "linear": "linear_beta",
+    "scaled_linear_beta": "scaled_linear_beta",
+    "scaled_linear": "scaled_linear_beta",
+    "sigmoid_beta": "sigmoid_beta",
+    "sigmoid": "sigmoid_beta",
+    "cosine": "cosine",
+}
+SCHEDULES_WITH_BETA_RANGE = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
+DEFAULT_BETA_START = 1e-4
+DEFAULT_BETA_END = 2e-2
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def canonical_schedule_name(name: str) -> str:
+    """Map any accepted spelling to MONAI's name; unknown names fail listing the accepted ones."""
+    try:
+        return SCHEDULE_ALIASES[name]
+    except KeyError:
+        raise UserError(
+            f"unknown beta schedule {name!r}; accepted: {', '.join(SCHEDULE_ALIASES)}"
+        ) from None
+
+
+# The noise types (implemented in diffusion.noise.NOISE_TYPES; --simplex_noise=1 is "simplex"; "simplex_upstream" is
+# upstream's unscaled simplex sum, only for its checkpoints).
+NOISE_TYPE_NAMES = ("gaussian", "simplex", "simplex_upstream")
+DEFAULT_NOISE_TYPE = "gaussian"
+
+
+def check_noise_type(name: str) -> str:
+    """``name`` if it is a noise type, else UserError listing the accepted ones."""
+    if name not in NOISE_TYPE_NAMES:
+        raise UserError(f"unknown noise type {name!r}; accepted: {', '.join(NOISE_TYPE_NAMES)}")
+    return name
+
 
 
 @dataclass(frozen=True)

@@ -182,16 +182,6 @@ def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScal
     return None
 
 
-def precision_from_legacy(settings: dict) -> str | None:
-    """The precision recorded in settings written before precision was named: ``amp: false`` was fp32;
-    ``amp: true`` was fp16 on CUDA or bf16 on CPU, which the file does not say (None)."""
-    if "precision" in settings:
-        return str(settings["precision"])
-    if settings.get("amp") is False:
-        return "fp32"
-    return None
-
-
 def available_cpus() -> int:
     """CPU cores this process may run on (the affinity mask, not the machine's count)."""
     try:

@@ -3,7 +3,7 @@
 - Training draws every random number from generators seeded from (seed, stream, epoch, step, rank)
   (``derive_seed``/``derive_generator``): a resumed run takes bit-for-bit the same steps as an uninterrupted one.
 - Reconstruction noise for one (image, t) row comes from a generator seeded from (seed, the image's noise key, t)
-  (``row_seed``/``row_noise``): batch size, order, resuming, the number of processes and where the data sit change
+  (``row_seed``; drawn by ``diffusion.noise.row_noise``): batch size, order, resuming, the number of processes and where the data sit change
   no noise. ``NOISE_KEY_RULE`` names the key rule and is recorded with every results file.
 - Simplex noise (``diffusion.noise``) takes the same 64-bit row seeds (``row_seed``, or one draw per row from the
   training generator) and splits each into one OpenSimplex seed per channel (``channel_seeds``, splitmix64).
@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from ddpm_ood.fileio import image_stem
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -84,8 +86,6 @@ def noise_key(path: str | os.PathLike) -> str:
     Not the path: the same data moved elsewhere, or listed with relative paths and read from another working
     directory, must give the same numbers. Two files with one stem get the same noise, which biases nothing.
     """
-    from ddpm_ood.data.datasets import image_stem
-
     return image_stem(path)
 
 
@@ -94,18 +94,6 @@ def row_seed(seed: int, key: str, t: int) -> int:
     digest = hashlib.sha256(f"{seed}|{key}|{int(t)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
-
-def row_noise(seed: int, key: str, t: int, shape: Sequence[int]) -> torch.Tensor:
-    """Standard normal noise (shape) for one (image, t), drawn on the CPU so every device gets the same numbers."""
-    generator = torch.Generator().manual_seed(row_seed(seed, key, t))
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-
-
-def noise_batch(seed: int, keys: Sequence[str], start_ts: Sequence[int], image_shape: Sequence[int]) -> torch.Tensor:
-    """(S, B, *image_shape) noise, row (s, b) seeded from (seed, keys[b], start_ts[s])."""
-    return torch.stack(
-        [torch.stack([row_noise(seed, k, t, image_shape) for k in keys]) for t in start_ts]
-    )
 
 
 def row_seed_draws(generators: torch.Generator | Sequence[torch.Generator], n: int) -> torch.Tensor:

@@ -211,18 +211,18 @@ def test_latent_reconstruction_detection_and_scoring(trained2d, capsys):
 def test_latent_engine_reference_and_batched_agree(trained2d):
     from ddpm_ood.data.datasets import dataset_from_csv
     from ddpm_ood.diffusion.timesteps import start_timesteps
-    from ddpm_ood.reconstruction.pipeline import load_model, reconstruct_images
+    from ddpm_ood.reconstruction.pipeline import reconstruct_images
+    from ddpm_ood.runs import load_run_model, open_run
 
     _, s, out, _ = trained2d
     ckpt_file = out / "ldm" / "checkpoint.pth"
-    ckpt = load_checkpoint(ckpt_file)
-    run_config = run_config_of(ckpt)
-    ds = dataset_from_csv(str(s / "Noise_test.csv"), run_config.data)
+    run = open_run(ckpt_file)
+    ds = dataset_from_csv(str(s / "Noise_test.csv"), run.data)
     images = torch.stack([ds[i]["image"] for i in range(3)])
     keys = [f"k{i}" for i in range(3)]
     ts = start_timesteps(10, 3)
     with one_torch_thread():
-        model = load_model(ckpt, run_config, ckpt_file, torch.device("cpu"))
+        model = load_run_model(run, torch.device("cpu"))
         ref = reconstruct_images(model, images, keys, ts, 10, 2, engine="reference")
         fast = reconstruct_images(model, images, keys, ts, 10, 2, engine="batched")
     assert ref.shape == (len(ts), 3, 1, 16, 16)

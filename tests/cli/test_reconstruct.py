@@ -264,9 +264,10 @@ def test_precision_is_recorded_and_a_file_is_never_continued_at_another(setup, t
 
 
 def test_noise_drawn_ahead_is_the_seeded_noise_and_its_shape_is_checked():
+    from ddpm_ood.diffusion.noise import noise_batch
     from ddpm_ood.reconstruction.engine import reconstruct_batched
     from ddpm_ood.reconstruction.stage import _batches_with_noise
-    from ddpm_ood.seeding import noise_batch, noise_key
+    from ddpm_ood.seeding import noise_key
 
     batches = [{"path": [f"/d/a_{i}.npy", f"/d/b_{i}.npy"], "image": torch.rand(2, 1, 4, 4)} for i in range(3)]
     got = list(_batches_with_noise(batches, 7, [1, 501], torch.device("cpu"), (1, 4, 4)))

@@ -23,8 +23,8 @@ from tiny_run import (
 from ddpm_ood.cli import reconstruct
 from ddpm_ood.cli.runner import run_cli
 from ddpm_ood.cli.score import main
-from ddpm_ood.data.datasets import image_stem
 from ddpm_ood.data.splits import read_split_csv, write_split_csv
+from ddpm_ood.fileio import image_stem
 from ddpm_ood.ood.scorer import OUTPUT_COLUMNS, OODScorer
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
 from ddpm_ood.results.schema import read_results, results_path

@@ -13,16 +13,17 @@ import pytest
 import torch
 from tiny_run import FLOAT_ROUNDING, needs_lpips, write_npy_images
 
-from ddpm_ood.checkpoint import BEST_CHECKPOINT, flag_values, load_checkpoint, run_config_of
+from ddpm_ood.checkpoint import BEST_CHECKPOINT, load_checkpoint, run_config_of
 from ddpm_ood.cli import reconstruct, train_ddpm
 from ddpm_ood.cli.runner import run_cli
-from ddpm_ood.data.datasets import image_stem
 from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.diffusion.noise import row_noise_batch
 from ddpm_ood.errors import UserError
+from ddpm_ood.fileio import image_stem
 from ddpm_ood.ood.scorer import OODScorer
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
 from ddpm_ood.results.schema import read_results, results_path
+from ddpm_ood.run_flags import flag_values
 
 pytestmark = [needs_lpips, pytest.mark.usefixtures("one_thread")]
 

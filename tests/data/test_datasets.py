@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ddpm_ood.config import DataConfig
-from ddpm_ood.data.datasets import ImageDataset, dataset_from_csv, image_stem, load_image
+from ddpm_ood.data.datasets import ImageDataset, dataset_from_csv, load_image
 from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.errors import UserError
+from ddpm_ood.fileio import image_stem
 
 GRAY = DataConfig(is_grayscale=True)
 RGB = DataConfig(is_grayscale=False)

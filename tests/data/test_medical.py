@@ -359,18 +359,20 @@ def test_mednist_shim_writes_under_its_data_root(tmp_path):
 def test_channel_travels_in_the_run_config_and_a_contradicting_flag_is_refused(tmp_path):
     from tiny_run import TINY_MODEL, TINY_SCHEDULE
 
-    from ddpm_ood.checkpoint import ModelFlags, resolve_run_config
+    from ddpm_ood.checkpoint import run_config_of
     from ddpm_ood.cli import reconstruct, train_ddpm
     from ddpm_ood.config import RunConfig
+    from ddpm_ood.run_flags import RunFlags, check_flags
 
     run = RunConfig(TINY_MODEL, TINY_SCHEDULE, DataConfig(is_grayscale=True, spatial_dims=3, channel=2), (1, 8, 8, 6))
     ckpt = {"config": run.to_dict()}
-    assert resolve_run_config(ckpt, ModelFlags(), tmp_path / "c.pth").data.channel == 2
-    assert resolve_run_config(ckpt, ModelFlags(channel=2), tmp_path / "c.pth") == run
+    assert run_config_of(ckpt).data.channel == 2
+    assert run_config_of(ckpt) == run
+    check_flags(run, RunFlags(channel=2), tmp_path / "c.pth")
     with pytest.raises(UserError, match="--channel=0 contradicts .* trained with 2"):
-        resolve_run_config(ckpt, ModelFlags(channel=0), tmp_path / "c.pth")
+        check_flags(run, RunFlags(channel=0), tmp_path / "c.pth")
     old = {"config": {**run.to_dict(), "data": {k: v for k, v in run.data.to_dict().items() if k != "channel"}}}
-    assert resolve_run_config(old, ModelFlags(), tmp_path / "c.pth").data.channel == 0  # before the flag: upstream's
+    assert run_config_of(old).data.channel == 0  # before the flag: upstream's
     common = ["--output_dir=o", "--model_name=m", "--channel=3"]
     assert train_ddpm.build_parser().parse_args([*common, "--training_ids=a", "--validation_ids=b"]).channel == 3
     assert reconstruct.build_parser().parse_args(common).channel == 3

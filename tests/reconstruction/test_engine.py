@@ -5,17 +5,17 @@ import torch
 
 from ddpm_ood.autoencoder.base import IdentityAutoencoder
 from ddpm_ood.config import ScheduleConfig
+from ddpm_ood.diffusion.eps import model_eps_fn
+from ddpm_ood.diffusion.noise import row_noise
 from ddpm_ood.diffusion.schedule import alphas_cumprod, make_pndm_scheduler
 from ddpm_ood.diffusion.timesteps import denoising_timesteps, start_timesteps
 from ddpm_ood.diffusion.unet import build_unet
 from ddpm_ood.reconstruction.engine import (
     evaluations_per_image,
-    model_eps_fn,
     reconstruct_batched,
     reconstruct_reference,
     trajectory_timesteps,
 )
-from ddpm_ood.seeding import row_noise
 
 SCHEDULE = ScheduleConfig("scaled_linear_beta", 0.0015, 0.0195)
 PATHS = [f"/data/img_{i}.npy" for i in range(7)]

@@ -1,6 +1,6 @@
 """The per-(image, t) metric set: MSE closed form, LPIPS padding/channels/2.5D/batching, and the real backbone.
 
-Tests marked "real backbone" skip until ``python -m ddpm_ood.perceptual.weights`` has installed it.
+Tests marked "real backbone" skip until ``python -m ddpm_ood.cli.lpips_weights`` has installed it.
 """
 
 from __future__ import annotations

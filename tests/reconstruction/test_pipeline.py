@@ -10,8 +10,9 @@ from ddpm_ood.diffusion.schedule import alphas_cumprod
 from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.reconstruction.engine import reconstruct_batched
 from ddpm_ood.reconstruction.metrics import mse
-from ddpm_ood.reconstruction.pipeline import ReconstructionModel, reconstruct_images, result_rows
+from ddpm_ood.reconstruction.pipeline import reconstruct_images, result_rows
 from ddpm_ood.results.schema import METRIC_COLUMNS
+from ddpm_ood.runs import RunModel
 
 KEYS = ["a", "b"]
 
@@ -30,7 +31,7 @@ def test_images_come_back_through_the_autoencoder_and_are_clamped_last():
     schedule = ScheduleConfig(b_scale=2.0)
     images = torch.rand(2, 1, 8, 8)
     ae = IdentityAutoencoder(schedule.b_scale)
-    model = ReconstructionModel(_oracle(ae.encode(images), schedule), schedule, ae, tuple(images.shape[1:]))
+    model = RunModel(_oracle(ae.encode(images), schedule), schedule, ae, tuple(images.shape[1:]))
     starts = start_timesteps(10, 4)
     recons = reconstruct_images(model, images, KEYS, starts, 10, 3)
     assert recons.shape == (len(starts), 2, 1, 8, 8)
@@ -55,7 +56,7 @@ def test_result_rows_are_image_major_and_follow_the_metric_columns():
 
 
 def test_memory_sized_calls():
-    from ddpm_ood.reconstruction.pipeline import MEMORY_FRACTION, max_batch_for_memory
+    from ddpm_ood.runs import MEMORY_FRACTION, max_batch_for_memory
 
     assert max_batch_for_memory(10 * 2**30, 2**20) == int(MEMORY_FRACTION * 10 * 1024)
     assert max_batch_for_memory(100, 10**9) == 1  # never zero
@@ -83,7 +84,7 @@ def test_volumes_are_decoded_and_measured_in_bounded_chunks_with_the_same_values
         a = acp[t].reshape(-1, 1, 1, 1, 1)
         return (x - a.sqrt() * clean.repeat(x.shape[0] // 3, 1, 1, 1, 1)) / (1 - a).sqrt()
 
-    model = ReconstructionModel(eps_fn, schedule, ae, tuple(images.shape[1:]))
+    model = RunModel(eps_fn, schedule, ae, tuple(images.shape[1:]))
     torch.manual_seed(0)
     metrics = ReconstructionMetrics("cpu", lpips_net=build_lpips(pretrained_backbone=False))
     starts = start_timesteps(10, 4)  # S start points x 3 images = 3S reconstructions

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from ddpm_ood.autoencoder.vqvae import LoadedVQVAE, VQVAEAutoencoder, load_vqvae
 from ddpm_ood.errors import UserError
 
 if TYPE_CHECKING:
@@ -63,27 +64,25 @@ def to_image(decoded: torch.Tensor) -> torch.Tensor:
 
 
 def autoencoder_for(run: RunConfig, device: torch.device | str = "cpu", *,
-                    vqvae_checkpoint: str | os.PathLike | None = None, source: str = "checkpoint") -> Autoencoder:
+                    vqvae_checkpoint: str | os.PathLike | None = None, loaded: LoadedVQVAE | None = None,
+                    source: str = "checkpoint") -> Autoencoder:
     """The autoencoder a run's diffusion model works with, on ``device``.
 
     Pixel space: the identity scaled by the schedule's ``b_scale``. Latent space: the VQ-VAE the run was trained on,
     read from ``vqvae_checkpoint`` if given, else from where it was at training time; its weights must hash to the
-    recorded ones (UserError naming both files otherwise). ``source`` names the diffusion checkpoint in errors.
+    recorded ones (UserError naming both files otherwise); ``loaded``: that VQ-VAE when the caller has already read
+    it (it is then not read and hashed again). ``source`` names the diffusion checkpoint in errors.
     """
-    if vqvae_checkpoint in ("", "None"):  # upstream's spelling of "not given", as the CLI's optional_path reads it
-        vqvae_checkpoint = None
     if run.latent is None:
         if vqvae_checkpoint is not None:
             raise UserError(f"--vqvae_checkpoint={vqvae_checkpoint}: {source} is a pixel-space DDPM (trained "
                             "without a VQ-VAE); drop the flag")
         return IdentityAutoencoder(run.schedule.b_scale)
-    from ddpm_ood.autoencoder.vqvae import VQVAEAutoencoder, load_vqvae
-
     path = vqvae_checkpoint if vqvae_checkpoint is not None else run.latent.checkpoint
-    if vqvae_checkpoint is None and not os.path.isfile(path):
+    if loaded is None and vqvae_checkpoint is None and not os.path.isfile(path):
         raise UserError(f"{path}: not found: the VQ-VAE {source} was trained on (recorded there) has moved or gone; "
                         "give its location with --vqvae_checkpoint")
-    vqvae = load_vqvae(path)
+    vqvae = loaded if loaded is not None else load_vqvae(path)
     if vqvae.sha256 != run.latent.weights_sha256 or vqvae.config != run.latent.vqvae:
         what = "configuration" if vqvae.config != run.latent.vqvae else "weights"
         raise UserError(f"{path}: VQ-VAE {what} differ from the one {source} was trained on "

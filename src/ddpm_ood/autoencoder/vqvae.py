@@ -244,7 +244,7 @@ def latent_config(vqvae: LoadedVQVAE, image_shape: Sequence[int], unet_levels: i
     if vqvae.data is not None and data is not None:
         # The same shape is not the same data: a crop then resize (--image_roi) or another BraTS channel would feed
         # the VQ-VAE images it never saw.
-        from ddpm_ood.checkpoint import data_flag_values, flag_conflicts
+        from ddpm_ood.run_flags import data_flag_values, flag_conflicts
 
         conflicts = flag_conflicts(data_flag_values(vqvae.data), data_flag_values(data), skip_not_given=False)
         if conflicts:

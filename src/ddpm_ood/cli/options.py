@@ -6,7 +6,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from ddpm_ood.diffusion.schedule import PREDICTION_TYPES, SCHEDULE_ALIASES
+from ddpm_ood.config import PREDICTION_TYPES, SCHEDULE_ALIASES
 
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}

@@ -19,6 +19,8 @@ from ddpm_ood.cli.options import (
     positive_int,
     refuse_unsupported,
 )
+from ddpm_ood.reconstruction.stage import ReconstructionJob, run_reconstruction
+from ddpm_ood.run_flags import RunFlags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,54 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ddpm_ood.checkpoint import ModelFlags
-    from ddpm_ood.reconstruction.stage import ReconstructionJob, run_reconstruction
-
     args = build_parser().parse_args(argv)
     refuse_unsupported(args)
-    flags = ModelFlags(
-        model_type=args.model_type,
-        is_grayscale=args.is_grayscale,
-        spatial_dims=args.spatial_dimension,
-        image_size=args.image_size,
-        image_roi=args.image_roi,
-        channel=args.channel,
-        beta_schedule=args.beta_schedule,
-        beta_start=args.beta_start,
-        beta_end=args.beta_end,
-        prediction_type=args.prediction_type,
-        b_scale=args.b_scale,
-        snr_shift=args.snr_shift,
+    run_reconstruction(ReconstructionJob(
+        output_dir=args.output_dir, model_name=args.model_name, validation_ids=args.validation_ids,
+        in_ids=args.in_ids, out_ids=tuple(s for s in (args.out_ids or "").split(",") if s.strip()),
+        run_val=args.run_val, run_in=args.run_in, run_out=args.run_out, first_n_val=args.first_n_val,
+        first_n=args.first_n, eval_checkpoint=args.eval_checkpoint, use_ema=args.use_ema,
+        batch_size=args.batch_size, num_workers=args.num_workers, cache_data=args.cache_data, seed=args.seed,
+        num_inference_steps=args.num_inference_steps, inference_skip_factor=args.inference_skip_factor,
+        recon_steps=args.recon_steps, engine=args.engine, max_batch=args.max_batch, amp=args.amp,
+        precision=args.precision, device=args.device, flags=_run_flags(args),
+        vqvae_checkpoint=args.vqvae_checkpoint, latent_pad=args.latent_pad,
+    ))
+    return 0
+
+
+def _run_flags(args: argparse.Namespace) -> RunFlags:
+    """The model, schedule and data flags given explicitly (None = not given: the checkpoint's value)."""
+    return RunFlags(
+        model_type=args.model_type, is_grayscale=args.is_grayscale, spatial_dims=args.spatial_dimension,
+        image_size=args.image_size, image_roi=args.image_roi, channel=args.channel,
+        beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end,
+        prediction_type=args.prediction_type, b_scale=args.b_scale, snr_shift=args.snr_shift,
         simplex_noise=args.simplex_noise,
     )
-    job = ReconstructionJob(
-        output_dir=args.output_dir,
-        model_name=args.model_name,
-        validation_ids=args.validation_ids,
-        in_ids=args.in_ids,
-        out_ids=tuple(s for s in (args.out_ids or "").split(",") if s.strip()),
-        run_val=args.run_val,
-        run_in=args.run_in,
-        run_out=args.run_out,
-        first_n_val=args.first_n_val,
-        first_n=args.first_n,
-        eval_checkpoint=args.eval_checkpoint,
-        use_ema=args.use_ema,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        cache_data=args.cache_data,
-        seed=args.seed,
-        num_inference_steps=args.num_inference_steps,
-        inference_skip_factor=args.inference_skip_factor,
-        recon_steps=args.recon_steps,
-        engine=args.engine,
-        max_batch=args.max_batch,
-        amp=args.amp,
-        precision=args.precision,
-        device=args.device,
-        flags=flags,
-        vqvae_checkpoint=args.vqvae_checkpoint,
-        latent_pad=args.latent_pad,
-    )
-    run_reconstruction(job)
-    return 0

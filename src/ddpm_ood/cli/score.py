@@ -9,9 +9,7 @@ path,score,is_ood,mse_score,perceptual_score,error (one row per input; error is 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from ddpm_ood.cli.options import (
     add_max_batch_option,
@@ -20,6 +18,7 @@ from ddpm_ood.cli.options import (
     optional_path,
     positive_int,
 )
+from ddpm_ood.ood.scoring import ScoringJob, run_scoring
 
 _val_keep = checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
@@ -55,50 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ddpm_ood.devices import describe_device
-    from ddpm_ood.errors import UserError
-    from ddpm_ood.io import atomic_write_csv, atomic_write_text, check_output_dir
-    from ddpm_ood.ood.scorer import OODScorer, collect_inputs
-    from ddpm_ood.ood.zscore import DEFAULT_SCORE
-    from ddpm_ood.results.schema import VAL_NAME, results_path
-
     args = build_parser().parse_args(argv)
-    out_csv = Path(args.out_csv)
-    if out_csv.is_dir():
-        raise UserError(f"--out_csv: {out_csv} is a folder; give a file name such as {out_csv / 'scores.csv'}")
-    check_output_dir(out_csv.parent, "--out_csv")  # created if missing, as every stage's output folder
-    inputs = collect_inputs(args.inputs)
-    scorer = OODScorer.from_run(
-        args.output_dir, args.model_name, device=args.device, val_keep=args.val_keep,
-        batch_size=args.batch_size, amp=args.amp, precision=args.precision, max_batch=args.max_batch,
-        vqvae_checkpoint=args.vqvae_checkpoint,
-    )
-    cal = scorer.calibration
-    val_path = results_path(args.output_dir, args.model_name, VAL_NAME)
-    print(f"device: {describe_device(scorer.device)}; precision: {scorer.settings.precision} (as {val_path.name})")
-    print(
-        f"threshold {cal.threshold:.6g}: the {cal.val_keep:.1%} quantile of the {DEFAULT_SCORE} score over "
-        f"{cal.n_val} validation images; expected false-positive rate {cal.expected_fpr:.1%} "
-        f"(validation images above it: {cal.val_fpr:.1%})"
-    )
-    result = scorer.score(inputs, progress=True)
-
-    n_failed = int((result["error"] != "").sum())
-    n_scored = len(result) - n_failed
-    n_flagged = int(result["is_ood"].fillna(False).sum())
-    atomic_write_csv(result, out_csv)
-    summary = {
-        **cal.to_dict(),
-        "score": DEFAULT_SCORE,
-        "validation_results": str(val_path.resolve()),
-        "reconstruction": scorer.settings.to_dict(),
-        "precision": scorer.settings.precision,
-        "inputs": args.inputs,
-        "n_inputs": len(result),
-        "n_scored": n_scored,
-        "n_flagged": n_flagged,
-        "n_failed": n_failed,
-    }
-    atomic_write_text(Path(f"{out_csv}.json"), json.dumps(summary, indent=2))
-    print(f"{n_flagged} of {n_scored} scored inputs flagged as OOD, {n_failed} failed; wrote {out_csv}")
+    run_scoring(ScoringJob(output_dir=args.output_dir, model_name=args.model_name, inputs=args.inputs,
+                           out_csv=args.out_csv, val_keep=args.val_keep, batch_size=args.batch_size,
+                           device=args.device, vqvae_checkpoint=args.vqvae_checkpoint, amp=args.amp,
+                           precision=args.precision, max_batch=args.max_batch))
     return 0

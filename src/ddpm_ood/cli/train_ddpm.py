@@ -8,7 +8,6 @@ Under ``torchrun --nproc_per_node=N train_ddpm.py ...`` it trains with DDP (gloo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,11 @@ from ddpm_ood.cli.options import (
     positive_float,
     refuse_unsupported,
 )
+from ddpm_ood.config import DataConfig, ScheduleConfig
+from ddpm_ood.diffusion.unet import model_config_from_preset
+from ddpm_ood.training.loop import TrainConfig
+from ddpm_ood.training.stages import DDPMTrainingJob, train_ddpm_stage
+from ddpm_ood.upstream.flags import noise_type_for_flags
 
 _decay = checked_number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1) (0 = off)")
 
@@ -52,89 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ddpm_ood.cli.runner import run_training_stage
-    from ddpm_ood.config import DataConfig, ScheduleConfig
-    from ddpm_ood.diffusion.noise import noise_type_for_flags
-    from ddpm_ood.diffusion.unet import model_config_from_preset
-    from ddpm_ood.errors import UserError
-    from ddpm_ood.training.loop import TrainConfig
-
     args = build_parser().parse_args(argv)
     refuse_unsupported(args)
-    if args.latent_pad is not None and args.vqvae_checkpoint is None:
-        raise UserError("--latent_pad only applies to latent diffusion: give --vqvae_checkpoint too")
     data = DataConfig(is_grayscale=args.is_grayscale, spatial_dims=args.spatial_dimension,
                       image_size=args.image_size, image_roi=args.image_roi, channel=args.channel)
     schedule = ScheduleConfig(beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end,
                               prediction_type=args.prediction_type, b_scale=args.b_scale, snr_shift=args.snr_shift,
                               noise_type=noise_type_for_flags(args.simplex_noise, upstream_checkpoint=False))
-    model = model_config_from_preset(args.model_type, data.spatial_dims, data.channels)
-    run_dir = Path(args.output_dir) / args.model_name
-    cfg = TrainConfig(run_dir=str(run_dir), n_epochs=args.n_epochs, eval_freq=args.eval_freq,
-                      checkpoint_every=args.checkpoint_every, resume_epoch=args.ddpm_checkpoint_epoch,
-                      quick_test=args.quick_test, lr=args.lr, ema_decay=args.ema_decay, batch_size=args.batch_size,
-                      num_workers=args.num_workers, seed=args.seed, sample_steps=args.sample_steps)
-    return run_training_stage(cfg, device=args.device, precision=args.precision, amp=args.amp, lock_name="train_ddpm",
-                              body=lambda cfg, ctx: _train(args, cfg, ctx, data, schedule, model, run_dir))
-
-
-def _train(args: argparse.Namespace, cfg, ctx, data, schedule, model, run_dir: Path) -> int:
-    """Resume point, datasets, checks, then ``training.ddpm.train``; the caller holds the run lock."""
-    from ddpm_ood.autoencoder.vqvae import load_vqvae, with_latent
-    from ddpm_ood.checkpoint import run_config_of
-    from ddpm_ood.config import RunConfig
-    from ddpm_ood.data.datasets import dataset_from_csv
-    from ddpm_ood.diffusion.noise import describe_noise, noise_type_for_flags
-    from ddpm_ood.diffusion.unet import check_image_fits_unet
-    from ddpm_ood.errors import UserError
-    from ddpm_ood.training.ddpm import train
-    from ddpm_ood.training.loop import already_complete, check_resume_config, find_resume_point, log
-
-    vqvae = None
-    if args.vqvae_checkpoint is not None:
-        vqvae = load_vqvae(args.vqvae_checkpoint)  # first: a wrong file fails before anything else
-    resume = find_resume_point(run_dir, cfg.resume_epoch)
-    saved = run_config_of(resume.ckpt, resume.path) if resume is not None else None
-    latent_pad = args.latent_pad
-    if latent_pad is None and saved is not None and saved.latent is not None:
-        latent_pad = saved.latent.latent_pad  # a resumed latent run keeps its padding unless the flag says otherwise
-    if resume is not None and args.simplex_noise:
-        # --simplex_noise=1 names two noises: ours, and upstream's unscaled one, which a run started from an
-        # upstream checkpoint keeps (recorded in our checkpoints from then on).
-        if saved is None:
-            schedule = dataclasses.replace(schedule, noise_type=noise_type_for_flags(True, upstream_checkpoint=True))
-            log(ctx, f"note: {resume.path} was trained by upstream ddpm-ood: resuming with its noise, "
-                     f"{describe_noise(schedule.noise_type)}")
-        elif saved.schedule.noise_type != "gaussian":
-            schedule = dataclasses.replace(schedule, noise_type=saved.schedule.noise_type)
-    if resume is not None:
-        # Settings first, before any data is read (a finished run with contradicting flags is refused too); the
-        # image shape is compared once the data are read.
-        if saved is not None and saved.latent is None and vqvae is not None:
-            raise UserError(f"{resume.path}: flags contradict the checkpoint's configuration (a pixel-space DDPM; "
-                            f"--vqvae_checkpoint={vqvae.path}); drop the flag or train under another --model_name")
-        given = RunConfig(model, schedule, data, image_shape=saved.image_shape if saved is not None else ())
-        if vqvae is not None and saved is not None:
-            given = with_latent(given, vqvae, latent_pad, str(resume.path))
-        check_resume_config(resume, given, compare_image_shape=False)
-        if already_complete(resume, cfg.n_epochs, ctx):
-            return 0
-    train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
-    image_shape = tuple(train_set.image_shape)
-    run_config = RunConfig(model=model, schedule=schedule, data=data, image_shape=image_shape)
-    source = args.training_ids
-    if vqvae is not None:
-        run_config = with_latent(run_config, vqvae, latent_pad, args.training_ids)
-        source = f"{args.training_ids} (latents of {vqvae.path})"
-    check_image_fits_unet(run_config.model_shape, run_config.model, source)
-    val_set = dataset_from_csv(args.validation_ids, data, cache=args.cache_data)
-    if tuple(val_set.image_shape) != image_shape:
-        raise UserError(f"{args.validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
-                        f"but training images ({args.training_ids}) have {image_shape}")
-    if resume is not None:
-        check_resume_config(resume, run_config, compare_image_shape=True)
-    summary = train(run_config, cfg, train_set, val_set, ctx, resume=resume)
-    if ctx.is_main:
-        print(f"trained {summary.epochs_completed}/{cfg.n_epochs} epochs; best validation loss "
-              f"{summary.best_loss:.5f}; checkpoints in {run_dir}")
-    return 0
+    loop = TrainConfig(run_dir=str(Path(args.output_dir) / args.model_name), n_epochs=args.n_epochs,
+                       eval_freq=args.eval_freq, checkpoint_every=args.checkpoint_every,
+                       resume_epoch=args.ddpm_checkpoint_epoch, quick_test=args.quick_test, lr=args.lr,
+                       ema_decay=args.ema_decay, batch_size=args.batch_size, num_workers=args.num_workers,
+                       seed=args.seed, sample_steps=args.sample_steps)
+    return train_ddpm_stage(DDPMTrainingJob(
+        training_ids=args.training_ids, validation_ids=args.validation_ids, data=data, schedule=schedule,
+        model=model_config_from_preset(args.model_type, data.spatial_dims, data.channels), loop=loop,
+        cache_data=args.cache_data, vqvae_checkpoint=args.vqvae_checkpoint, latent_pad=args.latent_pad,
+        device=args.device, precision=args.precision, amp=args.amp))

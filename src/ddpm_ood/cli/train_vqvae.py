@@ -25,6 +25,11 @@ from ddpm_ood.cli.options import (
     positive_int,
     refuse_unsupported,
 )
+from ddpm_ood.config import DataConfig, VQVAEConfig
+from ddpm_ood.errors import UserError
+from ddpm_ood.training.loop import TrainConfig
+from ddpm_ood.training.stages import VQVAETrainingJob, train_vqvae_stage
+from ddpm_ood.training.vqvae import VQVAELossConfig
 
 _non_negative_float = checked_number(float, lambda v: v >= 0, "a number >= 0")
 _fraction = checked_number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
@@ -84,18 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ddpm_ood.cli.runner import run_training_stage
-    from ddpm_ood.config import DataConfig, VQVAEConfig
-    from ddpm_ood.errors import UserError
-    from ddpm_ood.training.loop import TrainConfig
-    from ddpm_ood.training.vqvae import VQVAELossConfig
-
     args = build_parser().parse_args(argv)
     refuse_unsupported(args)
     data = DataConfig(is_grayscale=args.is_grayscale, spatial_dims=args.spatial_dimension,
                       image_size=args.image_size, image_roi=args.image_roi, channel=args.channel)
+    loop = TrainConfig(run_dir=str(Path(args.output_dir) / args.model_name), n_epochs=args.n_epochs,
+                       eval_freq=args.eval_freq, checkpoint_every=args.checkpoint_every, quick_test=args.quick_test,
+                       lr=args.vqvae_learning_rate, batch_size=args.batch_size, num_workers=args.num_workers,
+                       seed=args.seed, sample_steps=0)
+    losses = VQVAELossConfig(adversarial_weight=args.adversarial_weight, adversarial_warmup=args.adversarial_warmup,
+                             perceptual_weight=args.perceptual_weight)
+    return train_vqvae_stage(VQVAETrainingJob(
+        training_ids=args.training_ids, validation_ids=args.validation_ids, data=data, vqvae=_vqvae_config(args),
+        losses=losses, loop=loop, cache_data=args.cache_data, device=args.device, precision=args.precision,
+        amp=args.amp))
+
+
+def _vqvae_config(args: argparse.Namespace) -> VQVAEConfig:
+    """The VQ-VAE the ``--vqvae_*`` flags describe; a bad combination names the flags."""
     try:
-        vqvae = VQVAEConfig(
+        return VQVAEConfig(
             spatial_dims=args.spatial_dimension, in_channels=args.vqvae_in_channels,
             out_channels=args.vqvae_out_channels, num_res_layers=args.vqvae_num_res_layers,
             downsample_parameters=args.vqvae_downsample_parameters, upsample_parameters=args.vqvae_upsample_parameters,
@@ -105,46 +118,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             ddp_sync=args.vqvae_ddp_sync)
     except UserError as exc:
         raise UserError(f"VQ-VAE flags: {exc}") from None
-    if vqvae.in_channels != data.channels or vqvae.out_channels != data.channels:
-        raise UserError(f"--vqvae_in_channels={vqvae.in_channels} --vqvae_out_channels={vqvae.out_channels} but "
-                        f"--is_grayscale={int(data.is_grayscale)} images have {data.channels} channel(s)")
-    losses = VQVAELossConfig(adversarial_weight=args.adversarial_weight, adversarial_warmup=args.adversarial_warmup,
-                             perceptual_weight=args.perceptual_weight)
-    run_dir = Path(args.output_dir) / args.model_name
-    cfg = TrainConfig(run_dir=str(run_dir), n_epochs=args.n_epochs, eval_freq=args.eval_freq,
-                      checkpoint_every=args.checkpoint_every, quick_test=args.quick_test,
-                      lr=args.vqvae_learning_rate, batch_size=args.batch_size, num_workers=args.num_workers,
-                      seed=args.seed, sample_steps=0)
-    return run_training_stage(cfg, device=args.device, precision=args.precision, amp=args.amp,
-                              lock_name="train_vqvae",
-                              body=lambda cfg, ctx: _train(args, cfg, ctx, data, vqvae, losses, run_dir))
-
-
-def _train(args: argparse.Namespace, cfg, ctx, data, vqvae, losses, run_dir: Path) -> int:
-    """Resume point, datasets, checks, ``vqvae_config.json``, then ``training.vqvae.train_vqvae``."""
-    from ddpm_ood.autoencoder.vqvae import VQVAE_CONFIG_FILE, check_image_fits_vqvae, upstream_config_json
-    from ddpm_ood.data.datasets import dataset_from_csv
-    from ddpm_ood.errors import UserError
-    from ddpm_ood.io import atomic_write_text
-    from ddpm_ood.training.loop import already_complete, find_resume_point
-    from ddpm_ood.training.vqvae import check_vqvae_resume, train_vqvae, vqvae_checkpoint_config
-
-    resume = find_resume_point(run_dir, None, kind="vqvae")
-    if resume is not None:  # settings before any data is read: a finished run with contradicting flags is refused
-        check_vqvae_resume(resume, vqvae_checkpoint_config(vqvae, data, ()), losses, compare_image_shape=False)
-    if already_complete(resume, cfg.n_epochs, ctx):
-        return 0
-    train_set = dataset_from_csv(args.training_ids, data, cache=args.cache_data)
-    image_shape = tuple(train_set.image_shape)
-    check_image_fits_vqvae(image_shape, vqvae, args.training_ids)
-    val_set = dataset_from_csv(args.validation_ids, data, cache=args.cache_data)
-    if tuple(val_set.image_shape) != image_shape:
-        raise UserError(f"{args.validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
-                        f"but training images ({args.training_ids}) have {image_shape}")
-    if ctx.is_main:
-        atomic_write_text(run_dir / VQVAE_CONFIG_FILE, upstream_config_json(vqvae))
-    summary = train_vqvae(vqvae, data, losses, cfg, train_set, val_set, image_shape, ctx, resume=resume)
-    if ctx.is_main:
-        print(f"trained {summary.epochs_completed}/{cfg.n_epochs} epochs; best validation L1 "
-              f"{summary.best_loss:.5f}; checkpoints in {run_dir}")
-    return 0

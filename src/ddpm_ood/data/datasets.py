@@ -12,7 +12,6 @@ import functools
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,25 +19,11 @@ from torch.utils.data import Dataset
 
 from ddpm_ood.config import DataConfig
 from ddpm_ood.errors import UserError
+from ddpm_ood.fileio import IMAGE_SUFFIXES, NIFTI_SUFFIXES, PIL_SUFFIXES
 
 FLIPS = ("vflip", "hflip")
-NUMPY_SUFFIXES = (".npy",)
-PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + NUMPY_SUFFIXES + PIL_SUFFIXES
 
 
-def image_stem(path: str | os.PathLike) -> str:
-    """File name without directories and without a known image extension: ``D/x/MNIST_7.npy`` -> ``MNIST_7``.
-
-    ``a.nii.gz`` -> ``a``. This is the ``filename`` column of the results CSVs.
-    """
-    name = Path(path).name
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def _suffix(path: str) -> str:
@@ -263,8 +248,7 @@ def dataset_from_csv(
     ``X_test.csv`` (the flipped CSV itself need not exist). ``first_n`` keeps the first n paths (before any
     sharding). Item 0 is loaded at once, so an unreadable first image fails here.
     """
-    from ddpm_ood.data.splits import read_split_csv
-    from ddpm_ood.results.schema import split_flip
+    from ddpm_ood.data.splits import read_split_csv, split_flip
 
     base, flip = split_flip(str(csv_path))
     if flip is not None and not os.path.isfile(base):

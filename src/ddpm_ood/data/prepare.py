@@ -30,14 +30,17 @@ import io
 import json
 import os
 import re
+import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ddpm_ood.data.sources import DATASETS, GROUPS, DatasetUnavailable, SplitSource, family_of
 from ddpm_ood.data.splits import format_split_csv
-from ddpm_ood.io import atomic_write_text
+from ddpm_ood.fileio import atomic_write_text
 
 __all__ = ["DATASETS", "DOWNLOAD_TIMEOUT_S", "GROUPS", "DatasetUnavailable", "prepare_dataset"]
 
@@ -161,3 +164,42 @@ def prepare_dataset(name: str, data_root: str, allow_download: bool = True,
         splits = make_splits(root, name, sources)
     write_splits(data_root, name, splits)
     return {split: len(paths) for split, paths in splits.items()}
+
+
+@dataclass(frozen=True)
+class PreparationJob:
+    """Everything get_datasets.py (and upstream's per-family scripts) do: prepare the datasets ``names`` under
+    ``data_root`` (split CSVs in ``<data_root>/data_splits``), downloading what is missing when ``allow_download``;
+    ``source_root``: the family's own folder when an upstream per-family script names it."""
+
+    names: tuple[str, ...]
+    data_root: str
+    allow_download: bool = True
+    timeout_s: float = DOWNLOAD_TIMEOUT_S
+    source_root: str | None = None
+
+
+def run_preparation(job: PreparationJob) -> int:
+    """Prepare every dataset of ``job``; return 0, or 1 after naming, one line each on stderr, those that could be
+    neither found nor downloaded (the others are prepared all the same)."""
+    failed: dict[str, str] = {}
+    names = list(job.names)
+    for name in names:
+        start = time.perf_counter()
+        try:
+            counts = prepare_dataset(name, job.data_root, allow_download=job.allow_download, timeout_s=job.timeout_s,
+                                     source_root=job.source_root)
+        except DatasetUnavailable as exc:
+            print(f"{name}: not prepared (reported at the end)", flush=True)
+            failed[name] = str(exc)
+            continue
+        sizes = "/".join(str(counts[s]) for s in ("train", "val", "test"))
+        print(f"{name}: train/val/test = {sizes} images ({time.perf_counter() - start:.1f} s)", flush=True)
+    for message in failed.values():
+        print(f"error: {message}", file=sys.stderr)
+    if failed:
+        done = [n for n in names if n not in failed]
+        kept = f"; prepared: {', '.join(done)}" if done else ""
+        print(f"error: not prepared: {', '.join(failed)}{kept}", file=sys.stderr)
+        return 1
+    return 0

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.io import atomic_path
+from ddpm_ood.fileio import atomic_path
 
 PATH_COLUMN = "path"
 
@@ -95,3 +95,20 @@ def write_split_csv(path: str | os.PathLike, paths: Sequence[str]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
             f.write(text)
+
+
+# An out CSV path ending in one of these before "_test.csv" means the flipped images of the base CSV.
+FLIP_SUFFIXES = ("_vflip", "_hflip")
+
+
+def split_flip(csv_path: str) -> tuple[str, str | None]:
+    """``D/X_vflip_test.csv`` -> (``D/X_test.csv``, "vflip"); a path without the suffix -> (path, None).
+
+    Only ``_vflip``/``_hflip`` right before ``_test.csv`` counts (upstream matched "vflip" anywhere in the path).
+    The flipped CSV itself need not exist: the flipped images of the base CSV are meant.
+    """
+    p = Path(csv_path)
+    for suffix in FLIP_SUFFIXES:
+        if p.name.endswith(suffix + "_test.csv"):
+            return str(p.with_name(p.name[: -len(suffix + "_test.csv")] + "_test.csv")), suffix[1:]
+    return str(p), None

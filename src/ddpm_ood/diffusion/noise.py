@@ -8,7 +8,7 @@
 - ``row_noise_batch(noise_type, seed, keys, start_ts, sample_shape)``: the (S, B, ...) start noise of a
   reconstruction batch, row (s, b) seeded from (seed, keys[b], start_ts[s]) (``seeding.row_seed``).
 
-Gaussian: exactly the torch draws the training loop and ``seeding.noise_batch`` have always made (the same numbers
+Gaussian: exactly the torch draws the training loop and ``noise_batch`` have always made (the same numbers
 as before noise types existed), N(0, 1) per element, drawn on the CPU.
 
 Simplex (AnoDDPM, Wyatt et al. 2022, as copied into upstream ddpm-ood's ``src/utils/simplex_noise.py``): for one
@@ -65,8 +65,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from ddpm_ood.errors import UserError
-from ddpm_ood.seeding import channel_seeds, noise_batch, row_seed, row_seed_draws
+from ddpm_ood.config import NOISE_TYPE_NAMES, check_noise_type
+from ddpm_ood.seeding import channel_seeds, row_seed, row_seed_draws
 
 # AnoDDPM's reference parameters (upstream ddpm-ood uses them, and has no flags for them).
 SIMPLEX_OCTAVES = 6
@@ -78,7 +78,7 @@ SIMPLEX_FREQUENCY = 64.0  # period of the first octave, in pixels; halved at eve
 # sqrt(E[sum_v (2 - |d_v|^2)_+^8 d_v' E[g g'] d_v] / 103^2 * sum_k 0.64^k), is 0.5048. Dividing by it gives unit
 # variance, as the forward process assumes (tests/diffusion/test_noise.py checks it).
 SIMPLEX_STD = 0.509
-UPSTREAM_SIMPLEX = "simplex_upstream"
+UPSTREAM_SIMPLEX = NOISE_TYPE_NAMES[2]
 
 # OpenSimplex 3D (KdotJPG, 2014; opensimplex.constants): skew constants, normaliser and the 24 gradients.
 _STRETCH3 = -1.0 / 6
@@ -238,6 +238,19 @@ def _simplex_draw(generators: Generators, shape: tuple[int, ...], timesteps: tor
                          unit_variance=unit_variance)
 
 
+def row_noise(seed: int, key: str, t: int, shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal noise (shape) for one (image, t), drawn on the CPU so every device gets the same numbers."""
+    generator = torch.Generator().manual_seed(row_seed(seed, key, t))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def noise_batch(seed: int, keys: Sequence[str], start_ts: Sequence[int], image_shape: Sequence[int]) -> torch.Tensor:
+    """(S, B, *image_shape) noise, row (s, b) seeded from (seed, keys[b], start_ts[s])."""
+    return torch.stack(
+        [torch.stack([row_noise(seed, k, t, image_shape) for k in keys]) for t in start_ts]
+    )
+
+
 def _gaussian_rows(seed: int, keys: Sequence[str], start_ts: Sequence[int], sample_shape: tuple[int, ...],
                    device: torch.device | None) -> torch.Tensor:
     return noise_batch(seed, keys, start_ts, sample_shape)
@@ -271,27 +284,13 @@ NOISE_TYPES: dict[str, NoiseType] = {
                                 "trains with --simplex_noise=1", partial(_simplex_draw, unit_variance=False),
                                 partial(_simplex_rows, unit_variance=False)),
 }
-DEFAULT_NOISE_TYPE = "gaussian"
-
-
-def noise_type_for_flags(simplex_noise: bool, *, upstream_checkpoint: bool) -> str:
-    """The noise type ``--simplex_noise`` selects: Gaussian, simplex, or for a checkpoint trained by upstream
-    ddpm-ood (no stored configuration) upstream's raw simplex sum."""
-    if not simplex_noise:
-        return "gaussian"
-    return UPSTREAM_SIMPLEX if upstream_checkpoint else "simplex"
+# config.NOISE_TYPE_NAMES lists these names for the configuration, which validates before any noise is drawn.
+assert tuple(NOISE_TYPES) == NOISE_TYPE_NAMES, "config.NOISE_TYPE_NAMES and diffusion.noise.NOISE_TYPES disagree"
 
 
 def describe_noise(noise_type: str) -> str:
     """One line on a noise type, for messages."""
     return f"{noise_type}: {NOISE_TYPES[check_noise_type(noise_type)].description}"
-
-
-def check_noise_type(name: str) -> str:
-    """``name`` if it is a noise type, else UserError listing the accepted ones."""
-    if name not in NOISE_TYPES:
-        raise UserError(f"unknown noise type {name!r}; accepted: {', '.join(NOISE_TYPES)}")
-    return name
 
 
 def draw_noise(noise_type: str, generators: Generators, shape: Sequence[int], timesteps: torch.Tensor,
@@ -310,6 +309,6 @@ def draw_noise(noise_type: str, generators: Generators, shape: Sequence[int], ti
 def row_noise_batch(noise_type: str, seed: int, keys: Sequence[str], start_ts: Sequence[int],
                     sample_shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """Reconstruction start noise (S, B, *sample_shape) float32, row (s, b) seeded from (seed, keys[b], start_ts[s])
-    (``seeding.row_seed``). Gaussian: ``seeding.noise_batch`` on the CPU; simplex: computed on ``device``."""
+    (``seeding.row_seed``). Gaussian: ``noise_batch`` on the CPU; simplex: computed on ``device``."""
     return NOISE_TYPES[check_noise_type(noise_type)].rows(seed, keys, start_ts, tuple(int(s) for s in sample_shape),
                                                           None if device is None else torch.device(device))

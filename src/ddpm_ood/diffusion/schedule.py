@@ -1,4 +1,5 @@
-"""The noise schedule: names, closed forms, and the only place MONAI schedulers are constructed.
+"""The noise schedule: closed forms, and the only place MONAI schedulers are constructed (its names and defaults
+are ``config``'s).
 
 ``t`` always indexes the 1000-step (``num_train_timesteps``) training schedule; ``alphas_cumprod[t]`` is the signal
 fraction of x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps.
@@ -14,34 +15,6 @@ if TYPE_CHECKING:
     import torch
 
     from ddpm_ood.config import ScheduleConfig
-
-# Canonical MONAI names, and the paper-era / diffusers spellings users type (README_additional uses
-# `scaled_linear`, upstream reconstruct.py defaults to `linear`). Names may be added, never renamed.
-SCHEDULE_ALIASES: dict[str, str] = {
-    "linear_beta": "linear_beta",
-    "linear": "linear_beta",
-    "scaled_linear_beta": "scaled_linear_beta",
-    "scaled_linear": "scaled_linear_beta",
-    "sigmoid_beta": "sigmoid_beta",
-    "sigmoid": "sigmoid_beta",
-    "cosine": "cosine",
-}
-SCHEDULES_WITH_BETA_RANGE = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
-DEFAULT_BETA_START = 1e-4
-DEFAULT_BETA_END = 2e-2
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-NUM_TRAIN_TIMESTEPS = 1000
-
-
-def canonical_schedule_name(name: str) -> str:
-    """Map any accepted spelling to MONAI's name; unknown names fail listing the accepted ones."""
-    try:
-        return SCHEDULE_ALIASES[name]
-    except KeyError:
-        raise UserError(
-            f"unknown beta schedule {name!r}; accepted: {', '.join(SCHEDULE_ALIASES)}"
-        ) from None
-
 
 def _apply_snr_shift(scheduler, snr_shift: float) -> None:
     """Upstream's SNR shift: a' = 1 / (1 / (k * SNR) + 1) with SNR = a / (1 - a); alphas/betas re-derived."""

@@ -8,7 +8,7 @@ k = 1, 2, 3, 4, 5, 8, 16, 32, 64 (the README table).
 
 from __future__ import annotations
 
-from ddpm_ood.diffusion.schedule import NUM_TRAIN_TIMESTEPS
+from ddpm_ood.config import NUM_TRAIN_TIMESTEPS
 from ddpm_ood.errors import UserError
 
 STEPS_OFFSET = 1

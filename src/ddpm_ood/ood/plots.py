@@ -18,8 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from ddpm_ood.io import atomic_path
-from ddpm_ood.ood.detection import labels_and_scores
+from ddpm_ood.fileio import atomic_path
+from ddpm_ood.ood.metrics import labels_and_scores
 from ddpm_ood.ood.zscore import DEFAULT_SCORE
 
 IN_COLOR = "tab:blue"

@@ -23,25 +23,28 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
+from ddpm_ood.devices import resolve_device, resolve_precision
 from ddpm_ood.errors import UserError
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
+from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
+from ddpm_ood.reconstruction.pipeline import ReconstructionPlan, SetBatch, measured_rows
 from ddpm_ood.results.schema import VAL_NAME, read_results, results_path
 from ddpm_ood.results.writer import ReconSettings
+from ddpm_ood.runs import RunModel, TrainedRun, load_run_model, open_run
 
 if TYPE_CHECKING:
     import torch
 
     from ddpm_ood.config import RunConfig
-    from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-    from ddpm_ood.reconstruction.pipeline import ReconstructionModel
 
 DEFAULT_VAL_KEEP = 0.95
 # Output columns, in order; "error" is empty for a scored input, the one-line reason otherwise (scores NaN).
@@ -139,8 +142,6 @@ def _scoring_precision(settings: ReconSettings, device: torch.device, val_path: 
                        amp: bool | None) -> str:
     """The validation results' precision, refused where this device cannot run it or the caller asked for another
     (scores of inputs reconstructed at another precision are not comparable with the validation scores)."""
-    from ddpm_ood.devices import resolve_precision
-
     wanted = settings.precision
     if precision is not None or amp is not None:
         asked = resolve_precision(device, precision=precision, amp=bool(amp))
@@ -155,9 +156,28 @@ def _scoring_precision(settings: ReconSettings, device: torch.device, val_path: 
                         "rerun reconstruct.py --run_val=1 here") from None
 
 
+def _open_scored_run(settings: ReconSettings, val_path: Path,
+                     vqvae_checkpoint: str | os.PathLike | None) -> TrainedRun:
+    """The run that made the validation results, opened as reconstruct.py opens it; refused when the checkpoint
+    has changed since (another epoch, noise type or autoencoder) or is an upstream one (no stored configuration)."""
+    run = open_run(settings.checkpoint, vqvae_checkpoint=vqvae_checkpoint)
+    if run.epoch != settings.checkpoint_epoch:
+        raise UserError(
+            f"{run.path}: is now epoch {run.epoch} but {val_path.name} was made with epoch "
+            f"{settings.checkpoint_epoch}; rerun reconstruct.py with --run_val=1 so scores stay comparable"
+        )
+    if run.upstream:
+        raise UserError(
+            f"{run.path}: has no stored configuration (an upstream checkpoint); score.py needs a checkpoint "
+            "written by ddpm-ood's train_ddpm.py"
+        )
+    _check_model_matches(settings, run.config, val_path, run.path)
+    return run
+
+
 # ------------------------------------------------------------------------------------------------------- inputs
 def _has_image_suffix(name: str) -> bool:
-    from ddpm_ood.data.datasets import IMAGE_SUFFIXES
+    from ddpm_ood.fileio import IMAGE_SUFFIXES
 
     return name.lower().endswith(IMAGE_SUFFIXES)
 
@@ -172,8 +192,8 @@ def collect_inputs(spec: str) -> list[str]:
     - otherwise one image path, or several separated by commas (kept as given: a missing file or an unsupported
       type gets an error row).
     """
-    from ddpm_ood.data.datasets import IMAGE_SUFFIXES
     from ddpm_ood.data.splits import read_split_csv
+    from ddpm_ood.fileio import IMAGE_SUFFIXES
 
     spec = str(spec).strip()
     if not spec:
@@ -233,7 +253,7 @@ class OODScorer:
     def __init__(
         self,
         run: RunConfig,
-        model: ReconstructionModel,
+        model: RunModel,
         metrics: ReconstructionMetrics,
         reference: ValidationReference,
         calibration: Calibration,
@@ -280,11 +300,6 @@ class OODScorer:
         call (memory budget; no effect on the numbers). vqvae_checkpoint: a latent model's VQ-VAE, if it has moved
         since training (its weights must hash to the recorded ones). Bad or missing files raise UserError.
         """
-        from ddpm_ood.checkpoint import ModelFlags, load_checkpoint, resolve_run_config
-        from ddpm_ood.devices import resolve_device
-        from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-        from ddpm_ood.reconstruction.pipeline import load_model
-
         val_keep = check_val_keep(val_keep)
         val_path = results_path(output_dir, model_name, VAL_NAME)
         if not val_path.is_file():
@@ -303,27 +318,12 @@ class OODScorer:
         reference = ValidationReference.fit(val, select_timesteps(val_ts), source=str(val_path))
         calibration = calibrate_threshold(image_scores(val, reference, source=str(val_path))[DEFAULT_SCORE], val_keep)
 
-        ckpt_file = Path(settings.checkpoint)
-        ckpt = load_checkpoint(ckpt_file)
-        if ckpt.get("epoch") != settings.checkpoint_epoch:
-            raise UserError(
-                f"{ckpt_file}: is now epoch {ckpt.get('epoch')} but {val_path.name} was made with epoch "
-                f"{settings.checkpoint_epoch}; rerun reconstruct.py with --run_val=1 so scores stay comparable"
-            )
-        run = resolve_run_config(ckpt, ModelFlags(), ckpt_file)
-        if run is None:
-            raise UserError(
-                f"{ckpt_file}: has no stored configuration (an upstream checkpoint); score.py needs a checkpoint "
-                "written by ddpm-ood's train_ddpm.py"
-            )
-        _check_model_matches(settings, run, val_path, ckpt_file)
+        run = _open_scored_run(settings, val_path, vqvae_checkpoint)
         dev = resolve_device(device)
-        model = load_model(
-            ckpt, run, ckpt_file, dev, use_ema=settings.use_ema, max_batch=max_batch,
-            precision=_scoring_precision(settings, dev, val_path, precision=precision, amp=amp),
-            vqvae_checkpoint=vqvae_checkpoint,
-        )
-        return cls(run, model, ReconstructionMetrics(dev), reference, calibration, settings, dev, batch_size)
+        model = load_run_model(run, dev, precision=_scoring_precision(settings, dev, val_path, precision=precision,
+                                                                         amp=amp),
+                               use_ema=settings.use_ema, max_batch=max_batch)
+        return cls(run.config, model, ReconstructionMetrics(dev), reference, calibration, settings, dev, batch_size)
 
     # -------------------------------------------------------------------------------------------------------
     def score(
@@ -345,43 +345,43 @@ class OODScorer:
         An item that cannot be brought to the model's shape gets a row with NaN scores and the reason in
         ``error``; if no item at all can be scored, UserError. progress: show a tqdm bar.
         """
-        from tqdm import tqdm
-
-        from ddpm_ood.reconstruction.pipeline import measure_batch, result_rows
-
         items = self._as_items(images)
-        n = len(items)
         errors: dict[int, str] = {}
-        rows: list[pd.DataFrame] = []
         with tempfile.TemporaryDirectory(prefix="ddpm-ood-score-") as tmp:
-            bar = tqdm(total=n, desc="score", unit="img", disable=not progress)
-            for start in range(0, n, self.batch_size):
-                indices, tensors, keys = [], [], []
-                for i in range(start, min(start + self.batch_size, n)):
-                    try:
-                        x, key = self._prepare(i, items[i], tmp)
-                    except UserError as exc:
-                        errors[i] = str(exc)
-                        continue
-                    indices.append(i)
-                    tensors.append(x)
-                    keys.append(key)
-                if indices:
-                    batch = self._stack(tensors)
-                    values = measure_batch(
-                        self.model, self.metrics, batch, keys, self.settings.start_timesteps,
-                        self.settings.num_inference_steps, self.settings.seed, recon_steps=self.settings.recon_steps,
-                    )
-                    # filename = the input's position: unique even when two inputs share a file stem.
-                    rows.append(result_rows(indices, [str(i) for i in indices], "in", self.settings.start_timesteps,
-                                            values))
-                bar.update(min(start + self.batch_size, n) - start)
+            bar = tqdm(total=len(items), desc="score", unit="img", disable=not progress)
+            batches = self._prepared_batches(items, errors, tmp, bar)
+            rows = list(measured_rows(self.model, self.metrics, self.plan, batches, "in"))
             bar.close()
         if not rows:
             first = min(errors)
-            raise UserError(f"none of the {n} input(s) could be scored; {errors[first]}")
+            raise UserError(f"none of the {len(items)} input(s) could be scored; {errors[first]}")
         scores = image_scores(pd.concat(rows, ignore_index=True), self.reference, source="inputs")
         return self._frame(items, scores, errors)
+
+    @property
+    def plan(self) -> ReconstructionPlan:
+        """How inputs are reconstructed: exactly as the validation results were (their sidecar's settings)."""
+        s = self.settings
+        return ReconstructionPlan(s.start_timesteps, s.num_inference_steps, s.seed, s.recon_steps)
+
+    def _prepared_batches(self, items: list[Any], errors: dict[int, str], tmp: str, bar: Any) -> Iterator[SetBatch]:
+        """``batch_size`` items at a time, prepared (``_prepare``), as ``SetBatch``es; an item that cannot be
+        prepared goes to ``errors`` instead. The results filename of an input is its position: unique even when two
+        inputs share a file stem."""
+        for start in range(0, len(items), self.batch_size):
+            indices, tensors, keys = [], [], []
+            for i in range(start, min(start + self.batch_size, len(items))):
+                try:
+                    x, key = self._prepare(i, items[i], tmp)
+                except UserError as exc:
+                    errors[i] = str(exc)
+                    continue
+                indices.append(i)
+                tensors.append(x)
+                keys.append(key)
+            if indices:
+                yield indices, [str(i) for i in indices], self._stack(tensors), keys, None
+            bar.update(min(start + self.batch_size, len(items)) - start)
 
     def _as_items(self, images: Any) -> list[Any]:
         import torch

@@ -44,7 +44,7 @@ def build_lpips(device: str | torch.device = "cpu", pretrained_backbone: bool = 
     """``lpips.LPIPS(net="alex")`` v0.1, eval mode, frozen, built offline.
 
     The linear heads come from lpips' own ``weights/v0.1/alex.pth``. The AlexNet trunk comes from the file
-    installed by ``python -m ddpm_ood.perceptual.weights`` (or torchvision's genuine cached ``alexnet-owt`` file);
+    installed by ``python -m ddpm_ood.cli.lpips_weights`` (or torchvision's genuine cached ``alexnet-owt`` file);
     without it, UserError says how to install it. ``pretrained_backbone=False`` keeps lpips' randomly
     initialised trunk (seed with ``torch.manual_seed`` first) and is meant for tests only: a random trunk
     gives meaningless distances, so it is never a fallback.

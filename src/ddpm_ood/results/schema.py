@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ddpm_ood.data.splits import split_flip
 from ddpm_ood.errors import UserError, one_line
 
 RESULT_COLUMNS = ["filename", "type", "t", "perceptual_difference", "mse"]
@@ -19,7 +20,6 @@ RESULT_COLUMNS = ["filename", "type", "t", "perceptual_difference", "mse"]
 METRIC_COLUMNS = ("mse", "perceptual_difference")
 VAL_NAME = "val"
 IN_NAME = "in"
-FLIP_SUFFIXES = ("_vflip", "_hflip")
 RESULTS_PATTERN = re.compile(r"^results_(?P<name>.+)\.csv$")
 
 
@@ -40,19 +40,6 @@ def out_set_names(directory: str | os.PathLike) -> list[str]:
         if m and m.group("name") not in (VAL_NAME, IN_NAME):
             names.append(m.group("name"))
     return names
-
-
-def split_flip(csv_path: str) -> tuple[str, str | None]:
-    """``D/X_vflip_test.csv`` -> (``D/X_test.csv``, "vflip"); a path without the suffix -> (path, None).
-
-    Only ``_vflip``/``_hflip`` right before ``_test.csv`` counts (upstream matched "vflip" anywhere in the path).
-    The flipped CSV itself need not exist: the flipped images of the base CSV are meant.
-    """
-    p = Path(csv_path)
-    for suffix in FLIP_SUFFIXES:
-        if p.name.endswith(suffix + "_test.csv"):
-            return str(p.with_name(p.name[: -len(suffix + "_test.csv")] + "_test.csv")), suffix[1:]
-    return str(p), None
 
 
 def out_set_name(csv_path: str) -> str:

@@ -19,10 +19,10 @@ from typing import Any
 
 import pandas as pd
 
-from ddpm_ood.devices import precision_from_legacy
 from ddpm_ood.errors import UserError, one_line
-from ddpm_ood.io import atomic_write_csv, atomic_write_text
+from ddpm_ood.fileio import atomic_write_csv, atomic_write_text
 from ddpm_ood.results.schema import RESULT_COLUMNS
+from ddpm_ood.upstream.legacy import upgrade_sidecar
 
 PARTIAL_COLUMNS = ["index", *RESULT_COLUMNS]
 
@@ -133,21 +133,13 @@ def settings_difference(saved: dict | None, wanted: dict) -> str:
 
 
 def read_settings(path: str | os.PathLike) -> dict | None:
-    """The settings sidecar at ``path`` (None if absent); JSON errors propagate.
-
-    Settings written before precision was named read as ``precision: fp32`` when they say ``amp: false`` (so
-    finished fp32 files are not recomputed for nothing); ``amp: true`` (fp16 on CUDA or bf16 on a CPU: the file
-    does not say which) keeps its ``amp`` key and has no ``precision``, so it matches no current settings.
-    """
+    """The settings sidecar at ``path`` (None if absent), older sidecars upgraded (``upstream.legacy``); JSON errors
+    propagate."""
     path = Path(path)
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    if isinstance(saved, dict) and "precision" not in saved and "amp" in saved:
-        legacy = precision_from_legacy(saved)
-        if legacy is not None:
-            saved = {**{k: v for k, v in saved.items() if k != "amp"}, "precision": legacy}
-    return saved
+    return upgrade_sidecar(saved) if isinstance(saved, dict) else saved
 
 
 # The settings that make results comparable (the scorer refuses validation results whose sidecar lacks one).

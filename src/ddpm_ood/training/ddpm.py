@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ddpm_ood.autoencoder.base import Autoencoder, autoencoder_for, to_image
-from ddpm_ood.checkpoint import load_unet_state
 from ddpm_ood.config import RunConfig, ScheduleConfig
-from ddpm_ood.devices import autocast_context, configure_precision, make_grad_scaler, precision_from_legacy
+from ddpm_ood.devices import autocast_context, configure_precision, make_grad_scaler
 from ddpm_ood.diffusion.noise import draw_noise
 from ddpm_ood.diffusion.schedule import make_ddim_scheduler, make_ddpm_scheduler, training_target
 from ddpm_ood.diffusion.unet import build_unet, check_image_fits_unet, wants_fused_attention
@@ -42,6 +41,8 @@ from ddpm_ood.training.loop import (
     optimizer_state_fits,
     optimizer_step,
 )
+from ddpm_ood.upstream.legacy import precision_from_legacy
+from ddpm_ood.upstream.weights import load_unet_state
 
 
 def train_step(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpm_ood.checkpoint import load_unet_state
+from ddpm_ood.upstream.weights import load_unet_state
 
 
 class EMA:

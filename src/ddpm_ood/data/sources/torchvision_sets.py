@@ -29,7 +29,7 @@ from ddpm_ood.data.sources import (
     socket_timeout,
 )
 from ddpm_ood.errors import one_line
-from ddpm_ood.io import atomic_path
+from ddpm_ood.fileio import atomic_path
 
 CELEBA_SIZE = 32
 CELEBA_SPLITS = (("train", "train"), ("valid", "val"), ("test", "test"))

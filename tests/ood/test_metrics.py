@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ddpm_ood.ood.detection import (
+from ddpm_ood.ood.metrics import (
     PER_T_COLUMNS,
     SUMMARY_COLUMNS,
     auroc_per_t,

@@ -1,4 +1,4 @@
-"""File-system boundary: atomic writes, output-location checks, and the per-stage run lock.
+"""File-system boundary: image file names, atomic writes, output-location checks, and the per-stage run lock.
 
 Atomic writes: a file is either absent, the old version, or the complete new version. The new content goes to a
 temporary file beside the target, is flushed to disk (``fsync``: a full disk or an I/O error surfaces there, not
@@ -19,6 +19,25 @@ from pathlib import Path
 from typing import Any
 
 from ddpm_ood.errors import UserError
+
+# The image files every stage reads (MONAI's readers by extension), longest suffix first.
+NUMPY_SUFFIXES = (".npy",)
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + NUMPY_SUFFIXES + PIL_SUFFIXES
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """File name without directories and without a known image extension: ``D/x/MNIST_7.npy`` -> ``MNIST_7``.
+
+    ``a.nii.gz`` -> ``a``. This is the ``filename`` column of the results CSVs.
+    """
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
 
 
 @contextlib.contextmanager

@@ -1,0 +1,1 @@
+"""Score families (placeholder until merged)."""

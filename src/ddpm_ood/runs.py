@@ -1,0 +1,186 @@
+"""The one way to open a trained run: checkpoint -> configuration -> autoencoder -> network on a device at a
+precision. The reconstruction stage, ``OODScorer`` (score.py) and the benchmarks all open runs here.
+
+Two steps, because an upstream checkpoint (no stored configuration) is only complete once its images are known:
+
+1. ``open_run(checkpoint, flags)``: read the checkpoint; a ddpm-ood checkpoint's stored configuration is checked
+   against the flags given (a contradicting flag is refused), an upstream checkpoint's is built from the flags
+   (``upstream.flags``) once ``with_image_shape`` names its image shape. ``TrainedRun.data`` says how to read images.
+2. ``load_run_model(run, device, precision=...)``: the UNet (EMA weights by default) and the autoencoder on the
+   device, as a ``RunModel`` whose ``eps_fn`` every sampler, inversion and score family calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm_ood.autoencoder.base import Autoencoder, autoencoder_for
+from ddpm_ood.autoencoder.vqvae import LoadedVQVAE, load_vqvae, with_latent
+from ddpm_ood.checkpoint import inference_state_dict, load_checkpoint, run_config_of
+from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
+from ddpm_ood.devices import autocast_context
+from ddpm_ood.diffusion.eps import EpsFn, model_eps_fn
+from ddpm_ood.diffusion.unet import build_unet, wants_fused_attention
+from ddpm_ood.errors import UserError
+from ddpm_ood.run_flags import RunFlags, check_flags
+from ddpm_ood.upstream.flags import data_config_for_upstream, given_path, run_config_from_flags
+from ddpm_ood.upstream.weights import load_unet_state
+
+# Share of the free GPU memory that one network call may take when max_batch is not given (the rest: the engine's
+# per-trajectory state, LPIPS, the allocator's fragmentation).
+MEMORY_FRACTION = 0.6
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A DDPM checkpoint read from ``path``, with its configuration.
+
+    ``config``: the stored RunConfig (checked against ``flags``), or for an upstream checkpoint the one its flags
+    define, None until ``with_image_shape`` gives the image shape. ``vqvae``: a VQ-VAE already loaded while opening
+    (an upstream latent checkpoint's), reused so it is read and hashed once. ``vqvae_checkpoint``: where a latent
+    model's VQ-VAE is read from when it has moved since training (None: the recorded place).
+    """
+
+    path: Path
+    ckpt: dict[str, Any]
+    flags: RunFlags
+    config: RunConfig | None
+    vqvae_checkpoint: str | None = None
+    latent_pad: tuple[int, ...] | None = None
+    vqvae: LoadedVQVAE | None = None
+
+    @property
+    def upstream(self) -> bool:
+        """True for a checkpoint written by the reference code (it stores no configuration)."""
+        return self.ckpt.get("config") is None
+
+    @property
+    def epoch(self) -> int | None:
+        return self.ckpt.get("epoch")
+
+    @property
+    def data(self) -> DataConfig:
+        """How this run's images are read: the stored data settings, or an upstream checkpoint's data flags."""
+        return self.config.data if self.config is not None else data_config_for_upstream(self.flags)
+
+
+def open_run(checkpoint: str | os.PathLike, flags: RunFlags | None = None, *,
+             vqvae_checkpoint: str | os.PathLike | None = None,
+             latent_pad: Sequence[int] | None = None) -> TrainedRun:
+    """Read a DDPM checkpoint and resolve its configuration (see the module doc); UserError naming the file for a
+    missing, unreadable or VQ-VAE checkpoint, a flag that contradicts the stored configuration, or a
+    ``latent_pad`` other than the one the model was trained with."""
+    path = Path(checkpoint)
+    flags = flags if flags is not None else RunFlags()
+    ckpt = load_checkpoint(path)
+    config = run_config_of(ckpt, path)
+    pad = None if latent_pad is None else tuple(int(p) for p in latent_pad)
+    if config is not None:
+        check_flags(config, flags, path)
+        if pad is not None and (config.latent is None or pad != config.latent.latent_pad):
+            recorded = "none (pixel space)" if config.latent is None else list(config.latent.latent_pad)
+            raise UserError(f"--latent_pad={list(pad)} contradicts {path} which was trained with {recorded}; "
+                            "drop the flag")
+    return TrainedRun(path, ckpt, flags, config, given_path(vqvae_checkpoint), pad)
+
+
+def with_image_shape(run: TrainedRun, image_shape: Sequence[int], source: str) -> TrainedRun:
+    """``run`` with its configuration complete, for images of ``image_shape`` (C, *spatial) read from ``source``.
+
+    An upstream checkpoint's model comes from its flags (upstream's defaults otherwise), in the latent space of
+    ``--vqvae_checkpoint`` when given; a run whose model was trained on other images is refused (UserError)."""
+    shape = tuple(int(s) for s in image_shape)
+    if run.config is not None:
+        check_image_shape(run.config, shape, source)
+        return run
+    config = run_config_from_flags(run.flags, shape)
+    if run.vqvae_checkpoint is None:
+        if run.latent_pad is not None:
+            raise UserError("--latent_pad only applies to latent diffusion: give --vqvae_checkpoint too")
+        return dataclasses.replace(run, config=config)
+    vqvae = load_vqvae(run.vqvae_checkpoint)
+    return dataclasses.replace(run, config=with_latent(config, vqvae, run.latent_pad, source), vqvae=vqvae)
+
+
+def check_image_shape(config: RunConfig, image_shape: Sequence[int], source: str) -> None:
+    """UserError naming ``source`` when its images (``image_shape``) are not the ones the model was trained on."""
+    if tuple(image_shape) != tuple(config.image_shape):
+        raise UserError(f"{source}: images load as {tuple(image_shape)} but the model was trained on "
+                        f"{tuple(config.image_shape)} (check --is_grayscale / --image_size)")
+
+
+@dataclass(frozen=True)
+class RunModel:
+    """A trained diffusion model ready to run: its noise estimate, schedule and autoencoder.
+
+    ``eps_fn(x_t, t)``: model-space samples (N, *model_shape), t (N,) long on the 1000-step schedule -> the noise
+    estimate (N, *model_shape) float32. ``autoencoder``: images (B, C, *spatial) in [0, 1] <-> model space (the
+    identity times b_scale in pixel space). ``model_shape``: (C', *spatial') of one model-space sample
+    (``RunConfig.model_shape``; the start noise of one (image, t))."""
+
+    eps_fn: EpsFn
+    schedule: ScheduleConfig
+    autoencoder: Autoencoder
+    model_shape: tuple[int, ...]
+
+
+def load_run_model(run: TrainedRun, device: torch.device, *, precision: str = "fp32", use_ema: bool = True,
+                   max_batch: int | None = None) -> RunModel:
+    """The run's UNet (EMA weights if present and ``use_ema``) on ``device`` in eval mode, with its autoencoder.
+    ``precision`` (resolved, ``devices.PRECISIONS``) is the forward pass's; ``max_batch`` bounds the samples per
+    network call (None: unbounded on a CPU, sized from the free memory on CUDA). The configuration must be complete
+    (``with_image_shape`` for an upstream checkpoint)."""
+    if run.config is None:
+        raise ValueError("an upstream checkpoint's configuration needs its image shape first (with_image_shape)")
+    config = run.config
+    autoencoder = autoencoder_for(config, device, vqvae_checkpoint=run.vqvae_checkpoint, loaded=run.vqvae,
+                                  source=str(run.path))
+    model = build_unet(config.model, fused_attention=wants_fused_attention(device))
+    load_unet_state(model, inference_state_dict(run.ckpt, use_ema=use_ema), str(run.path))
+    model.to(device).eval()
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return autocast_context(device, precision)
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # tick shapes repeat from batch to batch: autotune the convolutions
+        if max_batch is None:
+            max_batch = memory_sized_max_batch(model, config.model_shape, device, autocast)
+    eps_fn = model_eps_fn(model, config.schedule, max_batch=max_batch, autocast=autocast)
+    return RunModel(eps_fn, config.schedule, autoencoder, config.model_shape)
+
+
+def max_batch_for_memory(free_bytes: int, bytes_per_sample: float, fraction: float = MEMORY_FRACTION) -> int:
+    """Samples per network call that use at most ``fraction`` of ``free_bytes`` at ``bytes_per_sample`` each
+    (at least 1)."""
+    return max(1, int(fraction * free_bytes / max(bytes_per_sample, 1.0)))
+
+
+def memory_sized_max_batch(model: torch.nn.Module, sample_shape: tuple[int, ...], device: torch.device,
+                           autocast: Callable[[], contextlib.AbstractContextManager], probe: int = 8) -> int:
+    """Samples per network call sized from the free GPU memory: the peak memory of one forward pass of ``probe``
+    samples gives the bytes per sample, and calls may use ``MEMORY_FRACTION`` of what is free. Said in one line.
+    Chunking changes numbers only by float rounding (the kernels round differently for other call sizes, about
+    1e-6 in fp32), as any other batch composition does."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    x = torch.zeros((probe, *sample_shape), device=device)
+    t = torch.zeros((probe,), dtype=torch.long, device=device)
+    with torch.inference_mode(), autocast():
+        model(x, timesteps=t)
+    torch.cuda.synchronize(device)
+    per_sample = (torch.cuda.max_memory_allocated(device) - base) / probe
+    free, _ = torch.cuda.mem_get_info(device)
+    chosen = max_batch_for_memory(free, per_sample)
+    print(f"samples per network call: at most {chosen} (sized from {free / 2**30:.1f} GiB free GPU memory, "
+          f"{per_sample / 2**20:.1f} MiB per sample; --max_batch sets it)")
+    return chosen

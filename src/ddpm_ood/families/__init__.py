@@ -1,1 +1,0 @@
-"""Score families (placeholder until merged)."""

@@ -110,9 +110,10 @@ def ddim_inversion(eps_fn: EpsFn, x0: torch.Tensor, acp: torch.Tensor, timesteps
     """The whole inversion held in memory: eps (K, B, ...) and the path x (K + 1, B, ...), x[0] = x0, x[k + 1] the
     state at t_{k+1} (at abar = 0 for k = K - 1). For inspection and tests; the features stream the steps."""
     eps, path = [], [x0]
-    for e, x in ddim_inversion_steps(eps_fn, x0, acp, timesteps, clip):
-        eps.append(e)
-        path.append(x)
+    with torch.no_grad():
+        for e, x in ddim_inversion_steps(eps_fn, x0, acp, timesteps, clip):
+            eps.append(e)
+            path.append(x)
     return torch.stack(eps), torch.stack(path)
 
 
@@ -127,13 +128,14 @@ def diffpath_features(eps_fn: EpsFn, x0: torch.Tensor, keys: Sequence[str], acp:
     timesteps = diffpath_timesteps(steps, len(acp))
     sums = torch.zeros((6, x0.shape[0]), dtype=torch.float64, device=x0.device)
     previous = None
-    for eps, _ in ddim_inversion_steps(eps_fn, x0, acp, timesteps, settings.diffpath_clip):
-        e = per_image(eps)
-        sums[0:3] += torch.stack([e.sum(1), e.square().sum(1), e.pow(3).sum(1)])
-        if previous is not None:
-            d = (e - previous) * steps
-            sums[3:6] += torch.stack([d.sum(1), d.square().sum(1), d.pow(3).sum(1)])
-        previous = e
+    with torch.no_grad():
+        for eps, _ in ddim_inversion_steps(eps_fn, x0, acp, timesteps, settings.diffpath_clip):
+            e = per_image(eps)
+            sums[0:3] += torch.stack([e.sum(1), e.square().sum(1), e.pow(3).sum(1)])
+            if previous is not None:
+                d = (e - previous) * steps
+                sums[3:6] += torch.stack([d.sum(1), d.square().sum(1), d.pow(3).sum(1)])
+            previous = e
     six = sums.T.cpu().numpy()
     return {DIFFPATH6D: six, DIFFPATH1D: np.sqrt(six[:, 4:5])}
 

@@ -50,18 +50,19 @@ def noise_level_features(eps_fn: EpsFn, x0: torch.Tensor, keys: Sequence[str], a
     """
     check_batch(x0, keys)
     batch, levels = x0.shape[0], settings.levels
-    noise = row_noise_batch(settings.noise_type, settings.seed, keys, levels, x0.shape[1:], x0.device)
     acp = acp.to(device=x0.device, dtype=torch.float32)
     norms = np.empty((batch, len(levels)), dtype=np.float64)
     errors = np.empty((batch, len(levels)), dtype=np.float64)
-    for i, t in enumerate(levels):
-        n = noise[i].to(x0.device)
-        a_t = acp[t]
-        x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * n
-        eps = eps_fn(x_t, torch.full((batch,), t, dtype=torch.long, device=x0.device))
-        e = per_image(eps)
-        norms[:, i] = e.square().sum(dim=1).sqrt().cpu().numpy()
-        errors[:, i] = (e - per_image(n)).square().mean(dim=1).cpu().numpy()
+    with torch.no_grad():
+        for i, t in enumerate(levels):
+            # one level's noise at a time (the same rows as all at once: each row is seeded on its own)
+            n = row_noise_batch(settings.noise_type, settings.seed, keys, [t], x0.shape[1:], x0.device)[0]
+            n = n.to(x0.device)
+            a_t = acp[t]
+            x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * n
+            e = per_image(eps_fn(x_t, torch.full((batch,), t, dtype=torch.long, device=x0.device)))
+            norms[:, i] = e.square().sum(dim=1).sqrt().cpu().numpy()
+            errors[:, i] = (e - per_image(n)).square().mean(dim=1).cpu().numpy()
     return {EPS_NORM: norms, DENOISING_ERROR: errors}
 
 

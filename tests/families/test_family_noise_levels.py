@@ -7,10 +7,9 @@ import pytest
 import torch
 from family_models import CallRecorder, gaussian_eps_fn, linear_acp, wiggly_eps_fn
 
-from ddpm_ood.diffusion.noise import row_noise_batch
+from ddpm_ood.diffusion.noise import row_noise, row_noise_batch
 from ddpm_ood.families.base import FamilySettings
 from ddpm_ood.families.noise_levels import DENOISING_ERROR, EPS_NORM, noise_level_features
-from ddpm_ood.seeding import row_noise
 
 LEVELS = (10, 250, 600, 990)
 

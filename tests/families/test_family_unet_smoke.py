@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from tiny_run import FLOAT_ROUNDING, TINY_MODEL, TINY_SCHEDULE
 
+from ddpm_ood.diffusion.eps import model_eps_fn
 from ddpm_ood.diffusion.schedule import alphas_cumprod
 from ddpm_ood.diffusion.unet import build_unet, randomize_zero_init_convs
 from ddpm_ood.families import FEATURE_FAMILIES, FamilySettings, compute_features
-from ddpm_ood.reconstruction.engine import model_eps_fn
 
 
 def test_all_families_with_a_tiny_unet(one_thread):

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddpm_ood.diffusion.noise import DEFAULT_NOISE_TYPE, check_noise_type
-from ddpm_ood.diffusion.schedule import NUM_TRAIN_TIMESTEPS
+from ddpm_ood.config import DEFAULT_NOISE_TYPE, NUM_TRAIN_TIMESTEPS, check_noise_type
+from ddpm_ood.diffusion.eps import EpsFn
 from ddpm_ood.errors import UserError
-from ddpm_ood.reconstruction.engine import EpsFn  # the one import of the EpsFn alias in families/
 
 # Ten levels spread evenly over the schedule, the middles of ten equal bins: 50, 150, ..., 950.
 DEFAULT_LEVELS: tuple[int, ...] = tuple(range(50, NUM_TRAIN_TIMESTEPS, 100))

@@ -19,6 +19,9 @@ from ddpm_ood.cli.options import (
     positive_int,
     refuse_unsupported,
 )
+from ddpm_ood.errors import UserError
+from ddpm_ood.families import parse_families
+from ddpm_ood.families.base import even_levels
 from ddpm_ood.reconstruction.stage import ReconstructionJob, run_reconstruction
 from ddpm_ood.run_flags import RunFlags
 
@@ -59,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched: all start points of a batch share network calls (fast, default); reference: one "
                    "start point after another (the oracle; same numbers)")
     add_max_batch_option(g)
+    f = p.add_argument_group("score families (docs/score-families.md)")
+    f.add_argument("--scores", type=str, default="reconstruction",
+                   help="comma list of score families to compute: reconstruction (the paper's, default), eps_norm, "
+                   "denoising_error, diffpath6d, diffpath1d, diffpath (both), or all")
+    f.add_argument("--score_levels", type=str, default="10",
+                   help="eps_norm / denoising_error noise levels: a count L (t spread evenly: 10 -> 50, 150, ..., "
+                   "950; default) or a comma list of t")
+    f.add_argument("--diffpath_steps", type=positive_int, default=10,
+                   help="DiffPath's DDIM inversion steps K (t = 0, 1000/K, ...; default 10)")
     # Not given = the checkpoint's value (None); argparse resolves abbreviations (--chan=2), so a flag is "given"
     # exactly when it is not None.
     p.set_defaults(is_grayscale=None, spatial_dimension=None, channel=None)
@@ -81,8 +93,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         recon_steps=args.recon_steps, engine=args.engine, max_batch=args.max_batch, amp=args.amp,
         precision=args.precision, device=args.device, flags=_run_flags(args),
         vqvae_checkpoint=args.vqvae_checkpoint, latent_pad=args.latent_pad,
+        scores=tuple(parse_families(args.scores)), score_levels=_levels(args.score_levels),
+        diffpath_steps=args.diffpath_steps,
     ))
     return 0
+
+
+def _levels(value: str) -> tuple[int, ...]:
+    """``--score_levels``: a count (spread evenly) or a comma list of t; anything else is a UserError."""
+    parts = [v.strip() for v in value.strip("[]() ").split(",") if v.strip()]
+    if not parts or not all(v.lstrip("-").isdigit() for v in parts):
+        raise UserError(f"--score_levels: expected a count or comma-separated integers t, got {value!r}")
+    return even_levels(int(parts[0])) if len(parts) == 1 else tuple(int(v) for v in parts)
 
 
 def _run_flags(args: argparse.Namespace) -> RunFlags:

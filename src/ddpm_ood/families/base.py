@@ -24,8 +24,18 @@ from ddpm_ood.config import DEFAULT_NOISE_TYPE, NUM_TRAIN_TIMESTEPS, check_noise
 from ddpm_ood.diffusion.eps import EpsFn
 from ddpm_ood.errors import UserError
 
-# Ten levels spread evenly over the schedule, the middles of ten equal bins: 50, 150, ..., 950.
-DEFAULT_LEVELS: tuple[int, ...] = tuple(range(50, NUM_TRAIN_TIMESTEPS, 100))
+
+def even_levels(count: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[int, ...]:
+    """``count`` noise levels spread evenly over the schedule, the middles of ``count`` equal bins (rounded half
+    down): 10 -> 50, 150, ..., 950; 5 -> 100, 300, ..., 900; 20 -> 25, 75, ..., 975."""
+    if not 1 <= count <= num_train_timesteps:
+        raise UserError(f"--score_levels: the number of levels must be between 1 and {num_train_timesteps}, "
+                        f"got {count}")
+    return tuple(int((2 * i + 1) * num_train_timesteps // (2 * count)) for i in range(count))
+
+
+# Ten levels spread evenly over the schedule: 50, 150, ..., 950.
+DEFAULT_LEVELS: tuple[int, ...] = even_levels(10)
 DEFAULT_DIFFPATH_STEPS = 10  # DiffPath's default (--n_ddim_steps 10)
 DEFAULT_SEED = 2  # the project's default --seed
 

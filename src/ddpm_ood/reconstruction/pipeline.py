@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 
 from ddpm_ood.autoencoder.base import to_image
+from ddpm_ood.diffusion.schedule import alphas_cumprod
+from ddpm_ood.families import FamilySettings, compute_features, get_family
 from ddpm_ood.reconstruction.engine import reconstruct_batched, reconstruct_reference
 from ddpm_ood.results.schema import METRIC_COLUMNS
 from ddpm_ood.runs import RunModel
@@ -58,6 +60,26 @@ def measured_rows(model: RunModel, metrics: ReconstructionMetrics, plan: Reconst
 # Image voxels (rows x C x spatial) of reconstructions decoded and measured at once (64 MiB in fp32): bounds the
 # memory of a batch of volumes; 2D batches of the usual sizes are one chunk.
 MEASURE_VOXELS = 2**24
+
+
+def feature_rows(model: RunModel, families: Sequence[str], settings: FamilySettings, batches: Iterable[SetBatch],
+                 row_type: str) -> Iterator[dict[str, pd.DataFrame]]:
+    """The feature rows of a set, one {family: frame} per batch: each family's file rows (``index``, then
+    ``FEATURE_KEY_COLUMNS``, then its feature columns) for the batch's images, the families' shared network calls
+    run once (``families.compute_features``). The one set-level path of the stage and of ``OODScorer``."""
+    acp = alphas_cumprod(model.schedule)
+    for indices, filenames, images, keys, _ in batches:
+        with torch.inference_mode():
+            x0 = model.autoencoder.encode(images)
+        features = compute_features(families, model.eps_fn, x0, keys, acp.to(images.device), settings)
+        frames = {}
+        for family in families:
+            columns = get_family(family).feature_names(settings)
+            frame = pd.DataFrame({"index": np.asarray(indices, dtype=np.int64),
+                                  "filename": np.asarray(filenames, dtype=object), "type": row_type})
+            frame[columns] = features[family]
+            frames[family] = frame
+        yield frames
 
 
 def reconstruct_samples(

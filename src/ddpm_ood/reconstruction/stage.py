@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -27,11 +28,29 @@ from ddpm_ood.distributed import (
     init_distributed,
 )
 from ddpm_ood.errors import UserError
+from ddpm_ood.families import FamilySettings, feature_families, get_family
+from ddpm_ood.families.base import DEFAULT_DIFFPATH_STEPS, DEFAULT_LEVELS
+from ddpm_ood.families.diffpath import diffpath_clip_range
+from ddpm_ood.families.registry import RECONSTRUCTION
 from ddpm_ood.fileio import check_output_dir, image_stem, run_lock
 from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-from ddpm_ood.reconstruction.pipeline import ENGINES, ReconstructionPlan, SetBatch, measured_rows
-from ddpm_ood.results.schema import IN_NAME, VAL_NAME, ood_dir, out_set_name, results_path
-from ddpm_ood.results.writer import PARTIAL_COLUMNS, ResumableResults, reconstruction_settings
+from ddpm_ood.reconstruction.pipeline import (
+    ENGINES,
+    ReconstructionPlan,
+    SetBatch,
+    feature_rows,
+    measured_rows,
+)
+from ddpm_ood.results.schema import (
+    FEATURE_KEY_COLUMNS,
+    IN_NAME,
+    VAL_NAME,
+    features_path,
+    ood_dir,
+    out_set_name,
+    results_path,
+)
+from ddpm_ood.results.writer import ResumableResults, reconstruction_settings
 from ddpm_ood.run_flags import RunFlags
 from ddpm_ood.runs import RunModel, TrainedRun, check_image_shape, load_run_model, open_run, with_image_shape
 from ddpm_ood.seeding import NOISE_KEY_RULE, noise_key
@@ -70,6 +89,18 @@ class ReconstructionJob:
     flags: RunFlags = RunFlags()
     vqvae_checkpoint: str | None = None
     latent_pad: tuple[int, ...] | None = None
+    # The score families to compute (families.ALL_SCORES): "reconstruction" writes results_<set>.csv, a feature
+    # family <ood>/<family>/features_<set>.csv; score_levels / diffpath_steps are the families' L levels and K steps.
+    scores: tuple[str, ...] = (RECONSTRUCTION,)
+    score_levels: tuple[int, ...] = DEFAULT_LEVELS
+    diffpath_steps: int = DEFAULT_DIFFPATH_STEPS
+
+    def __post_init__(self) -> None:
+        if not self.scores:
+            raise UserError("--scores: give at least one score family")
+        for name in self.scores:
+            if name != RECONSTRUCTION:
+                get_family(name)  # an unknown name lists the accepted ones
 
 
 def checkpoint_path(job: ReconstructionJob) -> Path:
@@ -133,6 +164,7 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
     plan = ReconstructionPlan(start_timesteps(job.num_inference_steps, job.inference_skip_factor,
                                               run.config.schedule.num_train_timesteps),
                               job.num_inference_steps, job.seed, job.recon_steps, job.engine)
+    families = feature_families(job.scores)
     ctx = init_distributed(job.device)
     try:
         precision = resolve_precision(ctx.device, precision=job.precision, amp=job.amp)
@@ -140,16 +172,60 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
             print(f"device: {describe_device(ctx.device)}; precision: {precision}")
         with run_lock(results_dir, "reconstruct", enabled=ctx.is_main):
             model = load_run_model(run, ctx.device, precision=precision, use_ema=job.use_ema, max_batch=job.max_batch)
-            metrics = ReconstructionMetrics(ctx.device)
+            metrics = ReconstructionMetrics(ctx.device) if RECONSTRUCTION in job.scores else None
             written = []
             for name, csv, row_type, first_n in sets:
-                writer = ResumableResults(results_path(job.output_dir, job.model_name, name),
-                                          _settings(job, run, plan, csv, first_n, precision), len(plan.start_ts))
-                written.append(writer.path)
-                _reconstruct_set(job, ctx, writer, datasets[name], row_type, plan, model, metrics, name)
+                settings = _settings(job, run, plan, csv, first_n, precision)
+                if metrics is not None:
+                    writer = ResumableResults(results_path(job.output_dir, job.model_name, name), settings,
+                                              len(plan.start_ts))
+                    _run_set(job, ctx, {RECONSTRUCTION: writer}, datasets[name], row_type, plan, model, name,
+                             _as_family_rows(RECONSTRUCTION, partial(measured_rows, model, metrics, plan)))
+                    written.append(writer.path)
+                if families:
+                    writers = _feature_writers(job, run, families, name, settings, model)
+                    _run_set(job, ctx, writers, datasets[name], row_type, plan, model, name,
+                             partial(feature_rows, model, families, _family_settings(job, run)))
+                    written.extend(w.path for w in writers.values())
             return written
     finally:
         cleanup_distributed()
+
+
+def _as_family_rows(family: str, rows_of: Callable[[Iterator[SetBatch], str], Iterator[pd.DataFrame]]):
+    """``rows_of`` (one frame per batch) as ``_run_set`` takes it: one {family: frame} per batch."""
+    def by_family(batches: Iterator[SetBatch], row_type: str) -> Iterator[dict[str, pd.DataFrame]]:
+        return ({family: rows} for rows in rows_of(batches, row_type))
+
+    return by_family
+
+
+def _family_settings(job: ReconstructionJob, run: TrainedRun) -> FamilySettings:
+    """What the feature families need besides the model: the levels, DiffPath's steps, the per-row noise, and
+    DiffPath's clip to the data range (pixel space; latents have none)."""
+    return FamilySettings(levels=job.score_levels, diffpath_steps=job.diffpath_steps, seed=job.seed,
+                          noise_type=run.config.schedule.noise_type,
+                          diffpath_clip=diffpath_clip_range(run.config.schedule.b_scale, run.config.latent is not None))
+
+
+def _feature_writers(job: ReconstructionJob, run: TrainedRun, families: list[str], name: str, settings: dict,
+                     model: RunModel) -> dict[str, ResumableResults]:
+    """One resumable feature file per family for set ``name``; its sidecar holds the set's settings (less the
+    reconstruction grid), the family's own settings and its network evaluations per image."""
+    fam = _family_settings(job, run)
+    common = {k: v for k, v in settings.items()
+              if k not in ("num_inference_steps", "inference_skip_factor", "recon_steps", "start_timesteps")}
+    writers = {}
+    for family in families:
+        record = get_family(family)
+        columns = record.feature_names(fam)
+        own = {"family": family, "features": columns, "nfe": record.nfe(fam), "noise_type": fam.noise_type}
+        own.update({"levels": list(fam.levels)} if record.group.name == "noise_levels" else
+                   {"diffpath_steps": fam.diffpath_steps, "diffpath_clip": fam.diffpath_clip})
+        path = features_path(job.output_dir, job.model_name, family, name)
+        check_output_dir(path.parent, "--output_dir/--model_name")
+        writers[family] = ResumableResults(path, {**common, **own}, 1, columns=[*FEATURE_KEY_COLUMNS, *columns])
+    return writers
 
 
 def _settings(job: ReconstructionJob, run: TrainedRun, plan: ReconstructionPlan, csv: str, first_n: int | None,
@@ -165,61 +241,68 @@ def _settings(job: ReconstructionJob, run: TrainedRun, plan: ReconstructionPlan,
     )
 
 
-def _reconstruct_set(job: ReconstructionJob, ctx: DistContext, writer: ResumableResults, dataset: ImageDataset,
-                     row_type: str, plan: ReconstructionPlan, model: RunModel, metrics: ReconstructionMetrics,
-                     name: str) -> None:
-    """One set: the images not yet in the partial file, sharded over the ranks, rows gathered and appended by the
-    main rank after every batch."""
-    if writer.is_complete():
+def _run_set(job: ReconstructionJob, ctx: DistContext, writers: dict[str, ResumableResults], dataset: ImageDataset,
+             row_type: str, plan: ReconstructionPlan, model: RunModel, name: str,
+             rows_of: Callable[[Iterator[SetBatch], str], Iterator[dict[str, pd.DataFrame]]]) -> None:
+    """One set into one or more files written together (``writers``, by family): the images some file still lacks,
+    sharded over the ranks; ``rows_of(batches, row_type)`` yields each batch's rows by family, gathered and
+    appended by the main rank after every batch (to the files that lack those images)."""
+    if all(w.is_complete() for w in writers.values()):
         if ctx.is_main:
-            print(f"{writer.path}: already complete, skipped")
+            for w in writers.values():
+                print(f"{w.path}: already complete, skipped")
         return
-    done = writer.start() if ctx.is_main else set()
-    done = set(broadcast_object(sorted(done), ctx))
-    todo = [i for i in range(len(dataset)) if i not in done]
+    done = {family: (w.start() if ctx.is_main else set()) for family, w in writers.items()}
+    done = {family: set(broadcast_object(sorted(d), ctx)) for family, d in done.items()}
+    todo = [i for i in range(len(dataset)) if any(i not in d for d in done.values())]
     mine = todo[ctx.rank :: ctx.world_size]
     n_batches = max((len(todo) + job.batch_size * ctx.world_size - 1) // (job.batch_size * ctx.world_size), 1)
     loader = DataLoader(Subset(dataset, mine), batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
                         pin_memory=ctx.device.type == "cuda")
-    batches = _batches_with_noise(loader, plan, ctx.device, model)
-    rows_of_batches = measured_rows(model, metrics, plan, batches, row_type)
-    bar = tqdm(total=len(todo), desc=f"reconstruct {name}", unit="img", disable=not ctx.is_main)
+    with_noise = RECONSTRUCTION in writers  # the engine's start noise is drawn ahead; the families draw their own
+    batch_rows = rows_of(_batches_with_noise(loader, plan, ctx.device, model, with_noise), row_type)
+    label = "reconstruct" if with_noise else "features"
+    bar = tqdm(total=len(todo), desc=f"{label} {name}", unit="img", disable=not ctx.is_main)
     # Every rank runs n_batches rounds (some with no images) so the per-batch gathers stay in step.
     for _ in range(n_batches):
         started = time.perf_counter()
-        rows = next(rows_of_batches, None)
-        rows = pd.DataFrame(columns=PARTIAL_COLUMNS) if rows is None else rows
+        rows = next(batch_rows, None) or {f: pd.DataFrame(columns=w.partial_columns) for f, w in writers.items()}
         if ctx.distributed:
-            parts = [part for part in gather_objects(rows, ctx) if len(part)]
-            rows = pd.concat(parts, ignore_index=True) if parts else rows
+            gathered = gather_objects(rows, ctx)
+            rows = {f: pd.concat([part[f] for part in gathered if len(part[f])] or [rows[f]], ignore_index=True)
+                    for f in writers}
         if ctx.is_main:
-            writer.append(rows)
-            n_images = rows["index"].nunique()
+            for family, writer in writers.items():
+                writer.append(rows[family][~rows[family]["index"].isin(done[family])])
+            n_images = max(frame["index"].nunique() for frame in rows.values())
             bar.update(n_images)
             bar.set_postfix(img_per_s=f"{n_images / max(time.perf_counter() - started, 1e-9):.2f}")
     bar.close()
     barrier(ctx)
     if ctx.is_main:
-        final = writer.finish()
-        print(f"wrote {writer.path} ({final['filename'].size} rows)")
+        for writer in writers.values():
+            final = writer.finish()
+            print(f"wrote {writer.path} ({final['filename'].size} rows)")
     barrier(ctx)
 
 
-def _batches_with_noise(loader: DataLoader, plan: ReconstructionPlan, device: torch.device,
-                        model: RunModel) -> Iterator[SetBatch]:
+def _batches_with_noise(loader: DataLoader, plan: ReconstructionPlan, device: torch.device, model: RunModel,
+                        with_noise: bool = True) -> Iterator[SetBatch]:
     """The loader's batches as ``SetBatch``es on ``device``, each with its start noise (S, B, *model_shape); the
     noise of the NEXT batch is drawn in a background thread while the caller runs this one through the network (the
     same ``diffusion.noise.row_noise_batch`` numbers, so nothing changes; in the main process, so no shared-memory
     traffic). Gaussian noise is drawn on the CPU and pinned on CUDA for a copy without a host wait; simplex noise is
-    computed on ``device``."""
+    computed on ``device``. ``with_noise`` False: no start noise (None), for passes that draw their own."""
     noise_type = model.schedule.noise_type
 
-    def draw(batch: dict) -> tuple[list[str], torch.Tensor]:
+    def draw(batch: dict) -> tuple[list[str], torch.Tensor | None]:
         keys = [noise_key(p) for p in batch["path"]]
+        if not with_noise:
+            return keys, None
         noise = row_noise_batch(noise_type, plan.seed, keys, plan.start_ts, model.model_shape, device)
         return keys, noise.pin_memory() if noise.device.type == "cpu" and device.type == "cuda" else noise
 
-    def as_set_batch(batch: dict, keys: list[str], noise: torch.Tensor) -> SetBatch:
+    def as_set_batch(batch: dict, keys: list[str], noise: torch.Tensor | None) -> SetBatch:
         return ([int(i) for i in batch["index"]], [image_stem(p) for p in batch["path"]],
                 batch["image"].to(device, non_blocking=True), keys, noise)
 

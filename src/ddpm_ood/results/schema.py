@@ -52,6 +52,47 @@ def out_set_name(csv_path: str) -> str:
     return f"{name}_{flip}" if flip else name
 
 
+# Feature files of the score families (families/): ``<ood>/<family>/features_<set>.csv``, one row per image, columns
+# FEATURE_KEY_COLUMNS then the family's feature columns; settings beside them in ``features_<set>.json``.
+FEATURE_KEY_COLUMNS = ["filename", "type"]
+FEATURES_PATTERN = re.compile(r"^features_(?P<name>.+)\.csv$")
+
+
+def features_path(output_dir: str | os.PathLike, model_name: str, family: str, name: str) -> Path:
+    """``<output_dir>/<model_name>/ood/<family>/features_<name>.csv`` (name: "val", "in", or an out-set name)."""
+    return ood_dir(output_dir, model_name) / family / f"features_{name}.csv"
+
+
+def feature_set_names(directory: str | os.PathLike) -> list[str]:
+    """The set names with a feature file in one family's folder (val and in included), sorted."""
+    names = []
+    for p in sorted(Path(directory).glob("features_*.csv")):
+        m = FEATURES_PATTERN.match(p.name)
+        if m:
+            names.append(m.group("name"))
+    return names
+
+
+def read_features(path: str | os.PathLike) -> pd.DataFrame:
+    """A feature file: index ``filename`` (duplicates dropped, first kept), one float column per feature, in file
+    order; UserError naming the file when it is unreadable, empty or has non-numeric features."""
+    try:
+        df = pd.read_csv(path)
+    except Exception as exc:  # pandas raises many types for malformed files
+        raise UserError(f"{path}: cannot be read as CSV ({one_line(exc)})") from None
+    missing = [c for c in FEATURE_KEY_COLUMNS if c not in df.columns]
+    if missing or len(df.columns) <= len(FEATURE_KEY_COLUMNS):
+        raise UserError(f"{path}: expected columns {','.join(FEATURE_KEY_COLUMNS)} and at least one feature")
+    if df.empty:
+        raise UserError(f"{path}: no feature rows")
+    df["filename"] = df["filename"].astype(str)
+    df = df.drop_duplicates("filename").set_index("filename").drop(columns=["type"])
+    values = df.apply(pd.to_numeric, errors="coerce")
+    if values.isna().any().any():
+        raise UserError(f"{path}: non-numeric or empty feature values")
+    return values.astype(float)
+
+
 def read_results(path: str | os.PathLike) -> pd.DataFrame:
     """Read a results CSV (ours, or upstream's with its unnamed index column); check the schema."""
     path = Path(path)

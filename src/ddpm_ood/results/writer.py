@@ -28,10 +28,17 @@ PARTIAL_COLUMNS = ["index", *RESULT_COLUMNS]
 
 
 class ResumableResults:
-    """One results file. ``settings`` (JSON-able) must match for a resume or a skip."""
+    """One results file. ``settings`` (JSON-able) must match for a resume or a skip.
 
-    def __init__(self, path: str | os.PathLike, settings: dict, n_timesteps: int) -> None:
+    ``n_timesteps``: rows per complete image. ``columns``: the final file's columns; with a ``t`` column (results
+    files) rows are keyed by (index, t), without one (feature files, ``FEATURE_KEY_COLUMNS`` + features) by index."""
+
+    def __init__(self, path: str | os.PathLike, settings: dict, n_timesteps: int,
+                 columns: Sequence[str] = tuple(RESULT_COLUMNS)) -> None:
         self.path = Path(path)
+        self.columns = list(columns)
+        self.partial_columns = ["index", *self.columns]
+        self.key = ["index", "t"] if "t" in self.columns else ["index"]
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.settings_path = self.path.with_suffix(".json")
         self.partial_settings_path = self.partial.with_name(self.partial.name + ".json")
@@ -66,18 +73,18 @@ class ResumableResults:
         done: set[int] = set()
         if self.partial.is_file() and saved == self.settings:
             rows = self._read_partial()
-            counts = rows.groupby("index")["t"].nunique()
+            counts = rows.groupby("index").size()
             done = set(int(i) for i in counts.index[counts == self.n_timesteps])
             rows = rows[rows["index"].isin(done)]
             # Rewrite without any torn last line or incomplete image before appending again.
-            atomic_write_csv(rows[PARTIAL_COLUMNS], self.partial)
+            atomic_write_csv(rows[self.partial_columns], self.partial)
             if done:
                 print(f"resuming {self.path.name}: {len(done)} images already done")
         else:
             if self.partial.is_file():
                 print(f"discarding {self.partial.name}: it was made with other settings "
                       f"({settings_difference(saved, self.settings)})")
-            pd.DataFrame(columns=PARTIAL_COLUMNS).to_csv(self.partial, index=False)
+            pd.DataFrame(columns=self.partial_columns).to_csv(self.partial, index=False)
         atomic_write_text(self.partial_settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
         return done
 
@@ -85,20 +92,20 @@ class ResumableResults:
         try:
             rows = pd.read_csv(self.partial, on_bad_lines="skip")
         except (pd.errors.EmptyDataError, pd.errors.ParserError):
-            return pd.DataFrame(columns=PARTIAL_COLUMNS)
-        if list(rows.columns) != PARTIAL_COLUMNS:
+            return pd.DataFrame(columns=self.partial_columns)
+        if list(rows.columns) != self.partial_columns:
             raise UserError(f"{self.partial}: unexpected columns {list(rows.columns)}; delete it to start over")
         rows = rows.dropna()
-        rows["index"] = rows["index"].astype(int)
-        rows["t"] = rows["t"].astype(int)
-        return rows.drop_duplicates(["index", "t"])
+        for column in self.key:
+            rows[column] = rows[column].astype(int)
+        return rows.drop_duplicates(self.key)
 
     def append(self, rows: pd.DataFrame | Sequence[dict]) -> None:
-        """Append one completed batch of rows (``index`` and the RESULT_COLUMNS), flushed to disk."""
+        """Append one completed batch of rows (``index`` and ``columns``), flushed to disk."""
         if len(rows) == 0:
             return
-        frame = rows[PARTIAL_COLUMNS] if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows),
-                                                                                          columns=PARTIAL_COLUMNS)
+        frame = rows[self.partial_columns] if isinstance(rows, pd.DataFrame) else pd.DataFrame(
+            list(rows), columns=self.partial_columns)
         try:
             with open(self.partial, "a") as f:
                 frame.to_csv(f, header=False, index=False)
@@ -110,8 +117,8 @@ class ResumableResults:
 
     def finish(self) -> pd.DataFrame:
         """Write the final CSV (sorted by image index then t, no index column) and remove the partial file."""
-        rows = self._read_partial().sort_values(["index", "t"], kind="stable")
-        final = rows[RESULT_COLUMNS].reset_index(drop=True)
+        rows = self._read_partial().sort_values(self.key, kind="stable")
+        final = rows[self.columns].reset_index(drop=True)
         # The old sidecar goes first: a fault between the two writes must not leave new rows beside old settings
         # (a missing sidecar means "recompute").
         self.settings_path.unlink(missing_ok=True)

@@ -408,3 +408,42 @@ def test_a_pixel_run_resumed_with_a_vqvae_is_refused_naming_both(trained2d, caps
     message = _error(train_ddpm, ddpm_argv(out, s, "pixel", vq, "--n_epochs=2"), capsys)
     assert "pixel-space DDPM" in message and f"--vqvae_checkpoint={vq}" in message
 
+
+
+def test_every_score_family_works_on_the_latents(trained2d, tmp_path):
+    # The families see the VQ-VAE's latents (the model space), never the images: features equal a direct
+    # computation on the encoded images, and ood_detection reports every family.
+    import shutil
+
+    from ddpm_ood.data.datasets import dataset_from_csv
+    from ddpm_ood.diffusion.schedule import alphas_cumprod
+    from ddpm_ood.families import FamilySettings, compute_features
+    from ddpm_ood.results.schema import features_path
+    from ddpm_ood.runs import load_run_model, open_run
+    from ddpm_ood.seeding import noise_key
+
+    _, s, trained_out, _ = trained2d
+    out = tmp_path / "out"
+    shutil.copytree(trained_out / "ldm", out / "ldm")
+    families = ["eps_norm", "denoising_error", "diffpath6d", "diffpath1d"]
+    argv = recon_argv(out, s, "ldm", "--scores=eps_norm,denoising_error,diffpath", "--score_levels=2",
+                      "--diffpath_steps=2")
+    assert run(reconstruct, argv) == 0
+    trained = open_run(out / "ldm" / "checkpoint.pth")
+    assert trained.config.latent is not None
+    model = load_run_model(trained, torch.device("cpu"))
+    ds = dataset_from_csv(str(s / "Noise_test.csv"), trained.data)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    with one_torch_thread(), torch.inference_mode():
+        latents = model.autoencoder.encode(images)
+        settings = FamilySettings(levels=(250, 750), diffpath_steps=2, seed=2)  # latents: DiffPath does not clip
+        want = compute_features(families, model.eps_fn, latents, [noise_key(p) for p in ds.paths],
+                                alphas_cumprod(trained.config.schedule), settings)
+    assert latents.shape[1:] == tuple(trained.config.model_shape) != tuple(images.shape[1:])
+    for family in families:
+        got = pd.read_csv(features_path(out, "ldm", family, "Noise")).iloc[:, 2:].to_numpy()
+        scale = np.maximum(np.abs(want[family]).max(axis=0, keepdims=True), 1.0)
+        assert (np.abs(got - want[family]) <= 1e-5 * scale).all(), family
+    assert run(ood_detection, [f"--output_dir={out}", "--model_name=ldm", "--score=eps_norm"]) == 0
+    summary = pd.read_csv(out / "ldm" / "ood" / "summary.csv")
+    assert set(summary["score"]) == {*families, "ensemble"}

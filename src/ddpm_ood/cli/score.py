@@ -18,7 +18,9 @@ from ddpm_ood.cli.options import (
     optional_path,
     positive_int,
 )
+from ddpm_ood.ood.score_recipe import SCORABLE
 from ddpm_ood.ood.scoring import ScoringJob, run_scoring
+from ddpm_ood.ood.zscore import DEFAULT_SCORE
 
 _val_keep = checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
@@ -38,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "files separated by commas")
     p.add_argument("--out_csv", type=str, required=True,
                    help="where to write the scores; the threshold goes to <out_csv>.json")
+    p.add_argument("--score", choices=SCORABLE, default=DEFAULT_SCORE,
+                   help="the score that flags inputs: the paper's reconstruction scores, a score family (needs "
+                   "reconstruct.py --run_val=1 --scores=<family> first) or ensemble (default "
+                   f"{DEFAULT_SCORE})")
     p.add_argument("--val_keep", type=_val_keep, default=0.95,
                    help="flag inputs scoring above this quantile of the validation scores: about 1 - val_keep of "
                    "in-distribution inputs are flagged (default 0.95)")
@@ -56,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run_scoring(ScoringJob(output_dir=args.output_dir, model_name=args.model_name, inputs=args.inputs,
-                           out_csv=args.out_csv, val_keep=args.val_keep, batch_size=args.batch_size,
+                           out_csv=args.out_csv, score=args.score, val_keep=args.val_keep, batch_size=args.batch_size,
                            device=args.device, vqvae_checkpoint=args.vqvae_checkpoint, amp=args.amp,
                            precision=args.precision, max_batch=args.max_batch))
     return 0

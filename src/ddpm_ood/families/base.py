@@ -26,8 +26,8 @@ from ddpm_ood.errors import UserError
 
 
 def even_levels(count: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[int, ...]:
-    """``count`` noise levels spread evenly over the schedule, the middles of ``count`` equal bins (rounded half
-    down): 10 -> 50, 150, ..., 950; 5 -> 100, 300, ..., 900; 20 -> 25, 75, ..., 975."""
+    """``count`` noise levels spread evenly over the schedule, the middles of ``count`` equal bins (rounded
+    down to whole t): 10 -> 50, 150, ..., 950; 5 -> 100, 300, ..., 900; 3 -> 166, 500, 833."""
     if not 1 <= count <= num_train_timesteps:
         raise UserError(f"--score_levels: the number of levels must be between 1 and {num_train_timesteps}, "
                         f"got {count}")

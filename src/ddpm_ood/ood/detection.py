@@ -23,12 +23,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ddpm_ood.errors import UserError
+from ddpm_ood.families import FEATURE_FAMILIES
 from ddpm_ood.fileio import atomic_write_csv, atomic_write_text, check_output_dir, run_lock
-from ddpm_ood.ood.metrics import auroc_per_t, summary_table
-from ddpm_ood.ood.plots import plot_auroc_per_t, plot_roc_curves, plot_zscore_vs_t
+from ddpm_ood.ood.family_scores import ENSEMBLE, FamilyScores, all_family_scores, reconstruction_block
+from ddpm_ood.ood.metrics import PER_T_COLUMNS, SUMMARY_COLUMNS, auroc_per_t, family_summary, summary_table
+from ddpm_ood.ood.plots import plot_auroc_per_t, plot_auroc_vs_nfe, plot_roc_curves, plot_zscore_vs_t
 from ddpm_ood.ood.zscore import (
     DEFAULT_SCORE,
     SCORE_NAMES,
@@ -37,7 +40,9 @@ from ddpm_ood.ood.zscore import (
     select_timesteps,
     z_scores,
 )
+from ddpm_ood.reconstruction.engine import evaluations_per_image
 from ddpm_ood.results.schema import IN_NAME, VAL_NAME, ood_dir, out_set_names, read_results, results_path
+from ddpm_ood.results.writer import read_settings
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
@@ -45,7 +50,10 @@ PER_T_CSV = "auroc_per_t.csv"
 ROC_PNG = "roc_curves.png"
 PER_T_PNG = "auroc_per_t.png"
 ZSCORE_PNG = "zscore_vs_t.png"
-OUTPUT_FILES = (SUMMARY_CSV, SUMMARY_JSON, PER_T_CSV, ROC_PNG, PER_T_PNG, ZSCORE_PNG)
+NFE_PNG = "auroc_vs_nfe.png"
+OUTPUT_FILES = (SUMMARY_CSV, SUMMARY_JSON, PER_T_CSV, ROC_PNG, PER_T_PNG, ZSCORE_PNG, NFE_PNG)
+# Every score ood_detection.py can report: the reconstruction family's three, each feature family's, the ensemble.
+DETECTION_SCORES = (*SCORE_NAMES, *FEATURE_FAMILIES, ENSEMBLE)
 PLOT_SAMPLE = 50  # images per set in zscore_vs_t.png, as upstream's diagnostic plot
 
 
@@ -69,8 +77,8 @@ class DetectionJob:
         if self.min_t >= self.max_t:
             raise UserError(f"--min_t={self.min_t} must be below --max_t={self.max_t} (the window is min_t < t < "
                             "max_t)")
-        if self.score not in SCORE_NAMES:
-            raise UserError(f"--score must be one of {', '.join(SCORE_NAMES)}, got {self.score!r}")
+        if self.score not in DETECTION_SCORES:
+            raise UserError(f"--score must be one of {', '.join(DETECTION_SCORES)}, got {self.score!r}")
 
 
 def _choose_out_sets(directory: Path, requested: list[str] | None) -> list[str]:
@@ -109,8 +117,6 @@ def _common_precision(directory: Path, names: list[str]) -> str | None:
     """The precision every results file was reconstructed in (from its ``results_<name>.json``; None when no
     sidecar says, as for upstream results). Files made at different precisions are refused: their z-scores would
     mix two numerics."""
-    from ddpm_ood.results.writer import read_settings
-
     found: dict[str, str] = {}
     for name in names:
         sidecar = directory / f"results_{name}.json"
@@ -127,7 +133,24 @@ def _common_precision(directory: Path, names: list[str]) -> str | None:
     return next(iter(found.values()), None)
 
 
-def _evaluate_model(cfg: DetectionJob, model_name: str, directory: Path) -> pd.DataFrame:
+@dataclass(frozen=True)
+class ReconstructionScores:
+    """The paper's family from a run's results files: z-scores per (image, t) (``in_z``, ``out_z``), image scores
+    (``in_scores``, ``out_scores``: one column per ``SCORE_NAMES``), its summary rows, the per-image ensemble block
+    of every set and its network evaluations per image."""
+
+    ref: ValidationReference
+    in_z: pd.DataFrame
+    out_z: dict[str, pd.DataFrame]
+    in_scores: pd.DataFrame
+    out_scores: dict[str, pd.DataFrame]
+    summary: pd.DataFrame
+    blocks: dict[str, pd.DataFrame]
+    nfe: int
+    precision: str | None
+
+
+def _reconstruction_scores(cfg: DetectionJob, model_name: str, directory: Path) -> ReconstructionScores:
     val_path = results_path(cfg.output_dir, model_name, VAL_NAME)
     in_path = results_path(cfg.output_dir, model_name, IN_NAME)
     val = read_results(val_path)
@@ -135,7 +158,6 @@ def _evaluate_model(cfg: DetectionJob, model_name: str, directory: Path) -> pd.D
     ref = ValidationReference.fit(val, t_values, source=str(val_path))
     in_z = z_scores(read_results(in_path), ref, source=str(in_path))
     in_scores = mean_over_t(in_z)
-
     out_sets = _choose_out_sets(directory, cfg.out_sets)
     precision = _common_precision(directory, [VAL_NAME, IN_NAME, *out_sets])
     out_z, out_scores = {}, {}
@@ -144,35 +166,83 @@ def _evaluate_model(cfg: DetectionJob, model_name: str, directory: Path) -> pd.D
         out_z[name] = z_scores(read_results(path), ref, source=str(path))
         out_scores[name] = mean_over_t(out_z[name])
         print(f"n_val={ref.n_val} n_in={len(in_scores)} n_out={len(out_scores[name])}")
+    nfe = _reconstruction_nfe(val_path)
+    blocks = {VAL_NAME: reconstruction_block(z_scores(val, ref, source=str(val_path))),
+              IN_NAME: reconstruction_block(in_z), **{n: reconstruction_block(z) for n, z in out_z.items()}}
+    return ReconstructionScores(ref, in_z, out_z, in_scores, out_scores, summary_table(in_scores, out_scores, nfe=nfe),
+                                blocks, nfe, precision)
 
-    summary = summary_table(in_scores, out_scores)
-    per_t = auroc_per_t(in_z, out_z)
+
+def _reconstruction_nfe(val_path: Path) -> int:
+    """Network evaluations per image of the reconstruction score, from the validation results' settings (0 when
+    they are unknown, as for upstream's results)."""
+    try:
+        s = read_settings(val_path.with_suffix(".json")) or {}
+    except (OSError, json.JSONDecodeError):
+        return 0
+    if not all(k in s for k in ("start_timesteps", "num_inference_steps")):
+        return 0
+    return evaluations_per_image(s["start_timesteps"], s["num_inference_steps"], s.get("recon_steps"))
+
+
+def _evaluate_model(cfg: DetectionJob, model_name: str, directory: Path) -> pd.DataFrame:
+    val_path = results_path(cfg.output_dir, model_name, VAL_NAME)
+    recon = _reconstruction_scores(cfg, model_name, directory) if val_path.is_file() else None
+    families = all_family_scores(directory, cfg.out_sets, None if recon is None else (recon.blocks, recon.nfe))
+    if recon is None and not families:
+        raise UserError(f"{val_path}: not found, nor any score-family features; run reconstruct.py with "
+                        "--run_val=1 --run_in=1 --run_out=1 first")
+    parts = ([recon.summary] if recon is not None else []) + [family_summary(f) for f in families]
+    summary = pd.concat(parts, ignore_index=True)[SUMMARY_COLUMNS]
+    if cfg.score not in set(summary["score"]):
+        raise UserError(f"--score={cfg.score}: not computed for {model_name}; present: "
+                        f"{', '.join(dict.fromkeys(summary['score']))}")
     chosen = summary[summary["score"] == cfg.score]
     for row in chosen.itertuples():
         print(f"AUC for {model_name} vs {row.out_set}: {100 * row.auroc:.1f}")
     print(f"Average AUC: {100 * chosen['auroc'].mean():.1f}")
+    _write_outputs(cfg, model_name, directory, summary, recon, families)
+    ts = recon.ref.t_values if recon is not None else ()
+    window = f"{len(ts)} start t ({ts[0]}..{ts[-1]}), " if ts else ""
+    print(f"\n{model_name}: {window}OOD = positive class, fractions in [0, 1]; nfe = network evaluations per image")
+    print(summary.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    print(f"wrote {', '.join(OUTPUT_FILES)} to {directory}")
+    return summary
 
+
+def _write_outputs(cfg: DetectionJob, model_name: str, directory: Path, summary: pd.DataFrame,
+                   recon: ReconstructionScores | None, families: list[FamilyScores]) -> None:
+    """summary.csv/json, auroc_per_t.csv and the plots (the per-t ones need reconstruction results)."""
     atomic_write_csv(summary, directory / SUMMARY_CSV)
+    per_t = auroc_per_t(recon.in_z, recon.out_z) if recon is not None else pd.DataFrame(columns=PER_T_COLUMNS)
     atomic_write_csv(per_t, directory / PER_T_CSV)
     info = {
         "model_name": model_name,
-        "t_values": list(ref.t_values),
-        "n_val": ref.n_val,
-        "precision": precision,
+        "t_values": list(recon.ref.t_values) if recon is not None else [],
+        "n_val": recon.ref.n_val if recon is not None else None,
+        "precision": recon.precision if recon is not None else None,
         "settings": {"min_t": cfg.min_t, "max_t": cfg.max_t, "t_skip": cfg.t_skip, "score": cfg.score,
-                     "out_sets": out_sets, "seed": cfg.seed},
+                     "out_sets": list(dict.fromkeys(summary["out_set"])), "seed": cfg.seed},
+        "densities": {f.family: f.model for f in families},
         "summary": summary.to_dict(orient="records"),
     }
     atomic_write_text(directory / SUMMARY_JSON, json.dumps(info, indent=2) + "\n")
     title = f"{model_name} ({cfg.score})"
-    plot_roc_curves(in_scores[cfg.score].to_numpy(), {k: v[cfg.score].to_numpy() for k, v in out_scores.items()},
-                    directory / ROC_PNG, title=title)
-    plot_auroc_per_t(per_t, directory / PER_T_PNG, metric=cfg.score, title=title)
-    plot_zscore_vs_t(in_z, out_z, directory / ZSCORE_PNG, score=cfg.score, n_per_set=PLOT_SAMPLE,
-                     seed=cfg.seed, title=title)
+    in_scores, out_scores = _chosen_scores(cfg.score, recon, families)
+    plot_roc_curves(in_scores, out_scores, directory / ROC_PNG, title=title)
+    plot_auroc_vs_nfe(summary, directory / NFE_PNG, title=model_name)
+    if recon is not None:
+        per_t_metric = cfg.score if cfg.score in SCORE_NAMES else DEFAULT_SCORE
+        plot_auroc_per_t(per_t, directory / PER_T_PNG, metric=per_t_metric, title=f"{model_name} ({per_t_metric})")
+        plot_zscore_vs_t(recon.in_z, recon.out_z, directory / ZSCORE_PNG, score=per_t_metric, n_per_set=PLOT_SAMPLE,
+                         seed=cfg.seed, title=f"{model_name} ({per_t_metric})")
 
-    print(f"\n{model_name}: {len(ref.t_values)} start t ({ref.t_values[0]}..{ref.t_values[-1]}), "
-          f"OOD = positive class, fractions in [0, 1]")
-    print(summary.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    print(f"wrote {', '.join(OUTPUT_FILES)} to {directory}")
-    return summary
+
+def _chosen_scores(score: str, recon: ReconstructionScores | None,
+                   families: list[FamilyScores]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(in scores, {out set: scores}) of the score named ``score``."""
+    if recon is not None and score in SCORE_NAMES:
+        return recon.in_scores[score].to_numpy(), {k: v[score].to_numpy() for k, v in recon.out_scores.items()}
+    chosen = next(f for f in families if f.family == score)
+    outs = {k: v.to_numpy() for k, v in chosen.sets.items() if k not in (VAL_NAME, IN_NAME)}
+    return chosen.sets[IN_NAME].to_numpy(), outs

@@ -19,11 +19,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from ddpm_ood.ood.family_scores import FamilyScores
 from ddpm_ood.ood.zscore import SCORE_NAMES
 
 TPR_LEVEL = 0.95
 METRIC_NAMES = ("auroc", "fpr95", "aupr_in", "aupr_out")
-SUMMARY_COLUMNS = ["out_set", "score", *METRIC_NAMES, "n_in", "n_out"]
+# nfe: network evaluations per image of the score (0 = unknown, e.g. upstream's results).
+SUMMARY_COLUMNS = ["out_set", "score", *METRIC_NAMES, "n_in", "n_out", "nfe"]
 PER_T_COLUMNS = ["out_set", "t", "metric", "auroc"]
 
 
@@ -62,8 +64,10 @@ def summary_table(
     in_image_scores: pd.DataFrame,
     out_image_scores: Mapping[str, pd.DataFrame],
     score_names: Sequence[str] = SCORE_NAMES,
+    nfe: int = 0,
 ) -> pd.DataFrame:
-    """One row per (out set, score name), columns ``SUMMARY_COLUMNS``.
+    """One row per (out set, score name), columns ``SUMMARY_COLUMNS`` (``nfe``: the scores' network evaluations
+    per image).
 
     Inputs are ``ood.zscore.image_scores`` frames (one row per image, one column per score name); out sets in
     the mapping's order, scores in ``score_names`` order. n_in / n_out count images.
@@ -73,8 +77,15 @@ def summary_table(
         for score in score_names:
             m = detection_metrics(in_image_scores[score].to_numpy(), out_df[score].to_numpy())
             rows.append({"out_set": out_set, "score": score, **m,
-                         "n_in": len(in_image_scores), "n_out": len(out_df)})
+                         "n_in": len(in_image_scores), "n_out": len(out_df), "nfe": int(nfe)})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def family_summary(scores: FamilyScores) -> pd.DataFrame:
+    """``summary_table``'s rows for one feature family or the ensemble: one per out set it scored."""
+    frame = pd.DataFrame({scores.family: scores.sets["in"]})
+    outs = {name: pd.DataFrame({scores.family: s}) for name, s in scores.sets.items() if name not in ("val", "in")}
+    return summary_table(frame, outs, score_names=(scores.family,), nfe=scores.nfe)
 
 
 def auroc_per_t(

@@ -59,6 +59,27 @@ def plot_roc_curves(
     return save_figure(fig, path)
 
 
+def plot_auroc_vs_nfe(summary: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
+    """AUROC against network evaluations per image (log x), one marker per score and out set (colour = out set),
+    each score's mean over the out sets as a labelled black cross (``ood.metrics.SUMMARY_COLUMNS`` rows)."""
+    fig = _new_figure(6.5, 4.5)
+    ax = fig.add_subplot()
+    rows = summary[summary["nfe"] > 0]
+    for name, group in rows.groupby("out_set", sort=False):
+        ax.scatter(group["nfe"], group["auroc"], s=18, alpha=0.7, label=str(name))
+    for score, group in rows.groupby("score", sort=False):
+        nfe, auroc = float(group["nfe"].iloc[0]), float(group["auroc"].mean())
+        ax.scatter([nfe], [auroc], marker="x", color="black")
+        ax.annotate(str(score), (nfe, auroc), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    if len(rows):
+        ax.set_xscale("log")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="network evaluations per image (nfe)", ylabel="AUROC", ylim=(0, 1.01), title=title)
+    ax.legend(fontsize="small", title="out set")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_auroc_per_t(
     per_t: pd.DataFrame, path: str | os.PathLike, metric: str = DEFAULT_SCORE, title: str = ""
 ) -> Path:

@@ -34,11 +34,12 @@ from tqdm import tqdm
 
 from ddpm_ood.devices import resolve_device, resolve_precision
 from ddpm_ood.errors import UserError
-from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
+from ddpm_ood.ood.score_recipe import ScoreRecipe, read_recipe
+from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference
 from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-from ddpm_ood.reconstruction.pipeline import ReconstructionPlan, SetBatch, measured_rows
-from ddpm_ood.results.schema import VAL_NAME, read_results, results_path
-from ddpm_ood.results.writer import ReconSettings
+from ddpm_ood.reconstruction.pipeline import ReconstructionPlan, SetBatch, feature_rows, measured_rows
+from ddpm_ood.results.schema import VAL_NAME, ood_dir, results_path
+from ddpm_ood.results.writer import FeatureSettings, ReconSettings
 from ddpm_ood.runs import RunModel, TrainedRun, load_run_model, open_run
 
 if TYPE_CHECKING:
@@ -49,8 +50,9 @@ if TYPE_CHECKING:
 DEFAULT_VAL_KEEP = 0.95
 # Output columns, in order; "error" is empty for a scored input, the one-line reason otherwise (scores NaN).
 OUTPUT_COLUMNS = ["path", "score", "is_ood", "mse_score", "perceptual_score", "error"]
-# Output column -> ood.zscore.SCORE_NAMES entry it reports.
-SCORE_COLUMNS = {"score": DEFAULT_SCORE, "mse_score": "mse", "perceptual_score": "perceptual"}
+# Score columns of the output: the chosen score, and the MSE-only and LPIPS-only reconstruction scores (NaN when the
+# chosen score needs no reconstruction).
+SCORE_COLUMNS = ("score", "mse_score", "perceptual_score")
 # Noise key of an in-memory image: this prefix + the sha256 hex digest of its prepared bytes (no file stem has "/").
 ARRAY_KEY_PREFIX = "/ddpm-ood-array/sha256/"
 
@@ -254,21 +256,21 @@ class OODScorer:
         self,
         run: RunConfig,
         model: RunModel,
-        metrics: ReconstructionMetrics,
-        reference: ValidationReference,
+        recipe: ScoreRecipe,
         calibration: Calibration,
-        settings: ReconSettings,
         device: torch.device,
         batch_size: int = 64,
+        metrics: ReconstructionMetrics | None = None,
     ) -> None:
         if batch_size < 1:
             raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+        if recipe.recon is not None and metrics is None:
+            raise ValueError("a score that needs reconstruction needs its ReconstructionMetrics")
         self.run = run
         self.model = model
+        self.recipe = recipe
         self.metrics = metrics
-        self.reference = reference
         self.calibration = calibration
-        self.settings = settings
         self.device = device
         self.batch_size = int(batch_size)
 
@@ -277,6 +279,21 @@ class OODScorer:
         """Scores strictly above this are OOD: the ``val_keep`` quantile of the validation scores."""
         return self.calibration.threshold
 
+    @property
+    def score_name(self) -> str:
+        return self.recipe.score
+
+    @property
+    def settings(self) -> ReconSettings | FeatureSettings:
+        """The settings of the validation files the score was calibrated on (the reconstruction results' when it
+        needs reconstruction, else its first feature family's)."""
+        return self.recipe.run_settings
+
+    @property
+    def reference(self) -> ValidationReference | None:
+        """The reconstruction z-score reference (None for a feature-family score)."""
+        return None if self.recipe.recon is None else self.recipe.recon[1]
+
     @classmethod
     def from_run(
         cls,
@@ -284,6 +301,7 @@ class OODScorer:
         model_name: str,
         device: str = "auto",
         *,
+        score: str = DEFAULT_SCORE,
         val_keep: float = DEFAULT_VAL_KEEP,
         batch_size: int = 64,
         amp: bool | None = None,
@@ -291,39 +309,30 @@ class OODScorer:
         max_batch: int | None = None,
         vqvae_checkpoint: str | os.PathLike | None = None,
     ) -> OODScorer:
-        """Load the run ``<output_dir>/<model_name>``: validation results, their settings, the checkpoint.
+        """Load the run ``<output_dir>/<model_name>``: the validation files ``score`` needs, their settings, the
+        checkpoint.
 
-        device: "auto" (CUDA if available), "cpu" or "cuda". val_keep: in (0, 1], see ``calibrate_threshold``.
-        batch_size: images reconstructed together (each becomes one trajectory per start t). Precision is always the
-        one the validation results were made with (scores would not be comparable otherwise): ``precision`` or
-        ``amp``, if given, must resolve to it on this device, else UserError. max_batch: most samples per network
-        call (memory budget; no effect on the numbers). vqvae_checkpoint: a latent model's VQ-VAE, if it has moved
-        since training (its weights must hash to the recorded ones). Bad or missing files raise UserError.
+        score: ``ood.score_recipe.SCORABLE`` (default the paper's ``mse+perceptual``; a feature family or
+        ``ensemble`` needs ``reconstruct.py --run_val=1 --scores=...`` first). device: "auto" (CUDA if available),
+        "cpu" or "cuda". val_keep: in (0, 1], see ``calibrate_threshold``. batch_size: images scored together.
+        Precision is always the one the validation files were made with (scores would not be comparable
+        otherwise): ``precision`` or ``amp``, if given, must resolve to it on this device, else UserError.
+        max_batch: most samples per network call (memory budget; no effect on the numbers). vqvae_checkpoint: a
+        latent model's VQ-VAE, if it has moved since training (its weights must hash to the recorded ones). Bad or
+        missing files raise UserError.
         """
         val_keep = check_val_keep(val_keep)
         val_path = results_path(output_dir, model_name, VAL_NAME)
-        if not val_path.is_file():
-            raise UserError(
-                f"{val_path}: not found; run reconstruct.py with --run_val=1 first "
-                "(scores and the threshold are calibrated on the validation results)"
-            )
-        settings = ReconSettings.read(val_path.with_suffix(".json"))
-        val = read_results(val_path)
-        val_ts = sorted(set(val["t"].astype(int)))
-        if val_ts != sorted(settings.start_timesteps):
-            raise UserError(
-                f"{val_path}: has start t={val_ts} but {val_path.with_suffix('.json').name} says "
-                f"{list(settings.start_timesteps)}; rerun reconstruct.py with --run_val=1"
-            )
-        reference = ValidationReference.fit(val, select_timesteps(val_ts), source=str(val_path))
-        calibration = calibrate_threshold(image_scores(val, reference, source=str(val_path))[DEFAULT_SCORE], val_keep)
-
+        recipe = read_recipe(ood_dir(output_dir, model_name), score, val_path)
+        calibration = calibrate_threshold(recipe.val_scores, val_keep)
+        settings = recipe.run_settings
         run = _open_scored_run(settings, val_path, vqvae_checkpoint)
         dev = resolve_device(device)
         model = load_run_model(run, dev, precision=_scoring_precision(settings, dev, val_path, precision=precision,
                                                                          amp=amp),
                                use_ema=settings.use_ema, max_batch=max_batch)
-        return cls(run.config, model, ReconstructionMetrics(dev), reference, calibration, settings, dev, batch_size)
+        metrics = ReconstructionMetrics(dev) if recipe.recon is not None else None
+        return cls(run.config, model, recipe, calibration, dev, batch_size, metrics)
 
     # -------------------------------------------------------------------------------------------------------
     def score(
@@ -347,21 +356,30 @@ class OODScorer:
         """
         items = self._as_items(images)
         errors: dict[int, str] = {}
+        recon_rows: list[pd.DataFrame] = []
+        feature_frames: dict[str, list[pd.DataFrame]] = {f: [] for f in self.recipe.families}
         with tempfile.TemporaryDirectory(prefix="ddpm-ood-score-") as tmp:
             bar = tqdm(total=len(items), desc="score", unit="img", disable=not progress)
-            batches = self._prepared_batches(items, errors, tmp, bar)
-            rows = list(measured_rows(self.model, self.metrics, self.plan, batches, "in"))
+            for batch in self._prepared_batches(items, errors, tmp, bar):
+                if self.recipe.recon is not None:
+                    recon_rows.extend(measured_rows(self.model, self.metrics, self.plan, [batch], "in"))
+                if self.recipe.families:
+                    for frames in feature_rows(self.model, self.recipe.families, self.recipe.family_settings, [batch],
+                                               "in"):
+                        for family, frame in frames.items():
+                            feature_frames[family].append(frame)
             bar.close()
-        if not rows:
+        if len(errors) == len(items):
             first = min(errors)
             raise UserError(f"none of the {len(items)} input(s) could be scored; {errors[first]}")
-        scores = image_scores(pd.concat(rows, ignore_index=True), self.reference, source="inputs")
-        return self._frame(items, scores, errors)
+        recon = pd.concat(recon_rows, ignore_index=True) if recon_rows else None
+        features = {f: pd.concat(frames, ignore_index=True) for f, frames in feature_frames.items()}
+        return self._frame(items, self.recipe.image_scores(recon, features), errors)
 
     @property
     def plan(self) -> ReconstructionPlan:
         """How inputs are reconstructed: exactly as the validation results were (their sidecar's settings)."""
-        s = self.settings
+        s = self.recipe.recon[0]
         return ReconstructionPlan(s.start_timesteps, s.num_inference_steps, s.seed, s.recon_steps)
 
     def _prepared_batches(self, items: list[Any], errors: dict[int, str], tmp: str, bar: Any) -> Iterator[SetBatch]:
@@ -469,8 +487,8 @@ class OODScorer:
         ]
         keys = [str(i) for i in range(len(items))]
         out = pd.DataFrame({"path": labels})
-        for column, name in SCORE_COLUMNS.items():
-            out[column] = scores[name].reindex(keys).to_numpy(dtype=float)
+        for column in SCORE_COLUMNS:
+            out[column] = scores[column].reindex(keys).to_numpy(dtype=float)
         flagged = pd.array(out["score"] > self.threshold, dtype="boolean")
         flagged[out["score"].isna().to_numpy()] = pd.NA
         out["is_ood"] = flagged

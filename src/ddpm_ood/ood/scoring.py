@@ -21,12 +21,14 @@ from ddpm_ood.results.schema import VAL_NAME, results_path
 class ScoringJob:
     """Everything score.py does: score ``inputs`` (a folder, a split CSV or image paths separated by commas) with
     the run ``<output_dir>/<model_name>``; write ``out_csv`` (``OODScorer.score``'s columns) and ``<out_csv>.json``
-    (the threshold, its expected false-positive rate and the reconstruction settings)."""
+    (the threshold, its expected false-positive rate and the settings of the validation files). ``score``: any of
+    ``ood.score_recipe.SCORABLE`` (default the paper's)."""
 
     output_dir: str
     model_name: str
     inputs: str
     out_csv: str
+    score: str = DEFAULT_SCORE
     val_keep: float = DEFAULT_VAL_KEEP
     batch_size: int = 64
     device: str = "auto"
@@ -44,13 +46,14 @@ def run_scoring(job: ScoringJob) -> pd.DataFrame:
     check_output_dir(out_csv.parent, "--out_csv")  # created if missing, as every stage's output folder
     inputs = collect_inputs(job.inputs)
     scorer = OODScorer.from_run(
-        job.output_dir, job.model_name, device=job.device, val_keep=job.val_keep, batch_size=job.batch_size,
+        job.output_dir, job.model_name, device=job.device, score=job.score, val_keep=job.val_keep, batch_size=job.batch_size,
         amp=job.amp, precision=job.precision, max_batch=job.max_batch, vqvae_checkpoint=job.vqvae_checkpoint,
     )
     cal = scorer.calibration
     val_path = results_path(job.output_dir, job.model_name, VAL_NAME)
-    print(f"device: {describe_device(scorer.device)}; precision: {scorer.settings.precision} (as {val_path.name})")
-    print(f"threshold {cal.threshold:.6g}: the {cal.val_keep:.1%} quantile of the {DEFAULT_SCORE} score over "
+    print(f"device: {describe_device(scorer.device)}; precision: {scorer.settings.precision} (as the validation "
+          "files)")
+    print(f"threshold {cal.threshold:.6g}: the {cal.val_keep:.1%} quantile of the {job.score} score over "
           f"{cal.n_val} validation images; expected false-positive rate {cal.expected_fpr:.1%} "
           f"(validation images above it: {cal.val_fpr:.1%})")
     result = scorer.score(inputs, progress=True)
@@ -58,7 +61,7 @@ def run_scoring(job: ScoringJob) -> pd.DataFrame:
     n_flagged = int(result["is_ood"].fillna(False).sum())
     atomic_write_csv(result, out_csv)
     summary = {
-        **cal.to_dict(), "score": DEFAULT_SCORE, "validation_results": str(val_path.resolve()),
+        **cal.to_dict(), "score": job.score, "validation_results": str(val_path.resolve()),
         "reconstruction": scorer.settings.to_dict(), "precision": scorer.settings.precision, "inputs": job.inputs,
         "n_inputs": len(result), "n_scored": len(result) - n_failed, "n_flagged": n_flagged, "n_failed": n_failed,
     }

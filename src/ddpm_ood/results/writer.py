@@ -256,3 +256,54 @@ class ReconSettings:
         d = asdict(self)
         d["start_timesteps"] = list(self.start_timesteps)
         return d
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """The settings that produced a feature family's ``features_val.csv`` (its sidecar ``features_val.json``):
+    the run (as ``ReconSettings``) and the family's own (levels, DiffPath steps and clip, nfe)."""
+
+    family: str
+    checkpoint: str
+    checkpoint_epoch: int | None
+    seed: int
+    use_ema: bool
+    precision: str
+    noise_key: str
+    noise_type: str
+    nfe: int
+    levels: tuple[int, ...] | None = None
+    diffpath_steps: int | None = None
+    diffpath_clip: tuple[float, float] | None = None
+    autoencoder: str | None = None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> FeatureSettings:
+        """Read a feature sidecar; a missing or malformed file is a UserError naming it and the command to rerun."""
+        path = Path(path)
+        rerun = f"rerun reconstruct.py --run_val=1 --scores={path.parent.name}"
+        try:
+            d = read_settings(path)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: cannot be read as JSON ({one_line(exc)}); {rerun}") from None
+        keys = ("family", "checkpoint", "checkpoint_epoch", "seed", "use_ema", "precision", "noise_key", "noise_type",
+                "nfe")
+        missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise UserError(f"{path}: {'not found' if d is None else 'missing setting(s) ' + ', '.join(missing)}; "
+                            f"{rerun}")
+        from ddpm_ood.seeding import NOISE_KEY_RULE
+
+        if d["noise_key"] != NOISE_KEY_RULE:
+            raise UserError(f"{path}: noise keyed by {d['noise_key']!r}, this version keys it by {NOISE_KEY_RULE!r}; "
+                            f"{rerun}")
+        clip = d.get("diffpath_clip")
+        return cls(family=str(d["family"]), checkpoint=str(d["checkpoint"]), checkpoint_epoch=d["checkpoint_epoch"],
+                   seed=int(d["seed"]), use_ema=bool(d["use_ema"]), precision=str(d["precision"]),
+                   noise_key=str(d["noise_key"]), noise_type=str(d["noise_type"]), nfe=int(d["nfe"]),
+                   levels=None if d.get("levels") is None else tuple(int(t) for t in d["levels"]),
+                   diffpath_steps=d.get("diffpath_steps"), diffpath_clip=None if clip is None else tuple(clip),
+                   autoencoder=d.get("autoencoder"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,248 @@
+"""reconstruct.py --scores (the feature families) and ood_detection.py's table of every family, on the toy run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tiny_run import one_torch_thread, save_tiny_checkpoint, write_npy_images
+
+from ddpm_ood.cli import ood_detection, reconstruct
+from ddpm_ood.cli.runner import run_cli
+from ddpm_ood.data.datasets import dataset_from_csv
+from ddpm_ood.data.splits import write_split_csv
+from ddpm_ood.diffusion.schedule import alphas_cumprod
+from ddpm_ood.families import FamilySettings, compute_features, get_family
+from ddpm_ood.families.base import even_levels
+from ddpm_ood.families.diffpath import diffpath_clip_range
+from ddpm_ood.fileio import image_stem
+from ddpm_ood.results.schema import features_path
+from ddpm_ood.results.writer import ResumableResults
+from ddpm_ood.runs import load_run_model, open_run
+from ddpm_ood.seeding import noise_key
+
+FAMILIES = ("eps_norm", "denoising_error", "diffpath6d", "diffpath1d")
+FAST = ["--scores=eps_norm,denoising_error,diffpath", "--score_levels=3", "--diffpath_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    splits = root / "data_splits"
+    write_split_csv(splits / "Toy_val.csv", write_npy_images(root / "val", "Toy", 12, 0))
+    write_split_csv(splits / "Toy_test.csv", write_npy_images(root / "test", "Toy", 7, 1))
+    write_split_csv(splits / "Other_test.csv", write_npy_images(root / "other", "Other", 5, 2))
+    out = root / "out"
+    save_tiny_checkpoint(out / "toy" / "checkpoint.pth")
+    return root, splits, out
+
+
+def _argv(splits: Path, out: Path, *extra: str) -> list[str]:
+    return [f"--output_dir={out}", "--model_name=toy", f"--validation_ids={splits / 'Toy_val.csv'}",
+            f"--in_ids={splits / 'Toy_test.csv'}", f"--out_ids={splits / 'Other_test.csv'}", "--num_workers=0",
+            *FAST, *extra]
+
+
+def _assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal up to the network's float32 rounding for other batch compositions, relative to each feature
+    column's magnitude (DiffPath's sums cancel: an absolute tolerance per column, not per value)."""
+    scale = np.abs(expected).max(axis=0, keepdims=True)
+    assert (np.abs(actual - expected) <= 1e-5 * np.maximum(scale, 1.0)).all(), np.abs(actual - expected).max()
+
+
+def _error_lines(err: str) -> list[str]:
+    """The ``error:`` lines of stderr (progress bars write there too)."""
+    return [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+
+
+def _run(main, argv) -> int:
+    with one_torch_thread():
+        return run_cli(main, argv)
+
+
+def _copy_run(toy, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(toy[2] / "toy", out / "toy")
+    return out
+
+
+def test_every_family_writes_its_file_equal_to_a_direct_computation(toy, tmp_path):
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert _run(reconstruct.main, _argv(splits, out, "--batch_size=4")) == 0
+    assert not (out / "toy" / "ood" / "results_val.csv").exists()  # reconstruction was not asked for
+    run = open_run(out / "toy" / "checkpoint.pth")
+    model = load_run_model(run, torch.device("cpu"))
+    settings = FamilySettings(levels=even_levels(3), diffpath_steps=2, seed=2,
+                              diffpath_clip=diffpath_clip_range(run.config.schedule.b_scale, False))
+    dataset = dataset_from_csv(str(splits / "Other_test.csv"), run.data)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    keys = [noise_key(p) for p in dataset.paths]
+    with one_torch_thread():
+        expected = compute_features(list(FAMILIES), model.eps_fn, images, keys, alphas_cumprod(run.config.schedule),
+                                    settings)
+    for family in FAMILIES:
+        path = features_path(out, "toy", family, "Other")
+        frame = pd.read_csv(path)
+        assert list(frame.columns) == ["filename", "type", *get_family(family).feature_names(settings)]
+        assert list(frame["filename"]) == [image_stem(p) for p in dataset.paths] and set(frame["type"]) == {"out"}
+        _assert_close(frame.iloc[:, 2:].to_numpy(), expected[family])
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        assert sidecar["family"] == family and sidecar["nfe"] == (3 if family in FAMILIES[:2] else 2)
+
+
+def test_batch_sizes_1_and_7_give_identical_feature_rows(toy, tmp_path):
+    _, splits, _ = toy
+    files = {}
+    for batch in (1, 7):
+        out = _copy_run(toy, tmp_path / f"b{batch}")
+        assert _run(reconstruct.main, _argv(splits, out, f"--batch_size={batch}", "--run_val=0", "--run_out=0")) == 0
+        files[batch] = {f: pd.read_csv(features_path(out, "toy", f, "in")) for f in FAMILIES}
+    for family in FAMILIES:
+        a, b = files[1][family], files[7][family]
+        assert list(a["filename"]) == list(b["filename"])
+        # Per-row seeded noise: only the network's float rounding for other batch compositions may differ.
+        _assert_close(a.iloc[:, 2:].to_numpy(), b.iloc[:, 2:].to_numpy())
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_rows(toy, tmp_path, monkeypatch):
+    _, splits, _ = toy
+    argv_of = lambda out: _argv(splits, out, "--batch_size=2", "--run_val=0", "--run_out=0")  # noqa: E731
+    whole = _copy_run(toy, tmp_path / "whole")
+    assert _run(reconstruct.main, argv_of(whole)) == 0
+    killed = _copy_run(toy, tmp_path / "killed")
+    appended = []
+    real_append = ResumableResults.append
+
+    def append_then_die(self, rows):
+        real_append(self, rows)
+        appended.append(len(rows))
+        if len(appended) == 2 * len(FAMILIES):  # two batches of every family written, then the process "dies"
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumableResults, "append", append_then_die)
+    assert _run(reconstruct.main, argv_of(killed)) == 130
+    monkeypatch.undo()
+    partial = features_path(killed, "toy", "eps_norm", "in").with_name("features_in.csv.partial")
+    assert len(pd.read_csv(partial)) == 4  # two batches of two images kept
+    assert _run(reconstruct.main, argv_of(killed)) == 0
+    for family in FAMILIES:
+        assert features_path(killed, "toy", family, "in").read_bytes() == \
+            features_path(whole, "toy", family, "in").read_bytes()
+
+
+def test_detection_reports_every_family_and_the_ensemble_with_their_nfe(toy, tmp_path, capsys):
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert _run(reconstruct.main, _argv(splits, out)) == 0
+    assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=toy", "--score=eps_norm"]) == 0
+    summary = pd.read_csv(out / "toy" / "ood" / "summary.csv")
+    assert list(summary["score"]) == [*FAMILIES, "ensemble"]
+    assert list(summary["nfe"]) == [3, 3, 2, 2, 5]  # the ensemble counts each shared group of calls once
+    assert (summary["n_in"] == 7).all() and (summary["n_out"] == 5).all()
+    assert summary[["auroc", "fpr95", "aupr_in", "aupr_out"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (out / "toy" / "ood" / "auroc_vs_nfe.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "AUC for toy vs Other" in printed and "nfe" in printed
+
+
+def test_the_density_is_fitted_on_validation_rows_only(toy, tmp_path):
+    from ddpm_ood.ood.family_scores import all_family_scores
+
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert _run(reconstruct.main, _argv(splits, out)) == 0
+    directory = out / "toy" / "ood"
+    before = {f.family: f for f in all_family_scores(directory, None, None)}
+    # Rewrite the OOD rows wildly: the densities are fitted on validation alone, so the fitted models and every
+    # validation and in-set score stay exactly as they were; only the OOD scores move.
+    for family in FAMILIES:
+        path = features_path(out, "toy", family, "Other")
+        frame = pd.read_csv(path)
+        frame.iloc[:, 2:] = frame.iloc[:, 2:].to_numpy() * 3.0 + 7.0
+        frame.to_csv(path, index=False)
+    after = {f.family: f for f in all_family_scores(directory, None, None)}
+    assert set(after) == {*FAMILIES, "ensemble"}
+    for name, scores in after.items():
+        assert scores.model == before[name].model
+        pd.testing.assert_series_equal(scores.sets["val"], before[name].sets["val"])
+        pd.testing.assert_series_equal(scores.sets["in"], before[name].sets["in"])
+        assert not scores.sets["Other"].equals(before[name].sets["Other"])
+
+
+def test_detection_without_validation_features_names_the_command(toy, tmp_path, capsys):
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert _run(reconstruct.main, _argv(splits, out, "--run_val=0", "--scores=eps_norm")) == 0
+    assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=toy"]) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1
+    err = errors[0]
+    assert "features_val.csv: not found" in err and "reconstruct.py --run_val=1 --scores=eps_norm" in err
+
+
+def test_an_unknown_family_lists_the_accepted_ones(toy, tmp_path, capsys):
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert _run(reconstruct.main, [*_argv(splits, out), "--scores=eps_norm,msma"]) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "unknown score family 'msma'" in errors[0]
+    err = errors[0]
+    for name in ("reconstruction", *FAMILIES, "diffpath", "all"):
+        assert name in err
+    assert not (out / "toy" / "ood").exists()  # refused before anything was written
+
+
+def test_feature_files_made_with_other_settings_are_refused_when_mixed(toy, tmp_path, capsys):
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert _run(reconstruct.main, _argv(splits, out, "--scores=eps_norm", "--run_out=0")) == 0
+    assert _run(reconstruct.main, _argv(splits, out, "--scores=eps_norm", "--run_val=0", "--run_in=0",
+                                        "--score_levels=2")) == 0
+    assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=toy"]) == 2
+    err = capsys.readouterr().err
+    assert "features_Other.json: made with other settings" in err and "levels" in err
+
+
+@pytest.mark.parametrize("score", ["eps_norm", "diffpath6d", "ensemble"])
+def test_the_scorer_gives_a_file_its_detection_score(toy, tmp_path, score):
+    from ddpm_ood import OODScorer
+    from ddpm_ood.data.splits import read_split_csv
+    from ddpm_ood.ood.family_scores import all_family_scores
+
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert _run(reconstruct.main, _argv(splits, out)) == 0
+    expected = {f.family: f for f in all_family_scores(out / "toy" / "ood", None, None)}[score]
+    with one_torch_thread():
+        scorer = OODScorer.from_run(out, "toy", device="cpu", score=score, batch_size=3)
+        got = scorer.score(read_split_csv(str(splits / "Other_test.csv")), progress=False)
+    want = expected.sets["Other"].to_numpy()
+    assert got["error"].eq("").all() and got["mse_score"].isna().all()  # no reconstruction was needed
+    np.testing.assert_allclose(got["score"].to_numpy(), want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    val = expected.sets["val"].to_numpy()
+    assert scorer.threshold == pytest.approx(float(np.quantile(val, 0.95)))
+    assert list(got["is_ood"]) == list(got["score"] > scorer.threshold)
+
+
+def test_score_py_flags_inputs_with_a_family_and_names_the_command_when_it_is_missing(toy, tmp_path, capsys):
+    from ddpm_ood.cli import score as score_cli
+
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    args = [f"--output_dir={out}", "--model_name=toy", f"--inputs={splits / 'Other_test.csv'}",
+            f"--out_csv={tmp_path / 'scores.csv'}", "--device=cpu"]
+    assert _run(score_cli.main, [*args, "--score=diffpath1d"]) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "diffpath1d/features_val.json: not found" in errors[0]
+    assert "reconstruct.py --run_val=1 --scores=diffpath1d" in errors[0]
+    assert _run(reconstruct.main, _argv(splits, out, "--run_in=0", "--run_out=0")) == 0
+    assert _run(score_cli.main, [*args, "--score=diffpath1d"]) == 0
+    written = pd.read_csv(tmp_path / "scores.csv")
+    assert len(written) == 5 and written["score"].notna().all()
+    assert json.loads((tmp_path / "scores.csv.json").read_text())["score"] == "diffpath1d"

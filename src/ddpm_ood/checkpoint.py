@@ -16,8 +16,8 @@ A checkpoint written by ddpm-ood is a dict loadable with ``torch.load(weights_on
 ``train_config``       the loop settings (seed, lr, batch size, ...) for reference
 =====================  ======================================================================================
 
-A checkpoint written by the upstream code has only epoch, global_step, model_state_dict (MONAI Generative key
-names), optimizer_state_dict and best_loss (the best TRAIN loss); it carries no config.
+A checkpoint without ``config`` (the reference code's) is read by the same functions; ``upstream/`` knows the rest
+of its format.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ _KIND_WRITERS = {"ddpm": "train_ddpm.py", "vqvae": "train_vqvae.py"}
 
 
 def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:
-    """``"vqvae"`` for a VQ-VAE checkpoint (ours say so in their config; upstream's have ``quantizer.`` weights),
-    else ``"ddpm"``."""
+    """``"vqvae"`` for a VQ-VAE checkpoint, else ``"ddpm"``: the stored config says; a checkpoint without one is
+    recognised by its weights (MONAI's VQVAE has ``quantizer.`` weights, a UNet none)."""
     config = ckpt.get("config")
     if isinstance(config, dict):
         return "vqvae" if config.get("kind") == "vqvae" else "ddpm"
@@ -98,11 +98,6 @@ def run_config_of(ckpt: Mapping[str, Any], source: str | os.PathLike = "checkpoi
         return RunConfig.from_dict(config)
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{source}: stored run configuration is malformed ({one_line(exc)})") from None
-
-
-def is_upstream_checkpoint(ckpt: Mapping[str, Any]) -> bool:
-    """True for a checkpoint written by the reference code (no stored config)."""
-    return ckpt.get("config") is None
 
 
 def inference_state_dict(ckpt: Mapping[str, Any], use_ema: bool = True) -> dict:

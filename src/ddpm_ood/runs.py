@@ -32,7 +32,7 @@ from ddpm_ood.diffusion.unet import build_unet, wants_fused_attention
 from ddpm_ood.errors import UserError
 from ddpm_ood.run_flags import RunFlags, check_flags
 from ddpm_ood.upstream.flags import data_config_for_upstream, given_path, run_config_from_flags
-from ddpm_ood.upstream.weights import load_unet_state
+from ddpm_ood.upstream.weights import is_upstream_checkpoint, load_unet_state
 
 # Share of the free GPU memory that one network call may take when max_batch is not given (the rest: the engine's
 # per-trajectory state, LPIPS, the allocator's fragmentation).
@@ -60,7 +60,7 @@ class TrainedRun:
     @property
     def upstream(self) -> bool:
         """True for a checkpoint written by the reference code (it stores no configuration)."""
-        return self.ckpt.get("config") is None
+        return is_upstream_checkpoint(self.ckpt)
 
     @property
     def epoch(self) -> int | None:

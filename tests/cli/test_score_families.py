@@ -158,7 +158,7 @@ def test_the_density_is_fitted_on_validation_rows_only(toy, tmp_path):
     out = _copy_run(toy, tmp_path)
     assert _run(reconstruct.main, _argv(splits, out)) == 0
     directory = out / "toy" / "ood"
-    before = {f.family: f for f in all_family_scores(directory, None, None)}
+    before = {f.family: f for f in all_family_scores(directory, None)}
     # Rewrite the OOD rows wildly: the densities are fitted on validation alone, so the fitted models and every
     # validation and in-set score stay exactly as they were; only the OOD scores move.
     for family in FAMILIES:
@@ -166,7 +166,7 @@ def test_the_density_is_fitted_on_validation_rows_only(toy, tmp_path):
         frame = pd.read_csv(path)
         frame.iloc[:, 2:] = frame.iloc[:, 2:].to_numpy() * 3.0 + 7.0
         frame.to_csv(path, index=False)
-    after = {f.family: f for f in all_family_scores(directory, None, None)}
+    after = {f.family: f for f in all_family_scores(directory, None)}
     assert set(after) == {*FAMILIES, "ensemble"}
     for name, scores in after.items():
         assert scores.model == before[name].model
@@ -218,7 +218,7 @@ def test_the_scorer_gives_a_file_its_detection_score(toy, tmp_path, score):
     _, splits, _ = toy
     out = _copy_run(toy, tmp_path)
     assert _run(reconstruct.main, _argv(splits, out)) == 0
-    expected = {f.family: f for f in all_family_scores(out / "toy" / "ood", None, None)}[score]
+    expected = {f.family: f for f in all_family_scores(out / "toy" / "ood", None)}[score]
     with one_torch_thread():
         scorer = OODScorer.from_run(out, "toy", device="cpu", score=score, batch_size=3)
         got = scorer.score(read_split_csv(str(splits / "Other_test.csv")), progress=False)

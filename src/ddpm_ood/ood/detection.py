@@ -29,7 +29,7 @@ import pandas as pd
 from ddpm_ood.errors import UserError
 from ddpm_ood.families import FEATURE_FAMILIES
 from ddpm_ood.fileio import atomic_write_csv, atomic_write_text, check_output_dir, run_lock
-from ddpm_ood.ood.family_scores import ENSEMBLE, FamilyScores, all_family_scores, reconstruction_block
+from ddpm_ood.ood.family_scores import ENSEMBLE, FamilyScores, all_family_scores
 from ddpm_ood.ood.metrics import PER_T_COLUMNS, SUMMARY_COLUMNS, auroc_per_t, family_summary, summary_table
 from ddpm_ood.ood.plots import plot_auroc_per_t, plot_auroc_vs_nfe, plot_roc_curves, plot_zscore_vs_t
 from ddpm_ood.ood.zscore import (
@@ -136,8 +136,8 @@ def _common_precision(directory: Path, names: list[str]) -> str | None:
 @dataclass(frozen=True)
 class ReconstructionScores:
     """The paper's family from a run's results files: z-scores per (image, t) (``in_z``, ``out_z``), image scores
-    (``in_scores``, ``out_scores``: one column per ``SCORE_NAMES``), its summary rows, the per-image ensemble block
-    of every set and its network evaluations per image."""
+    (``in_scores``, ``out_scores``: one column per ``SCORE_NAMES``), its summary rows and its network evaluations
+    per image."""
 
     ref: ValidationReference
     in_z: pd.DataFrame
@@ -145,7 +145,6 @@ class ReconstructionScores:
     in_scores: pd.DataFrame
     out_scores: dict[str, pd.DataFrame]
     summary: pd.DataFrame
-    blocks: dict[str, pd.DataFrame]
     nfe: int
     precision: str | None
 
@@ -167,10 +166,8 @@ def _reconstruction_scores(cfg: DetectionJob, model_name: str, directory: Path) 
         out_scores[name] = mean_over_t(out_z[name])
         print(f"n_val={ref.n_val} n_in={len(in_scores)} n_out={len(out_scores[name])}")
     nfe = _reconstruction_nfe(val_path)
-    blocks = {VAL_NAME: reconstruction_block(z_scores(val, ref, source=str(val_path))),
-              IN_NAME: reconstruction_block(in_z), **{n: reconstruction_block(z) for n, z in out_z.items()}}
     return ReconstructionScores(ref, in_z, out_z, in_scores, out_scores, summary_table(in_scores, out_scores, nfe=nfe),
-                                blocks, nfe, precision)
+                                nfe, precision)
 
 
 def _reconstruction_nfe(val_path: Path) -> int:
@@ -188,7 +185,7 @@ def _reconstruction_nfe(val_path: Path) -> int:
 def _evaluate_model(cfg: DetectionJob, model_name: str, directory: Path) -> pd.DataFrame:
     val_path = results_path(cfg.output_dir, model_name, VAL_NAME)
     recon = _reconstruction_scores(cfg, model_name, directory) if val_path.is_file() else None
-    families = all_family_scores(directory, cfg.out_sets, None if recon is None else (recon.blocks, recon.nfe))
+    families = all_family_scores(directory, cfg.out_sets)
     if recon is None and not families:
         raise UserError(f"{val_path}: not found, nor any score-family features; run reconstruct.py with "
                         "--run_val=1 --run_in=1 --run_out=1 first")

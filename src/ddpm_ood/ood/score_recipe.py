@@ -2,8 +2,8 @@
 
 - a reconstruction score (``ood.zscore.SCORE_NAMES``): the validation results and their z-score reference;
 - a feature family (``families.FEATURE_FAMILIES``): its validation features and the density fitted on them;
-- ``ensemble``: every family the run has (and the reconstruction block when it has results), one density fitted on
-  their validation features side by side (``ood.family_scores``).
+- ``ensemble``: every feature family the run has, one density fitted on their validation features side by side
+  (``ood.family_scores``).
 
 Every part must come from the same checkpoint, epoch, precision and EMA choice (else UserError): their scores
 would not be comparable. ``val_scores`` are the validation images' own scores, for the threshold.
@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.families import FEATURE_FAMILIES, RECONSTRUCTION, FamilySettings
+from ddpm_ood.families import FEATURE_FAMILIES, FamilySettings
 from ddpm_ood.families.density import FeatureDensity
 from ddpm_ood.families.ensemble import EnsembleResult, ensemble_scores
-from ddpm_ood.ood.family_scores import ENSEMBLE, families_present, reconstruction_block
-from ddpm_ood.ood.zscore import SCORE_NAMES, ValidationReference, image_scores, select_timesteps, z_scores
+from ddpm_ood.ood.family_scores import ENSEMBLE, families_present
+from ddpm_ood.ood.zscore import SCORE_NAMES, ValidationReference, image_scores, select_timesteps
 from ddpm_ood.results.schema import read_features, read_results
 from ddpm_ood.results.writer import FeatureSettings, ReconSettings
 
@@ -59,9 +59,7 @@ class ScoreRecipe:
             frame = features[self.score]
             index, score = frame.index, self.densities[self.score].score(frame.to_numpy())
         else:
-            blocks = dict(features)
-            if self.recon is not None:
-                blocks[RECONSTRUCTION] = reconstruction_block(z_scores(recon_rows, self.recon[1], source="inputs"))
+            blocks = features
             index = blocks[self.ensemble.families[0]].index
             joined = np.concatenate([blocks[f].loc[index].to_numpy() for f in self.ensemble.families], axis=1)
             score = self.ensemble.density.score(joined)
@@ -76,11 +74,9 @@ def read_recipe(directory: Path, score: str, val_results: Path) -> ScoreRecipe:
     results_val.csv); UserError naming the file and the command when a part is missing or the parts disagree."""
     if score not in SCORABLE:
         raise UserError(f"unknown score {score!r}; accepted: {', '.join(SCORABLE)}")
-    recon = None
-    if score in SCORE_NAMES or (score == ENSEMBLE and val_results.is_file()):
-        recon = _reconstruction(val_results)
+    recon = _reconstruction(val_results) if score in SCORE_NAMES else None
     families = [score] if score in FEATURE_FAMILIES else families_present(directory) if score == ENSEMBLE else []
-    if score == ENSEMBLE and len(families) + (recon is not None) < 2:
+    if score == ENSEMBLE and len(families) < 2:
         raise UserError(f"{directory}: the ensemble needs two or more score families; run reconstruct.py "
                         "--run_val=1 --scores=all first")
     settings = {f: FeatureSettings.read(directory / f / "features_val.json") for f in families}
@@ -92,13 +88,9 @@ def read_recipe(directory: Path, score: str, val_results: Path) -> ScoreRecipe:
         densities[score] = FeatureDensity().fit(frames[score].to_numpy(), columns=list(frames[score].columns))
         val_scores = densities[score].score(frames[score].to_numpy())
     elif score == ENSEMBLE:
-        blocks = dict(frames)
-        if recon is not None:
-            val = read_results(val_results)
-            blocks[RECONSTRUCTION] = reconstruction_block(z_scores(val, recon[1], source=str(val_results)))
-        images = sorted(set.intersection(*(set(b.index) for b in blocks.values())))
-        ensemble = ensemble_scores({f: [b.loc[images].to_numpy()] for f, b in blocks.items()},
-                                   {f: list(b.columns) for f, b in blocks.items()})
+        images = sorted(set.intersection(*(set(b.index) for b in frames.values())))
+        ensemble = ensemble_scores({f: [b.loc[images].to_numpy()] for f, b in frames.items()},
+                                   {f: list(b.columns) for f, b in frames.items()})
         val_scores = ensemble.scores[0]
     else:
         val_scores = image_scores(read_results(val_results), recon[1], source=str(val_results))[score].to_numpy()

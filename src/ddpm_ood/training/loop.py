@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from ddpm_ood.checkpoint import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
-    is_upstream_checkpoint,
     load_checkpoint,
     periodic_checkpoint_name,
     run_config_of,
@@ -35,6 +34,7 @@ from ddpm_ood.distributed import DistContext, all_reduce_sum
 from ddpm_ood.errors import UserError
 from ddpm_ood.run_flags import config_conflicts
 from ddpm_ood.seeding import capture_rng_state, derive_generator, derive_seed
+from ddpm_ood.upstream.weights import is_upstream_checkpoint
 
 # Independent random streams (first key after the seed).
 STREAM_TRAIN = 0

@@ -18,6 +18,12 @@ from ddpm_ood.diffusion.unet import MODEL_PRESETS, build_unet, model_config_from
 from ddpm_ood.errors import UserError
 
 
+def is_upstream_checkpoint(ckpt: Mapping[str, object]) -> bool:
+    """True for a checkpoint written by the reference code: epoch, global_step, weights (MONAI Generative key
+    names), optimizer state and best (TRAIN) loss, but no stored configuration."""
+    return ckpt.get("config") is None
+
+
 def _shape_signature(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[int, ...]]:
     """Sorted tensor shapes: identifies an architecture independently of key names (old and new names differ)."""
     return sorted(tuple(v.shape) for v in state_dict.values())

@@ -246,3 +246,34 @@ def test_score_py_flags_inputs_with_a_family_and_names_the_command_when_it_is_mi
     written = pd.read_csv(tmp_path / "scores.csv")
     assert len(written) == 5 and written["score"].notna().all()
     assert json.loads((tmp_path / "scores.csv.json").read_text())["score"] == "diffpath1d"
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_write_the_rows_of_one(toy, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tiny_run import REPO_ROOT
+
+    _, splits, _ = toy
+    single, sharded = _copy_run(toy, tmp_path / "one"), _copy_run(toy, tmp_path / "two")
+    argv = ["--scores=eps_norm,diffpath1d", "--score_levels=3", "--diffpath_steps=2", "--batch_size=2",
+            "--run_val=0", "--run_out=0", "--device=cpu"]
+    assert _run(reconstruct.main, [*_argv(splits, single), *argv]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", str(REPO_ROOT / "reconstruct.py"), *_argv(splits, sharded), *argv]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for family in ("eps_norm", "diffpath1d"):
+        one = pd.read_csv(features_path(single, "toy", family, "in"))
+        two = pd.read_csv(features_path(sharded, "toy", family, "in"))
+        assert list(two["filename"]) == list(one["filename"])  # every image once, in the set's order
+        _assert_close(two.iloc[:, 2:].to_numpy(), one.iloc[:, 2:].to_numpy())

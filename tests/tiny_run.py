@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +70,19 @@ def save_tiny_checkpoint(path: Path, epoch: int = 1, seed: int = 0) -> RunConfig
     model = randomize_zero_init_convs(build_unet(TINY_MODEL))
     save_checkpoint(path, {"epoch": epoch, "model_state_dict": model.state_dict(), "config": run.to_dict()})
     return run
+
+
+def to_upstream_keys(state_dict: dict) -> dict:
+    """Invert the key mapping of MONAI's ``DiffusionModelUNet.load_old_state_dict``: core names -> MONAI
+    Generative names (attention projections lose their ``attn.`` level, ``out_proj`` was ``proj_attn``, the
+    upsampler's ``postconv`` was ``conv``): UNet weights as an upstream checkpoint holds them."""
+    old = {}
+    for k, v in state_dict.items():
+        k2 = re.sub(r"\.attn\.(to_q|to_k|to_v)\.", r".\1.", k)
+        k2 = re.sub(r"\.attn\.out_proj\.", ".proj_attn.", k2)
+        k2 = k2.replace("postconv", "conv")
+        old[k2] = v.clone()
+    return old
 
 
 @contextlib.contextmanager

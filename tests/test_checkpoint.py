@@ -1,8 +1,7 @@
-"""Checkpoint files: reading, atomic writing, config round trip, our and upstream's (MONAI Generative) weights."""
+"""Checkpoint files (our format): names, reading, atomic writing, config round trip, which weights infer.
+Upstream's weights and flags: tests/upstream/; flags against a stored config: test_run_flags.py."""
 
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
@@ -18,24 +17,8 @@ from ddpm_ood.checkpoint import (
     save_checkpoint,
 )
 from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
-from ddpm_ood.diffusion.unet import build_unet, model_config_from_preset
+from ddpm_ood.diffusion.unet import build_unet
 from ddpm_ood.errors import UserError
-from ddpm_ood.run_flags import RunFlags, check_flags, config_conflicts
-from ddpm_ood.upstream.flags import run_config_from_flags
-from ddpm_ood.upstream.weights import guess_model_flags, load_unet_state
-
-
-def to_upstream_keys(state_dict: dict) -> dict:
-    """Invert the key mapping of MONAI's ``DiffusionModelUNet.load_old_state_dict``: core names -> MONAI
-    Generative names (attention projections lose their ``attn.`` level, ``out_proj`` was ``proj_attn``, the
-    upsampler's ``postconv`` was ``conv``)."""
-    old = {}
-    for k, v in state_dict.items():
-        k2 = re.sub(r"\.attn\.(to_q|to_k|to_v)\.", r".\1.", k)
-        k2 = re.sub(r"\.attn\.out_proj\.", ".proj_attn.", k2)
-        k2 = k2.replace("postconv", "conv")
-        old[k2] = v.clone()
-    return old
 
 
 def _random_model(config, seed: int):
@@ -107,93 +90,3 @@ def test_inference_state_dict_prefers_ema():
 
 def test_run_config_of_upstream_checkpoint_is_none():
     assert run_config_of({"model_state_dict": {}, "epoch": 1}) is None
-
-
-def test_load_unet_state_native_and_ddp_prefixed(tiny_model_config):
-    source = _random_model(tiny_model_config, 1)
-    for sd in (source.state_dict(), {f"module.{k}": v for k, v in source.state_dict().items()}):
-        target = _random_model(tiny_model_config, 2)
-        load_unet_state(target, sd, "x.pth")
-        for k, v in source.state_dict().items():
-            assert torch.equal(target.state_dict()[k], v)
-
-
-def test_upstream_key_names_load(tiny_model_config):
-    source = _random_model(tiny_model_config, 1)
-    old = to_upstream_keys(source.state_dict())
-    assert any(".proj_attn." in k for k in old) and not any("postconv" in k for k in old)
-    assert set(old) != set(source.state_dict())
-    target = _random_model(tiny_model_config, 2)
-    load_unet_state(target, old, "upstream.pth")
-    for k, v in source.state_dict().items():
-        assert torch.equal(target.state_dict()[k], v), k
-    assert len(old) == len(source.state_dict())  # the caller's dict is not consumed
-
-
-def test_upstream_weights_missing_a_tensor_are_refused(tiny_model_config):
-    old = to_upstream_keys(_random_model(tiny_model_config, 1).state_dict())
-    old.pop(next(k for k in old if ".proj_attn." in k))
-    old["extra.weight"] = torch.zeros(1)  # same count, but one tensor is not the model's
-    with pytest.raises(UserError, match=r"upstream\.pth: weights do not fit"):
-        load_unet_state(_random_model(tiny_model_config, 2), old, "upstream.pth")
-
-
-def test_weights_of_another_preset_name_the_flags_they_need():
-    tiny = build_unet(model_config_from_preset("tiny", 2, 1)).state_dict()
-    assert guess_model_flags(tiny) == "--model_type=tiny --is_grayscale=1 --spatial_dimension=2"
-    assert guess_model_flags(to_upstream_keys(tiny)) == "--model_type=tiny --is_grayscale=1 --spatial_dimension=2"
-    rgb_tiny = model_config_from_preset("tiny", 2, 3)
-    with pytest.raises(UserError, match=r"run/checkpoint\.pth: .*seems to need --model_type=tiny --is_grayscale=1"):
-        load_unet_state(build_unet(rgb_tiny), tiny, "run/checkpoint.pth")
-    with pytest.raises(UserError, match=r"seems to need --model_type=tiny"):
-        load_unet_state(build_unet(rgb_tiny), to_upstream_keys(tiny), "run/checkpoint.pth")
-
-
-def test_config_conflicts_name_both_values(tiny_model_config):
-    data = DataConfig(is_grayscale=True)
-    a = RunConfig(tiny_model_config, ScheduleConfig(), data, (1, 8, 8))
-    assert config_conflicts(a, a) == []
-    b = RunConfig(model_config_from_preset("small", 2, 1), ScheduleConfig(beta_schedule="cosine", beta_start=None,
-                                                                           beta_end=None), data, (1, 16, 16))
-    conflicts = config_conflicts(a, b)
-    assert "--model_type: checkpoint test, flags small" in conflicts
-    assert "--beta_schedule: checkpoint linear_beta, flags cosine" in conflicts
-    assert "image shape (C, *spatial): checkpoint (1, 8, 8), flags (1, 16, 16)" in conflicts
-    assert not any("image shape" in c for c in config_conflicts(a, b, compare_image_shape=False))
-
-
-def test_a_setting_the_checkpoint_has_but_the_flags_leave_unset_is_a_conflict_on_resume():
-    # Resuming without --image_roi must not silently train on uncropped images of the same final shape.
-    from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
-    from ddpm_ood.diffusion.unet import model_config_from_preset
-
-    model = model_config_from_preset("tiny", 2, 1)
-    saved = RunConfig(model, ScheduleConfig(), DataConfig(is_grayscale=True, image_size=32, image_roi=(20, 20)),
-                      image_shape=(1, 32, 32))
-    given = RunConfig(model, ScheduleConfig(), DataConfig(is_grayscale=True, image_size=32), image_shape=(1, 32, 32))
-    assert config_conflicts(saved, given) == ["--image_roi: checkpoint (20, 20), flags None"]
-    assert config_conflicts(saved, saved) == []
-
-
-def test_simplex_noise_is_a_stored_setting_refused_when_contradicted(tmp_path):
-    model = model_config_from_preset("tiny", 2, 1)
-    simplex = RunConfig(model, ScheduleConfig(noise_type="simplex"), DataConfig(is_grayscale=True), (1, 8, 8))
-    gaussian = RunConfig(model, ScheduleConfig(), DataConfig(is_grayscale=True), (1, 8, 8))
-    assert config_conflicts(simplex, gaussian) == ["--simplex_noise: checkpoint 1, flags 0"]
-    ckpt = {"model_state_dict": {}, "config": simplex.to_dict()}
-    assert _resolve(ckpt, RunFlags(simplex_noise=True), tmp_path / "c.pth") == simplex
-    with pytest.raises(UserError, match=r"^--simplex_noise=0 contradicts .*c\.pth which was trained with 1; drop"):
-        _resolve(ckpt, RunFlags(simplex_noise=False), tmp_path / "c.pth")
-    legacy = gaussian.to_dict()
-    del legacy["schedule"]["noise_type"]  # a checkpoint written before noise types existed
-    assert _resolve({"config": legacy}, RunFlags(simplex_noise=False), tmp_path / "c.pth") == gaussian
-    # An upstream checkpoint (no config): the flag says which noise it was trained with, upstream's unscaled simplex.
-    assert run_config_from_flags(RunFlags(simplex_noise=True), (1, 8, 8)).schedule.noise_type == "simplex_upstream"
-    assert run_config_from_flags(RunFlags(), (1, 8, 8)).schedule.noise_type == "gaussian"
-
-
-def _resolve(ckpt: dict, flags: RunFlags, source) -> RunConfig:
-    """A checkpoint's stored configuration checked against explicit flags, as ``runs.open_run`` does it."""
-    run = run_config_of(ckpt, source)
-    check_flags(run, flags, source)
-    return run

@@ -20,19 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import (
-    REPO_ROOT,
-    lpips_installed,
-    needs_lpips,
-    one_torch_thread,
-    save_tiny_checkpoint,
-    write_npy_images,
-)
+from tiny_run import REPO_ROOT, lpips_installed, needs_lpips, one_torch_thread
 
 from ddpm_ood.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint
 from ddpm_ood.cli import get_datasets, ood_detection, reconstruct, score, train_ddpm
 from ddpm_ood.cli.runner import EXIT_IO_ERROR, run_cli
-from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.errors import UserError
 from ddpm_ood.fileio import run_lock
 
@@ -74,16 +66,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 # --------------------------------------------------------------------------------------------- training
 @pytest.fixture
-def train_data(tmp_path):
-    splits = tmp_path / "splits"
-    write_split_csv(splits / "train.csv", write_npy_images(tmp_path / "img", "Toy", 8, 0))
-    write_split_csv(splits / "val.csv", write_npy_images(tmp_path / "img", "Val", 4, 1))
-    return splits
+def train_data(toy_run):
+    return toy_run.splits
 
 
 def train_args(splits: Path, out: Path, n_epochs: int) -> list[str]:
-    return [f"--output_dir={out}", "--model_name=run", f"--training_ids={splits / 'train.csv'}",
-            f"--validation_ids={splits / 'val.csv'}", "--model_type=tiny", "--is_grayscale=1", "--batch_size=4",
+    return [f"--output_dir={out}", "--model_name=run", f"--training_ids={splits / 'Toy_train.csv'}",
+            f"--validation_ids={splits / 'Toy_val.csv'}", "--model_type=tiny", "--is_grayscale=1", "--batch_size=4",
             f"--n_epochs={n_epochs}", "--eval_freq=1", "--checkpoint_every=0", "--num_workers=0", "--lr=1e-3",
             "--sample_steps=0", "--cache_data=1"]
 
@@ -135,18 +124,6 @@ def test_full_disk_at_a_checkpoint_keeps_the_last_one_and_a_rerun_matches(train_
 
 
 # ------------------------------------------------------------------------- reconstruction, detection, scoring
-@pytest.fixture(scope="module")
-def recon_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    splits = root / "data_splits"
-    write_split_csv(splits / "Toy_val.csv", write_npy_images(root / "val", "Toy", 3, 0))
-    write_split_csv(splits / "Toy_test.csv", write_npy_images(root / "test", "Toy", 3, 1))
-    write_split_csv(splits / "Other_test.csv", write_npy_images(root / "other", "Other", 3, 2))
-    clean = root / "clean"
-    save_tiny_checkpoint(clean / "toy" / "checkpoint.pth")
-    return root, splits, clean
-
-
 def recon_args(splits: Path, out: Path) -> list[str]:
     return [f"--output_dir={out}", "--model_name=toy", f"--validation_ids={splits / 'Toy_val.csv'}",
             f"--in_ids={splits / 'Toy_test.csv'}", f"--out_ids={splits / 'Other_test.csv'}", "--is_grayscale=1",
@@ -154,17 +131,15 @@ def recon_args(splits: Path, out: Path) -> list[str]:
             "--device=cpu"]
 
 
-def fresh_run(recon_setup, tmp_path) -> Path:
-    _, _, clean = recon_setup
-    out = tmp_path / "out"
-    (out / "toy").mkdir(parents=True)
-    shutil.copy(clean / "toy" / "checkpoint.pth", out / "toy" / "checkpoint.pth")
-    return out
+@pytest.fixture(scope="module")
+def clean(toy_run, tmp_path_factory) -> Path:
+    """A copy of the toy run: the output folder of unfaulted runs (clean_results)."""
+    return toy_run.copy_to(tmp_path_factory.mktemp("clean"))
 
 
 @pytest.fixture(scope="module")
-def clean_results(recon_setup):
-    _, splits, clean = recon_setup
+def clean_results(toy_run, clean):
+    splits = toy_run.splits
     if lpips_installed():
         with one_torch_thread():  # as the tests: the thread count changes float rounding
             assert reconstruct.main(recon_args(splits, clean)) == 0
@@ -174,10 +149,10 @@ def clean_results(recon_setup):
 
 @needs_lpips
 @pytest.mark.parametrize("faulty", ["results_in.csv.partial", "results_in.csv", "results_in.json"])
-def test_full_disk_while_writing_results_then_rerun_matches(recon_setup, clean_results, tmp_path, capsys, monkeypatch,
+def test_full_disk_while_writing_results_then_rerun_matches(toy_run, clean_results, tmp_path, capsys, monkeypatch,
                                                            faulty):
-    _, splits, _ = recon_setup
-    out = fresh_run(recon_setup, tmp_path)
+    splits = toy_run.splits
+    out = toy_run.copy_to(tmp_path / "out")
     ood = out / "toy" / "ood"
     hits = inject_enospc(monkeypatch, faulty)
     assert run_cli(reconstruct.main, recon_args(splits, out)) == EXIT_IO_ERROR
@@ -195,8 +170,8 @@ def test_full_disk_while_writing_results_then_rerun_matches(recon_setup, clean_r
 
 @needs_lpips
 @pytest.mark.parametrize("faulty", ["summary.json", "roc_curves.png"])
-def test_full_disk_while_writing_detection_outputs(recon_setup, clean_results, tmp_path, capsys, monkeypatch, faulty):
-    out = fresh_run(recon_setup, tmp_path)
+def test_full_disk_while_writing_detection_outputs(toy_run, clean_results, tmp_path, capsys, monkeypatch, faulty):
+    out = toy_run.copy_to(tmp_path / "out")
     ood = out / "toy" / "ood"
     shutil.copytree(clean_results, ood, dirs_exist_ok=True)
     before = snapshot(ood)
@@ -211,9 +186,9 @@ def test_full_disk_while_writing_detection_outputs(recon_setup, clean_results, t
 
 
 @needs_lpips
-def test_score_csv_faults_and_missing_folder(recon_setup, clean_results, tmp_path, capsys, monkeypatch):
-    _, splits, clean = recon_setup
-    args = [f"--output_dir={clean}", "--model_name=toy", f"--inputs={splits / 'Other_test.csv'}", "--device=cpu"]
+def test_score_csv_faults_and_missing_folder(toy_run, clean, clean_results, tmp_path, capsys, monkeypatch):
+    args = [f"--output_dir={clean}", "--model_name=toy", f"--inputs={toy_run.splits / 'Other_test.csv'}",
+            "--device=cpu"]
     out_csv = tmp_path / "scores.csv"
     assert run_cli(score.main, [*args, f"--out_csv={out_csv}"]) == 0
     good = out_csv.read_bytes()
@@ -233,11 +208,10 @@ def test_score_csv_faults_and_missing_folder(recon_setup, clean_results, tmp_pat
 
 
 @needs_lpips
-def test_reconstruct_and_detection_refuse_a_file_as_output_dir(recon_setup, tmp_path, capsys):
-    _, splits, _ = recon_setup
+def test_reconstruct_and_detection_refuse_a_file_as_output_dir(toy_run, tmp_path, capsys):
     a_file = tmp_path / "F"
     a_file.write_text("x")
-    assert run_cli(reconstruct.main, recon_args(splits, a_file)) == 2
+    assert run_cli(reconstruct.main, recon_args(toy_run.splits, a_file)) == 2
     one_error_line(capsys, str(a_file), "is a file, not a folder")
     assert run_cli(ood_detection.main, [f"--output_dir={a_file}", "--model_name=toy"]) == 2
     one_error_line(capsys, str(a_file))

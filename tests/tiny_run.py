@@ -1,9 +1,14 @@
-"""Shared test helpers: small .npy image sets, a tiny random-weight checkpoint, and the LPIPS-weights skip mark."""
+"""Shared test helpers: small .npy image sets, a tiny random-weight checkpoint, the toy run (a toy split and a tiny
+checkpoint, the ``toy_run`` fixtures of conftest.py), and the LPIPS-weights skip mark."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import re
+import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +72,19 @@ def save_tiny_checkpoint(path: Path, epoch: int = 1, seed: int = 0) -> RunConfig
     return run
 
 
+def to_upstream_keys(state_dict: dict) -> dict:
+    """Invert the key mapping of MONAI's ``DiffusionModelUNet.load_old_state_dict``: core names -> MONAI
+    Generative names (attention projections lose their ``attn.`` level, ``out_proj`` was ``proj_attn``, the
+    upsampler's ``postconv`` was ``conv``): UNet weights as an upstream checkpoint holds them."""
+    old = {}
+    for k, v in state_dict.items():
+        k2 = re.sub(r"\.attn\.(to_q|to_k|to_v)\.", r".\1.", k)
+        k2 = re.sub(r"\.attn\.out_proj\.", ".proj_attn.", k2)
+        k2 = k2.replace("postconv", "conv")
+        old[k2] = v.clone()
+    return old
+
+
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
     """One intra-op thread: on a small shared CPU, tiny networks run several times faster than with more."""
@@ -76,3 +94,76 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------------ toy run
+# The toy split: (split CSV, image folder, file prefix, number of images, seed, image shape). 8x8 grayscale images
+# but for Rgb_test (3 channels: a set a grayscale model must refuse).
+TOY_SPLIT = (
+    ("Toy_train.csv", "train", "Train", 8, 4, (8, 8)),
+    ("Toy_val.csv", "val", "Toy", 3, 0, (8, 8)),
+    ("Toy_test.csv", "test", "Toy", 4, 1, (8, 8)),
+    ("Other_test.csv", "other", "Other", 3, 2, (8, 8)),
+    ("Rgb_test.csv", "rgb", "Rgb", 2, 3, (3, 8, 8)),
+)
+# The checkpoint variants of the toy run: its model name (the run folder under ``out``).
+TOY_RUN_VARIANTS = {"random": "toy", "simplex": "simplex"}
+
+
+@dataclass(frozen=True)
+class ToyRun:
+    """The toy split and a run on it: image folders under ``root`` (``TOY_SPLIT``), the split CSVs in ``splits``,
+    the run folder ``out / model_name``. Shared by many tests: a test that writes into a run folder works on
+    ``copy_to(tmp_path)``."""
+
+    root: Path
+    splits: Path
+    out: Path
+    model_name: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / self.model_name
+
+    def copy_to(self, out: Path) -> Path:
+        """The run folder (checkpoints and logs, no results) copied to ``out / model_name``; returns ``out``."""
+        shutil.copytree(self.run_dir, out / self.model_name, ignore=shutil.ignore_patterns("ood"))
+        return out
+
+
+def write_toy_split(root: Path) -> Path:
+    """The .npy images of ``TOY_SPLIT`` under ``root`` and their split CSVs in ``root / "data_splits"`` (returned)."""
+    from ddpm_ood.data.splits import write_split_csv
+
+    splits = root / "data_splits"
+    for csv_name, folder, prefix, n, seed, shape in TOY_SPLIT:
+        write_split_csv(splits / csv_name, write_npy_images(root / folder, prefix, n, seed, shape=shape))
+    return splits
+
+
+def build_toy_run(root: Path, variant: str = "random") -> ToyRun:
+    """The toy split under ``root`` and a run on it (``TOY_RUN_VARIANTS``): "random", an untrained tiny UNet
+    (``save_tiny_checkpoint``) as run "toy"; "simplex", train_ddpm.py --simplex_noise=1 on Toy_train (tiny
+    preset, 2 quick epochs) as run "simplex"."""
+    splits = write_toy_split(root)
+    out = root / "out"
+    model_name = TOY_RUN_VARIANTS[variant]
+    if variant == "random":
+        save_tiny_checkpoint(out / model_name / "checkpoint.pth")
+    else:
+        from ddpm_ood.cli import train_ddpm
+
+        with one_torch_thread():
+            assert train_ddpm.main([
+                f"--output_dir={out}", f"--model_name={model_name}", f"--training_ids={splits / 'Toy_train.csv'}",
+                f"--validation_ids={splits / 'Toy_val.csv'}", "--model_type=tiny", "--is_grayscale=1",
+                "--batch_size=4", "--n_epochs=2", "--eval_freq=1", "--checkpoint_every=0", "--num_workers=0",
+                "--sample_steps=2", "--simplex_noise=1", "--device=cpu",
+            ]) == 0
+    return ToyRun(root, splits, out, model_name)
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` by relative path: what a test may not change in a shared folder."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

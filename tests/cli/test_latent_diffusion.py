@@ -5,6 +5,8 @@ exact VQ-VAE resume, and every bad input the issue names (one line, exit status 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -253,52 +255,132 @@ def _error(module, argv, capsys) -> str:
     return err
 
 
-def test_bad_input_is_one_line(trained2d, capsys):
-    root, s, out, vq = trained2d
-    ddpm = out / "ldm" / "checkpoint.pth"
-    # A VQ-VAE checkpoint where a DDPM one is expected, and the reverse.
-    err = _error(reconstruct, recon_argv(out, s, "ldm", f"--eval_checkpoint={vq}"), capsys)
-    assert f"{vq}: is a VQVAE checkpoint" in err and "--vqvae_checkpoint" in err
-    err = _error(train_ddpm, ddpm_argv(out, s, "other", ddpm), capsys)
-    assert f"{ddpm}: is a DDPM checkpoint" in err
-    # A VQ-VAE with other weights than the one the DDPM was trained on.
+@pytest.fixture(scope="module")
+def other_vqvae(trained2d) -> Path:
+    """A VQ-VAE with other weights than the one the DDPM "ldm" was trained on (another seed, 1 epoch)."""
+    _, s, out, _ = trained2d
     assert run(train_vqvae, vqvae_argv(out, s, "vq2", "--seed=5", n_epochs=1)) == 0
-    err = _error(reconstruct, recon_argv(out, s, "ldm", f"--vqvae_checkpoint={out / 'vq2' / 'checkpoint.pth'}"),
-                 capsys)
-    assert "VQ-VAE weights differ from the one" in err
-    # ... also when resuming the DDPM's training with another VQ-VAE.
-    err = _error(train_ddpm, ddpm_argv(out, s, "ldm", out / "vq2" / "checkpoint.pth", "--n_epochs=2"), capsys)
-    assert "--vqvae_checkpoint (VQ-VAE weights)" in err
-    # Resuming the VQ-VAE with other loss weights, or --channel without --is_grayscale=1.
-    err = _error(train_vqvae, vqvae_argv(out, s, "vq", "--adversarial_weight=0", n_epochs=3), capsys)
-    assert "vq/checkpoint_last.pth: flags contradict" in err and "loss weights" in err
-    assert "needs --is_grayscale=1" in _error(train_vqvae, vqvae_argv(out, s, "bad", "--channel=1",
-                                                                      "--is_grayscale=0"), capsys)
-    # Channel mismatches between the VQ-VAE and the data.
-    err = _error(train_vqvae, vqvae_argv(out, s, "bad", "--is_grayscale=0"), capsys)
-    assert "--vqvae_in_channels=1" in err
-    err = _error(reconstruct, recon_argv(out, s, "ldm", f"--out_ids={s / 'Rgb_test.csv'}", "--run_val=0",
-                                         "--run_in=0"), capsys)
-    assert "Rgb_0.npy" in err
-    # A size the VQ-VAE cannot take, a list flag that does not parse, an upstream json with unknown keys.
-    err = _error(train_vqvae, vqvae_argv(out, s, "bad", "--image_size=18"), capsys)
-    assert "18x18 does not come back" in err
+    return out / "vq2" / "checkpoint.pth"
+
+
+@dataclass(frozen=True)
+class Latent2D:
+    """What a bad-input case builds its command line from: the trained 2D run, a folder of its own, and the
+    module's other fixtures on demand."""
+
+    root: Path
+    s: Path
+    out: Path
+    vq: Path
+    tmp_path: Path
+    request: pytest.FixtureRequest
+
+    @property
+    def ddpm(self) -> Path:
+        return self.out / "ldm" / "checkpoint.pth"
+
+    @property
+    def other_vq(self) -> Path:
+        return self.request.getfixturevalue("other_vqvae")
+
+
+# id -> case(c: Latent2D) -> (CLI module, argv, fragments the one error line must hold)
+BAD_INPUTS: dict[str, Callable[[Latent2D], tuple[object, list[str], list[str]]]] = {}
+
+
+def bad_input(case):
+    BAD_INPUTS[case.__name__.replace("_", "-")] = case
+    return case
+
+
+@bad_input
+def vqvae_checkpoint_as_the_ddpm(c):
+    return (reconstruct, recon_argv(c.out, c.s, "ldm", f"--eval_checkpoint={c.vq}"),
+            [f"{c.vq}: is a VQVAE checkpoint", "--vqvae_checkpoint"])
+
+
+@bad_input
+def ddpm_checkpoint_as_the_vqvae(c):
+    return train_ddpm, ddpm_argv(c.out, c.s, "other", c.ddpm), [f"{c.ddpm}: is a DDPM checkpoint"]
+
+
+@bad_input
+def reconstruct_with_another_vqvaes_weights(c):
+    return (reconstruct, recon_argv(c.out, c.s, "ldm", f"--vqvae_checkpoint={c.other_vq}"),
+            [f"{c.other_vq}: VQ-VAE weights differ from the one {c.ddpm} was trained on"])
+
+
+@bad_input
+def resume_the_ddpm_with_another_vqvae(c):
+    return (train_ddpm, ddpm_argv(c.out, c.s, "ldm", c.other_vq, "--n_epochs=2"),
+            [f"{c.out / 'ldm' / 'checkpoint_last.pth'}: flags contradict", "--vqvae_checkpoint (VQ-VAE weights)"])
+
+
+@bad_input
+def resume_the_vqvae_with_other_loss_weights(c):
+    return (train_vqvae, vqvae_argv(c.out, c.s, "vq", "--adversarial_weight=0", n_epochs=3),
+            ["vq/checkpoint_last.pth: flags contradict", "loss weights"])
+
+
+@bad_input
+def channel_without_grayscale(c):
+    return (train_vqvae, vqvae_argv(c.out, c.s, "bad", "--channel=1", "--is_grayscale=0"),
+            ["--channel=1", "needs --is_grayscale=1"])
+
+
+@bad_input
+def rgb_data_for_a_one_channel_vqvae(c):
+    return train_vqvae, vqvae_argv(c.out, c.s, "bad", "--is_grayscale=0"), ["--vqvae_in_channels=1", "--is_grayscale=0"]
+
+
+@bad_input
+def rgb_out_set_for_a_grayscale_model(c):
+    return (reconstruct, recon_argv(c.out, c.s, "ldm", f"--out_ids={c.s / 'Rgb_test.csv'}", "--run_val=0",
+                                    "--run_in=0"), [f"{c.root / 'rgb' / 'Rgb_0.npy'}: has 3 channels", "--is_grayscale=1"])
+
+
+@bad_input
+def image_size_the_vqvae_cannot_take(c):
+    return train_vqvae, vqvae_argv(c.out, c.s, "bad", "--image_size=18"), [f"{c.s / 'Sq_train.csv'}: image size 18x18 does not come back", "--image_size"]
+
+
+@bad_input
+def upstream_vqvae_json_with_an_unknown_key(c):
+    upstream = c.tmp_path / "upstream_vq"
+    upstream.mkdir()
+    ck = load_checkpoint(c.vq, kind="vqvae")
+    torch.save({"epoch": 1, "model_state_dict": ck["model_state_dict"]}, upstream / "checkpoint.pth")
+    cfg = json.loads((c.out / "vq" / "vqvae_config.json").read_text())
+    (upstream / "vqvae_config.json").write_text(json.dumps({**cfg, "use_flash": True}))
+    return (train_ddpm, ddpm_argv(c.out, c.s, "up", upstream / "checkpoint.pth"),
+            [f"{upstream / 'vqvae_config.json'}: unknown VQ-VAE key(s) use_flash"])
+
+
+@bad_input
+def latent_pad_without_latent_diffusion(c):
+    argv = ddpm_argv(c.out, c.s, "x", None, "--latent_pad=[1,1,1,1]")[:-1] + ["--latent_pad=[1,1,1,1]"]
+    return train_ddpm, argv, ["--latent_pad", "give --vqvae_checkpoint too"]
+
+
+@bad_input
+def latent_pad_the_unet_cannot_halve(c):
+    return train_ddpm, ddpm_argv(c.out, c.s, "x", c.vq, "--latent_pad=[1,0,1,0]"), ["--latent_pad=[1, 0, 1, 0]", "not divisible by 4"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line(trained2d, case, tmp_path, request, capsys):
+    module, argv, fragments = BAD_INPUTS[case](Latent2D(*trained2d, tmp_path, request))
+    err = _error(module, argv, capsys)
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_a_list_flag_that_does_not_parse_exits_2(trained2d, capsys):
+    _, s, out, _ = trained2d
     with pytest.raises(SystemExit) as exit_info:
         train_vqvae.build_parser().parse_args(vqvae_argv(out, s, "bad", "--vqvae_downsample_parameters=[[2,4,1,"))
     assert exit_info.value.code == 2
     assert "expected a list of integer lists" in capsys.readouterr().err
-    upstream = root / "upstream_vq"
-    upstream.mkdir(exist_ok=True)
-    ck = load_checkpoint(vq, kind="vqvae")
-    torch.save({"epoch": 1, "model_state_dict": ck["model_state_dict"]}, upstream / "checkpoint.pth")
-    cfg = json.loads((out / "vq" / "vqvae_config.json").read_text())
-    (upstream / "vqvae_config.json").write_text(json.dumps({**cfg, "use_flash": True}))
-    err = _error(train_ddpm, ddpm_argv(out, s, "up", upstream / "checkpoint.pth"), capsys)
-    assert "vqvae_config.json: unknown VQ-VAE key(s) use_flash" in err
-    # --latent_pad without latent diffusion; a pad the UNet cannot halve.
-    assert "give --vqvae_checkpoint too" in _error(train_ddpm, ddpm_argv(out, s, "x", None, "--latent_pad=[1,1,1,1]")
-                                                   [:-1] + ["--latent_pad=[1,1,1,1]"], capsys)
-    assert "not divisible by 4" in _error(train_ddpm, ddpm_argv(out, s, "x", vq, "--latent_pad=[1,0,1,0]"), capsys)
 
 
 def test_upstream_vqvae_checkpoint_trains_a_latent_ddpm(trained2d):

@@ -11,14 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny_run import (
-    FLOAT_ROUNDING,
-    REPO_ROOT,
-    TINY_SCHEDULE,
-    needs_lpips,
-    save_tiny_checkpoint,
-    write_npy_images,
-)
+from tiny_run import FLOAT_ROUNDING, REPO_ROOT, TINY_SCHEDULE, needs_lpips
 
 from ddpm_ood.cli.reconstruct import main
 from ddpm_ood.cli.runner import run_cli
@@ -29,19 +22,6 @@ REPO = REPO_ROOT
 
 
 pytestmark = needs_lpips
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recon")
-    splits = root / "data_splits"
-    write_split_csv(splits / "Toy_val.csv", write_npy_images(root / "val", "Toy", 3, 0))
-    write_split_csv(splits / "Toy_test.csv", write_npy_images(root / "test", "Toy", 4, 1))
-    write_split_csv(splits / "Other_test.csv", write_npy_images(root / "other", "Other", 3, 2))
-    write_split_csv(splits / "Rgb_test.csv", write_npy_images(root / "rgb", "Rgb", 2, 3, shape=(3, 8, 8)))
-    out = root / "out"
-    save_tiny_checkpoint(out / "toy" / "checkpoint.pth")
-    return root, splits, out
 
 
 def _args(splits: Path, out: Path, *extra: str) -> list[str]:
@@ -59,19 +39,14 @@ def _args(splits: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _copy_checkpoint(src_out: Path, dst_out: Path) -> None:
-    (dst_out / "toy").mkdir(parents=True, exist_ok=True)
-    (dst_out / "toy" / "checkpoint.pth").write_bytes((src_out / "toy" / "checkpoint.pth").read_bytes())
-
-
 @pytest.fixture(scope="module")
-def baseline(setup):
-    root, splits, out = setup
-    assert main(_args(splits, out, "--batch_size=7")) == 0
+def baseline(toy_run, tmp_path_factory):
+    out = toy_run.copy_to(tmp_path_factory.mktemp("baseline"))
+    assert main(_args(toy_run.splits, out, "--batch_size=7")) == 0
     return out / "toy" / "ood"
 
 
-def test_writes_expected_files_and_rows(setup, baseline):
+def test_writes_expected_files_and_rows(baseline):
     files = sorted(p.name for p in baseline.glob("results_*.csv"))
     assert files == ["results_Other.csv", "results_Toy_vflip.csv", "results_in.csv", "results_val.csv"]
     val = pd.read_csv(baseline / "results_val.csv")
@@ -100,20 +75,19 @@ def assert_same_results(ood: Path, baseline: Path) -> None:
             assert np.abs(other[metric] - single[metric]).max() < FLOAT_ROUNDING, (f.name, metric)
 
 
-def test_batch_size_changes_numbers_only_by_float_rounding(setup, baseline, tmp_path):
-    _, splits, out = setup
-    _copy_checkpoint(out, tmp_path)
-    assert main(_args(splits, tmp_path, "--batch_size=1")) == 0
+def test_batch_size_changes_numbers_only_by_float_rounding(toy_run, baseline, tmp_path):
+    toy_run.copy_to(tmp_path)
+    assert main(_args(toy_run.splits, tmp_path, "--batch_size=1")) == 0
     assert_same_results(tmp_path / "toy" / "ood", baseline)
 
 
-def test_moved_data_and_another_working_directory_change_no_number(setup, baseline, tmp_path, monkeypatch):
+def test_moved_data_and_another_working_directory_change_no_number(toy_run, baseline, tmp_path, monkeypatch):
     """Noise is keyed by file stem, not path: the same images elsewhere, listed relative to another working
     directory, give byte-identical results files."""
     import shutil
 
-    root, splits, out = setup
-    _copy_checkpoint(out, tmp_path / "out")
+    root = toy_run.root
+    toy_run.copy_to(tmp_path / "out")
     moved = tmp_path / "elsewhere"
     rel_splits = tmp_path / "splits"
     for csv_name, folder in (("Toy_val.csv", "val"), ("Toy_test.csv", "test"), ("Other_test.csv", "other")):
@@ -126,24 +100,22 @@ def test_moved_data_and_another_working_directory_change_no_number(setup, baseli
         assert (tmp_path / "out" / "toy" / "ood" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def test_reference_engine_gives_the_same_numbers(setup, baseline, tmp_path):
-    _, splits, out = setup
-    _copy_checkpoint(out, tmp_path)
-    assert main(_args(splits, tmp_path, "--engine=reference", "--run_in=0", "--run_out=0")) == 0
+def test_reference_engine_gives_the_same_numbers(toy_run, baseline, tmp_path):
+    toy_run.copy_to(tmp_path)
+    assert main(_args(toy_run.splits, tmp_path, "--engine=reference", "--run_in=0", "--run_out=0")) == 0
     ref = pd.read_csv(tmp_path / "toy" / "ood" / "results_val.csv")
     fast = pd.read_csv(baseline / "results_val.csv")
     assert np.abs(ref["mse"] - fast["mse"]).max() < 1e-6
     assert np.abs(ref["perceptual_difference"] - fast["perceptual_difference"]).max() < 1e-4
 
 
-def test_resume_after_interruption_gives_identical_files(setup, tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_identical_files(toy_run, tmp_path, monkeypatch):
     from ddpm_ood.results import writer as results_writer
 
-    _, splits, out = setup
-    uninterrupted = tmp_path / "uninterrupted"
-    _copy_checkpoint(out, uninterrupted)
+    splits = toy_run.splits
+    uninterrupted = toy_run.copy_to(tmp_path / "uninterrupted")
     assert main(_args(splits, uninterrupted, "--batch_size=2")) == 0
-    _copy_checkpoint(out, tmp_path)
+    toy_run.copy_to(tmp_path)
     original = results_writer.ResumableResults.append
     calls = {"n": 0}
 
@@ -163,10 +135,9 @@ def test_resume_after_interruption_gives_identical_files(setup, tmp_path, monkey
         assert (ood / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def test_complete_files_are_skipped_and_other_settings_recomputed(setup, tmp_path, capsys):
-    _, splits, out = setup
-    _copy_checkpoint(out, tmp_path)
-    args = _args(splits, tmp_path, "--run_in=0", "--run_out=0")
+def test_complete_files_are_skipped_and_other_settings_recomputed(toy_run, tmp_path, capsys):
+    toy_run.copy_to(tmp_path)
+    args = _args(toy_run.splits, tmp_path, "--run_in=0", "--run_out=0")
     assert main(args) == 0
     assert main(args) == 0
     assert "already complete" in capsys.readouterr().out
@@ -183,17 +154,16 @@ def test_complete_files_are_skipped_and_other_settings_recomputed(setup, tmp_pat
         (["--is_grayscale=0"], "contradicts"),
     ],
 )
-def test_bad_flags_fail_with_one_line(setup, tmp_path, capsys, extra, message):
-    _, splits, out = setup
-    _copy_checkpoint(out, tmp_path)
-    assert run_cli(main, _args(splits, tmp_path, *extra)) == 2
+def test_bad_flags_fail_with_one_line(toy_run, tmp_path, capsys, extra, message):
+    toy_run.copy_to(tmp_path)
+    assert run_cli(main, _args(toy_run.splits, tmp_path, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
 
 
-def test_bad_inputs_leave_earlier_results_intact(setup, baseline, tmp_path, capsys):
-    _, splits, out = setup
-    _copy_checkpoint(out, tmp_path)
+def test_bad_inputs_leave_earlier_results_intact(toy_run, baseline, tmp_path, capsys):
+    splits = toy_run.splits
+    toy_run.copy_to(tmp_path)
     ood = tmp_path / "toy" / "ood"
     ood.mkdir(parents=True)
     before = (baseline / "results_val.csv").read_bytes()
@@ -213,35 +183,32 @@ def test_bad_inputs_leave_earlier_results_intact(setup, baseline, tmp_path, caps
         assert (ood / "results_val.csv").read_bytes() == before
 
 
-def test_root_script_reports_missing_checkpoint_without_traceback(setup, tmp_path):
-    _, splits, _ = setup
+def test_root_script_reports_missing_checkpoint_without_traceback(toy_run, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "reconstruct.py", *_args(splits, tmp_path)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "reconstruct.py", *_args(toy_run.splits, tmp_path)], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "checkpoint not found" in proc.stderr
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one(setup, baseline, tmp_path):
-    _, splits, out = setup
-    _copy_checkpoint(out, tmp_path)
+def test_torchrun_two_processes_equal_one(toy_run, baseline, tmp_path):
+    toy_run.copy_to(tmp_path)
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node=2", "reconstruct.py", *_args(splits, tmp_path, "--batch_size=2")],
+        [str(torchrun), "--nproc_per_node=2", "reconstruct.py", *_args(toy_run.splits, tmp_path, "--batch_size=2")],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_results(tmp_path / "toy" / "ood", baseline)
 
 
-def test_precision_is_recorded_and_a_file_is_never_continued_at_another(setup, tmp_path, capsys, monkeypatch):
+def test_precision_is_recorded_and_a_file_is_never_continued_at_another(toy_run, tmp_path, capsys, monkeypatch):
     import json
 
-    _, splits, out = setup
-    _copy_checkpoint(out, tmp_path)
-    args = _args(splits, tmp_path, "--run_in=0", "--run_out=0")
+    toy_run.copy_to(tmp_path)
+    args = _args(toy_run.splits, tmp_path, "--run_in=0", "--run_out=0")
     sidecar = tmp_path / "toy" / "ood" / "results_val.json"
     monkeypatch.setenv("DDPM_OOD_CPU_NATIVE_BF16", "0")
     assert main([*args, "--amp=1"]) == 0  # bf16 emulated here: --amp=1 resolves to fp32

@@ -11,19 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_run import (
-    FLOAT_ROUNDING,
-    REPO_ROOT,
-    lpips_installed,
-    needs_lpips,
-    save_tiny_checkpoint,
-    write_npy_images,
-)
+from tiny_run import FLOAT_ROUNDING, REPO_ROOT, lpips_installed, needs_lpips
 
 from ddpm_ood.cli import reconstruct
 from ddpm_ood.cli.runner import run_cli
 from ddpm_ood.cli.score import main
-from ddpm_ood.data.splits import read_split_csv, write_split_csv
+from ddpm_ood.data.splits import read_split_csv
 from ddpm_ood.fileio import image_stem
 from ddpm_ood.ood.scorer import OUTPUT_COLUMNS, OODScorer
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
@@ -34,14 +27,10 @@ SCORE_COLS = {"score": DEFAULT_SCORE, "mse_score": "mse", "perceptual_score": "p
 
 
 @pytest.fixture(scope="module")
-def recon(tmp_path_factory):
-    """A tiny random UNet checkpoint, then reconstruct.py for a val and an in set (start points t = 1, 501)."""
-    root = tmp_path_factory.mktemp("score")
-    splits = root / "data_splits"
-    write_split_csv(splits / "Toy_val.csv", write_npy_images(root / "val", "Toy", 5, 0))
-    write_split_csv(splits / "Toy_test.csv", write_npy_images(root / "test", "Toy", 3, 1))
-    out = root / "out"
-    save_tiny_checkpoint(out / "toy" / "checkpoint.pth")
+def recon(toy_run, tmp_path_factory):
+    """The toy run (a tiny random UNet), then reconstruct.py for its val and in sets (start points t = 1, 501)."""
+    root, splits = toy_run.root, toy_run.splits
+    out = toy_run.copy_to(tmp_path_factory.mktemp("score"))
     if lpips_installed():
         assert reconstruct.main([
             f"--output_dir={out}", "--model_name=toy", f"--validation_ids={splits / 'Toy_val.csv'}",
@@ -96,8 +85,8 @@ def test_scores_equal_reconstruct_plus_scoring(recon, scored_in):
     assert summary["reconstruction"]["start_timesteps"] == [1, 501]
     assert list(got["is_ood"]) == list(got["score"] > summary["threshold"])
     n_flagged = int(got["is_ood"].sum())
-    assert summary["n_flagged"] == n_flagged and summary["n_scored"] == 3 and summary["n_failed"] == 0
-    assert f"{n_flagged} of 3 scored inputs flagged as OOD, 0 failed" in stdout
+    assert summary["n_flagged"] == n_flagged and summary["n_scored"] == 4 and summary["n_failed"] == 0
+    assert f"{n_flagged} of 4 scored inputs flagged as OOD, 0 failed" in stdout
     assert "expected false-positive rate 5.0%" in stdout
 
 

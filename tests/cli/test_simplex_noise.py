@@ -11,12 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny_run import FLOAT_ROUNDING, needs_lpips, write_npy_images
+from tiny_run import FLOAT_ROUNDING, needs_lpips
 
 from ddpm_ood.checkpoint import BEST_CHECKPOINT, load_checkpoint, run_config_of
 from ddpm_ood.cli import reconstruct, train_ddpm
 from ddpm_ood.cli.runner import run_cli
-from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.diffusion.noise import row_noise_batch
 from ddpm_ood.errors import UserError
 from ddpm_ood.fileio import image_stem
@@ -35,20 +34,11 @@ def _recon_args(out: Path, splits: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def simplex_run(tmp_path_factory):
-    """train_ddpm.py --simplex_noise=1 (tiny UNet, 2 quick epochs), then reconstruct.py with no noise flag."""
-    root = tmp_path_factory.mktemp("simplex")
-    splits = root / "data_splits"
-    write_split_csv(splits / "Toy_train.csv", write_npy_images(root / "train", "Train", 8, 0))
-    write_split_csv(splits / "Toy_val.csv", write_npy_images(root / "val", "Toy", 4, 1))
-    write_split_csv(splits / "Toy_test.csv", write_npy_images(root / "test", "Test", 3, 2))
-    out = root / "out"
-    assert train_ddpm.main([
-        f"--output_dir={out}", "--model_name=simplex", f"--training_ids={splits / 'Toy_train.csv'}",
-        f"--validation_ids={splits / 'Toy_val.csv'}", "--model_type=tiny", "--is_grayscale=1", "--batch_size=4",
-        "--n_epochs=2", "--eval_freq=1", "--checkpoint_every=0", "--num_workers=0", "--sample_steps=2",
-        "--simplex_noise=1", "--device=cpu",
-    ]) == 0
+def simplex_run(simplex_toy_run, tmp_path_factory):
+    """The simplex toy run (train_ddpm.py --simplex_noise=1, tiny UNet, 2 quick epochs), then reconstruct.py with
+    no noise flag, in a copy of its run folder."""
+    splits = simplex_toy_run.splits
+    out = simplex_toy_run.copy_to(tmp_path_factory.mktemp("simplex"))
     assert reconstruct.main(_recon_args(out, splits)) == 0
     return splits, out
 

@@ -103,24 +103,34 @@ def test_perceptual_loss_pads_images_too_small_for_alexnet():
 
 def test_loss_term_means_leave_out_non_finite_steps(tmp_path, monkeypatch):
     # As the epoch loss does: a step whose loss is not finite (fp16: skipped by the GradScaler) is not averaged in.
+    # Real steps (generator_losses and optimizer_step as they are); a spy that wraps generator_losses records each
+    # step's terms. The non-finite step (NaN images) comes last: it leaves the weights and codebook NaN.
+    import math
+
     from ddpm_ood.config import DataConfig
     from ddpm_ood.distributed import DistContext
-    from ddpm_ood.training import vqvae as vqvae_training
     from ddpm_ood.training.loop import TrainConfig
+    from ddpm_ood.training.vqvae import LOSS_TERMS, VQVAETask
 
-    task = vqvae_training.VQVAETask(TINY_VQ_2D, DataConfig(is_grayscale=True), (1, 16, 16),
-                                    VQVAELossConfig(adversarial_weight=0.0, perceptual_weight=0.0),
-                                    TrainConfig(run_dir=str(tmp_path), num_workers=0), DistContext())
-    monkeypatch.setattr(vqvae_training, "optimizer_step", lambda *args, **kwargs: None)
-    values = iter([1.0, float("nan"), 3.0])
+    task = VQVAETask(TINY_VQ_2D, DataConfig(is_grayscale=True), (1, 16, 16),
+                     VQVAELossConfig(adversarial_weight=0.0, perceptual_weight=0.0),
+                     TrainConfig(run_dir=str(tmp_path), num_workers=0), DistContext())
+    real_losses, recorded = task.generator_losses, []
 
-    def terms(images, recon, vq_loss, w_adv):
-        value = torch.tensor(next(values))
-        return {name: value for name in vqvae_training.LOSS_TERMS if name != "discriminator_loss"}
+    def spy(*args, **kwargs):
+        terms = real_losses(*args, **kwargs)
+        recorded.append({name: float(value.detach()) for name, value in terms.items()})
+        return terms
 
-    monkeypatch.setattr(task, "generator_losses", terms)
-    for step in range(3):
-        task.train_step({"image": torch.rand(2, 1, 16, 16)}, epoch=0, step=step)
+    monkeypatch.setattr(task, "generator_losses", spy)
+    torch.manual_seed(0)
+    batches = [torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16), torch.full((2, 1, 16, 16), float("nan"))]
+    losses = [float(task.train_step({"image": images}, epoch=0, step=i)) for i, images in enumerate(batches)]
+    assert math.isfinite(losses[0]) and math.isfinite(losses[1]) and math.isnan(losses[2]) and len(recorded) == 3
     scalars = task.scalars()
-    assert scalars["generator_loss"] == scalars["l1_loss"] == 2.0 and scalars["discriminator_loss"] == 0.0
+    for name in LOSS_TERMS:
+        if name != "discriminator_loss":
+            assert scalars[name] == pytest.approx((recorded[0][name] + recorded[1][name]) / 2, rel=1e-6), name
+    assert scalars["generator_loss"] == pytest.approx(sum(losses[:2]) / 2, rel=1e-6)
+    assert scalars["l1_loss"] > 0 and scalars["jukebox_loss"] > 0 and scalars["discriminator_loss"] == 0.0
     assert task.scalars()["generator_loss"] == 0.0  # reset after each epoch

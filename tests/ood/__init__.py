@@ -1,0 +1,1 @@
+"""Tests of ddpm_ood.ood (a package, so that test basenames shared with other folders import)."""

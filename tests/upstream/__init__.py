@@ -1,0 +1,1 @@
+"""Tests of ddpm_ood.upstream (a package, so that test basenames shared with other folders import)."""

@@ -27,7 +27,8 @@ else:
 REPO = REPO_ROOT
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 BUILD_SCRIPT = REPO / "docker" / "create_docker_image.sh"
-ROOT_SCRIPTS = ("train_ddpm.py", "reconstruct.py", "ood_detection.py", "get_datasets.py")
+# Every entry script at the repository root must be in the image (the README runs each of them).
+ROOT_SCRIPTS = tuple(sorted(p.name for p in REPO.glob("*.py")))
 # Commands a RUN may call, replaced by recorders (grep is the real one: it only filters a file into the image's /tmp).
 RECORDED = ("python", "groupadd", "useradd", "mkdir", "chown")
 # NVIDIA's minimum Linux driver for a CUDA major version (minor-version compatibility).

@@ -75,7 +75,8 @@ TABLE_HEADER = ["family", "L_or_K", "nfe", *[f"auroc_{s}" for s in OUT_SETS], "m
 # set name -> split CSV (the flipped CSVs need not exist: the loader flips FashionMNIST_test.csv's images)
 CSVS = {"val": "FashionMNIST_val.csv", "in": "FashionMNIST_test.csv", "MNIST": "MNIST_test.csv",
         "vflip": "FashionMNIST_vflip_test.csv", "hflip": "FashionMNIST_hflip_test.csv"}
-SMOKE = {"n_val": 20, "n_in": 8, "n_mnist": 8, "n_flip": 6, "batch_size": 4}
+# --smoke: a few images per set, and one thread (tiny networks run several times faster with one on a shared CPU)
+SMOKE = {"n_val": 20, "n_in": 8, "n_mnist": 8, "n_flip": 6, "batch_size": 4, "threads": 1}
 
 
 def log(message: str) -> None:
@@ -293,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--skip_cost", action="store_true", help="only the AUROC table")
     p.add_argument("--smoke", action="store_true",
-                   help="random-weight tiny checkpoint (1x8x8) and random images, a few per set: seconds; the "
-                        "numbers mean nothing (for tests)")
+                   help="random-weight tiny checkpoint (1x8x8) and random images, a few per set, one thread: "
+                        "seconds; the numbers mean nothing (for tests)")
     return p
 
 

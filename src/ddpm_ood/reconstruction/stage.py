@@ -165,6 +165,7 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
                                               run.config.schedule.num_train_timesteps),
                               job.num_inference_steps, job.seed, job.recon_steps, job.engine)
     families = feature_families(job.scores)
+    family_settings = _family_settings(job, run) if families else None  # bad levels fail before any work
     ctx = init_distributed(job.device)
     try:
         precision = resolve_precision(ctx.device, precision=job.precision, amp=job.amp)
@@ -183,9 +184,9 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
                              _as_family_rows(RECONSTRUCTION, partial(measured_rows, model, metrics, plan)))
                     written.append(writer.path)
                 if families:
-                    writers = _feature_writers(job, run, families, name, settings, model)
+                    writers = _feature_writers(job, families, family_settings, name, settings)
                     _run_set(job, ctx, writers, datasets[name], row_type, plan, model, name,
-                             partial(feature_rows, model, families, _family_settings(job, run)))
+                             partial(feature_rows, model, families, family_settings))
                     written.extend(w.path for w in writers.values())
             return written
     finally:
@@ -208,11 +209,10 @@ def _family_settings(job: ReconstructionJob, run: TrainedRun) -> FamilySettings:
                           diffpath_clip=diffpath_clip_range(run.config.schedule.b_scale, run.config.latent is not None))
 
 
-def _feature_writers(job: ReconstructionJob, run: TrainedRun, families: list[str], name: str, settings: dict,
-                     model: RunModel) -> dict[str, ResumableResults]:
+def _feature_writers(job: ReconstructionJob, families: list[str], fam: FamilySettings, name: str,
+                     settings: dict) -> dict[str, ResumableResults]:
     """One resumable feature file per family for set ``name``; its sidecar holds the set's settings (less the
     reconstruction grid), the family's own settings and its network evaluations per image."""
-    fam = _family_settings(job, run)
     common = {k: v for k, v in settings.items()
               if k not in ("num_inference_steps", "inference_skip_factor", "recon_steps", "start_timesteps")}
     writers = {}

@@ -64,8 +64,8 @@ from ddpm_ood.families.noise_levels import DENOISING_ERROR, EPS_NORM
 from ddpm_ood.ood.metrics import detection_metrics
 from ddpm_ood.reconstruction.engine import evaluations_per_image
 
-DEFAULT_CHECKPOINT = Path("/work/baseline/qs/output/fashionmnist_tiny_fast/checkpoint.pth")
-DEFAULT_SPLITS = Path("/work/baseline/qs/data/data_splits")
+DEFAULT_CHECKPOINT = Path("runs/quickstart/output/fashionmnist_tiny_fast/checkpoint.pth")  # after the quickstart
+DEFAULT_SPLITS = Path("runs/quickstart/data/data_splits")
 NOISE_GROUP = (EPS_NORM, DENOISING_ERROR)
 DIFFPATH_GROUP = (DIFFPATH6D, DIFFPATH1D)
 ALL_FAMILIES = (*NOISE_GROUP, *DIFFPATH_GROUP)

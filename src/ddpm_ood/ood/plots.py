@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator, ScalarFormatter
 from sklearn.metrics import roc_curve
 
 from ddpm_ood.fileio import atomic_path
@@ -73,6 +74,9 @@ def plot_auroc_vs_nfe(summary: pd.DataFrame, path: str | os.PathLike, title: str
         ax.annotate(str(score), (nfe, auroc), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
     if len(rows):
         ax.set_xscale("log")
+        ax.set_xticks(sorted(set(rows["nfe"].astype(int))))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="network evaluations per image (nfe)", ylabel="AUROC", ylim=(0, 1.01), title=title)
     ax.legend(fontsize="small", title="out set")

@@ -61,15 +61,15 @@ def run_training_stage(cfg: TrainConfig, *, device: str, precision: str | None, 
         cleanup_distributed()
 
 
-def _train_and_val_sets(training_ids: str, validation_ids: str, data: DataConfig,
-                        cache: bool) -> tuple[ImageDataset, ImageDataset]:
-    """Both datasets; UserError when the validation images have another shape than the training images."""
-    train_set = dataset_from_csv(training_ids, data, cache=cache)
+def _val_set(validation_ids: str, train_set: ImageDataset, training_ids: str, data: DataConfig,
+             cache: bool) -> ImageDataset:
+    """The validation dataset, read after the training images were checked against the model (a model that cannot
+    take the training images is said first); UserError when its images have another shape."""
     val_set = dataset_from_csv(validation_ids, data, cache=cache)
     if tuple(val_set.image_shape) != tuple(train_set.image_shape):
         raise UserError(f"{validation_ids}: validation images have shape {tuple(val_set.image_shape)} "
                         f"but training images ({training_ids}) have {tuple(train_set.image_shape)}")
-    return train_set, val_set
+    return val_set
 
 
 # ------------------------------------------------------------------------------------------------------------- DDPM
@@ -111,13 +111,14 @@ def _train_ddpm(job: DDPMTrainingJob, cfg: TrainConfig, ctx: DistContext) -> int
     job = _resumed_settings(job, resume, vqvae, ctx)
     if resume is not None and already_complete(resume, cfg.n_epochs, ctx):
         return 0
-    train_set, val_set = _train_and_val_sets(job.training_ids, job.validation_ids, job.data, job.cache_data)
+    train_set = dataset_from_csv(job.training_ids, job.data, cache=job.cache_data)
     run_config = RunConfig(job.model, job.schedule, job.data, image_shape=tuple(train_set.image_shape))
     source = job.training_ids
     if vqvae is not None:
         run_config = with_latent(run_config, vqvae, job.latent_pad, job.training_ids)
         source = f"{job.training_ids} (latents of {vqvae.path})"
     check_image_fits_unet(run_config.model_shape, run_config.model, source)
+    val_set = _val_set(job.validation_ids, train_set, job.training_ids, job.data, job.cache_data)
     if resume is not None:
         check_resume_config(resume, run_config, compare_image_shape=True)
     summary = train(run_config, cfg, train_set, val_set, ctx, resume=resume)
@@ -196,9 +197,10 @@ def _train_vqvae(job: VQVAETrainingJob, cfg: TrainConfig, ctx: DistContext) -> i
                            compare_image_shape=False)
     if already_complete(resume, cfg.n_epochs, ctx):
         return 0
-    train_set, val_set = _train_and_val_sets(job.training_ids, job.validation_ids, job.data, job.cache_data)
+    train_set = dataset_from_csv(job.training_ids, job.data, cache=job.cache_data)
     image_shape = tuple(train_set.image_shape)
     check_image_fits_vqvae(image_shape, job.vqvae, job.training_ids)
+    val_set = _val_set(job.validation_ids, train_set, job.training_ids, job.data, job.cache_data)
     if ctx.is_main:
         atomic_write_text(run_dir / VQVAE_CONFIG_FILE, upstream_config_json(job.vqvae))
     summary = train_vqvae(job.vqvae, job.data, job.losses, cfg, train_set, val_set, image_shape, ctx, resume=resume)

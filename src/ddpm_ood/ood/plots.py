@@ -79,7 +79,8 @@ def plot_auroc_vs_nfe(summary: pd.DataFrame, path: str | os.PathLike, title: str
         ax.xaxis.set_minor_locator(NullLocator())
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="network evaluations per image (nfe)", ylabel="AUROC", ylim=(0, 1.01), title=title)
-    ax.legend(fontsize="small", title="out set")
+    if len(rows):
+        ax.legend(fontsize="small", title="out set")
     fig.tight_layout()
     return save_figure(fig, path)
 

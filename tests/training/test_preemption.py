@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
 from ddpm_ood.distributed import DistContext
 from ddpm_ood.preemption import EXIT_PREEMPTED, Preempted, stop_on_signals, stop_requested
 from ddpm_ood.training import ddpm as training
+from ddpm_ood.training import loop
 from ddpm_ood.training import vqvae as vqvae_training
 from ddpm_ood.training.ddpm import train
 from ddpm_ood.training.loop import TrainConfig, find_resume_point
@@ -154,7 +156,8 @@ def test_periodic_mid_epoch_checkpoints_change_nothing_and_survive_a_kill(tmp_pa
                                                                           ddpm_baseline):
     full_dir, _ = ddpm_baseline
     run_config = _run_config(tiny_model_config)
-    # Due after every step: the saves themselves must not change the run.
+    # Due after every step (no spacing by the write time): the saves themselves must not change the run.
+    monkeypatch.setattr(loop, "MAX_CHECKPOINT_SHARE", float("inf"))
     every_step = _cfg(tmp_path, "every", checkpoint_every_minutes=1e-9)
     _train_ddpm(run_config, every_step)
     _assert_same_run(full_dir, tmp_path / "every")
@@ -177,6 +180,26 @@ def test_periodic_mid_epoch_checkpoints_change_nothing_and_survive_a_kill(tmp_pa
     assert (mid["epoch"], mid["epoch_step"]) == (1, 2)
     _train_ddpm(run_config, cfg)
     _assert_same_run(full_dir, tmp_path / "killed")
+
+
+@pytest.mark.parametrize("share, expected", [(float("inf"), 6), (loop.MAX_CHECKPOINT_SHARE, 1)])
+def test_periodic_checkpoints_are_spaced_by_their_write_time(tmp_path, tiny_model_config, monkeypatch, share,
+                                                             expected):
+    # A slow filesystem (0.1 s a write): with the default share (2%), mid-epoch checkpoints come at most every 5 s,
+    # so in this run only the first one, however small --checkpoint_every_minutes is; without it after every step
+    # but the last of each epoch.
+    monkeypatch.setattr(loop, "MAX_CHECKPOINT_SHARE", share)
+    real_save, mid_writes = loop.save_checkpoint, []
+
+    def slow_save(path, payload):
+        real_save(path, payload)
+        time.sleep(0.1)
+        if path.name == MID_EPOCH_CHECKPOINT:
+            mid_writes.append(payload["epoch_step"])
+
+    monkeypatch.setattr(loop, "save_checkpoint", slow_save)
+    _train_ddpm(_run_config(tiny_model_config), _cfg(tmp_path, "run", checkpoint_every_minutes=1e-9))
+    assert len(mid_writes) == expected
 
 
 def test_sigterm_during_a_checkpoint_write_leaves_loadable_checkpoints(tmp_path, tiny_model_config, monkeypatch,

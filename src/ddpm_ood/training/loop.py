@@ -60,10 +60,14 @@ MAX_NON_FINITE_STEPS = 20
 # CPU every step, where reading a loss costs nothing and the progress bar stays live. On a GPU a diverged fp32 run is
 # therefore stopped up to this many steps late; no checkpoint is written in between (only at the epoch's end).
 CUDA_LOSS_READBACK_STEPS = 25
-# Default --checkpoint_every_minutes: a mid-epoch checkpoint at most this often, so a SIGKILL (node failure, OOM
-# killer) loses at most this much training. Writing a checkpoint of the largest presets (weights, Adam, EMA: a few
-# hundred MB) takes seconds, well under 2% of the interval (benchmarks/checkpoint_cost.py measures it).
+# Default --checkpoint_every_minutes: a mid-epoch checkpoint this often, so a SIGKILL (node failure, OOM killer) loses
+# at most this much training. The `small` preset's training state (weights, Adam, EMA: 0.3 GB in 2D, 0.75 GB in 3D)
+# is written in about a second (benchmarks/checkpoint_cost.py), about 0.1% of the interval.
 DEFAULT_CHECKPOINT_MINUTES = 15.0
+# Periodic mid-epoch checkpoints are spaced at least (last write time) / this, so they never cost more than this share
+# of the training time, whatever the checkpoint size and the filesystem (the `big` 3D preset's 7 GB on a slow
+# network filesystem take minutes to write).
+MAX_CHECKPOINT_SHARE = 0.02
 
 
 def loss_readback_every(device: torch.device) -> int:
@@ -82,7 +86,8 @@ class TrainConfig:
     ``sample_steps``: DDIM steps of the TensorBoard sample grid drawn at each evaluation (0 = no grid).
     ``precision``: one of ``devices.PRECISIONS``, already resolved for the device (``devices.resolve_precision``).
     ``checkpoint_every_minutes``: also write ``checkpoint_mid_epoch.pth`` inside an epoch when this many minutes have
-    passed since the last checkpoint (0 = only at stop signals and epoch ends).
+    passed since the last checkpoint, and 50 times as long as the last checkpoint took to write
+    (``MAX_CHECKPOINT_SHARE``); 0 = only at stop signals and epoch ends.
     """
 
     run_dir: str
@@ -379,6 +384,7 @@ class _Fit:
         self.non_finite_run = 0
         self.throughput = 0.0  # images/s of the last epoch
         self.last_save = time.monotonic()  # rank 0's clock decides when a periodic mid-epoch checkpoint is due
+        self.last_write_s = 0.0  # how long rank 0 took to write the last checkpoint
 
     def open_writers(self, resumed: bool) -> None:
         if self.ctx.is_main:
@@ -439,8 +445,9 @@ class _Fit:
     def _checkpoint_due(self, steps_done: int, n_batches: int) -> bool:
         """On rank 0: a periodic mid-epoch checkpoint is due (not at the epoch's last step: its end saves anyway)."""
         minutes = self.cfg.checkpoint_every_minutes
+        spacing = max(60.0 * minutes, self.last_write_s / MAX_CHECKPOINT_SHARE)
         return (self.ctx.is_main and minutes > 0 and steps_done < n_batches
-                and time.monotonic() - self.last_save >= 60.0 * minutes)
+                and time.monotonic() - self.last_save >= spacing)
 
     def _payload(self, completed_epochs: int) -> dict[str, Any]:
         return {"epoch": completed_epochs, "global_step": self.summary.global_step, **self.task.state_dict(),
@@ -456,7 +463,9 @@ class _Fit:
         if self.ctx.is_main:
             payload = {**self._payload(epoch), "epoch_step": steps_done, "world_size": self.ctx.world_size,
                        "epoch_totals": totals, "task_epoch_state": task_state}
+            started = time.monotonic()
             save_checkpoint(self.run_dir / MID_EPOCH_CHECKPOINT, payload)
+            self.last_write_s = time.monotonic() - started
             if self.writers:
                 self.writers["train"].flush()
         barrier(self.ctx)
@@ -534,7 +543,6 @@ class _Fit:
         return is_best, f", val loss {val_loss:.5f}{' (best)' if is_best else ''}"
 
     def save(self, done: int, is_best: bool) -> None:
-        self.last_save = time.monotonic()
         if not self.ctx.is_main:
             return
         payload = self._payload(done)
@@ -544,11 +552,14 @@ class _Fit:
             save_checkpoint(self.run_dir / periodic_checkpoint_name(done), payload)
         # Written last: checkpoint_last.pth always holds a fully finished epoch (training, evaluation and the other
         # checkpoints of that epoch), so resuming never skips or half-repeats work.
+        started = time.monotonic()
         save_checkpoint(self.run_dir / LAST_CHECKPOINT, payload)
+        self.last_write_s = time.monotonic() - started
         # Older than checkpoint_last.pth now (removed after it is written: a stop in between leaves both, and
         # find_resume_point takes the newer).
         (self.run_dir / MID_EPOCH_CHECKPOINT).unlink(missing_ok=True)
         self.writers["train"].flush()
+        self.last_save = time.monotonic()
 
 
 def fit(

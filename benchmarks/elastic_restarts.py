@@ -5,12 +5,16 @@ restarts the worker group, which resumes by itself from the newest checkpoint (`
 every ``--checkpoint_every_minutes``, or ``checkpoint_last.pth``). A try succeeds when torchrun exits with 0 and the
 final weights (model, Adam, EMA) are bit-identical to those of an uninterrupted 2-worker run.
 
+``--kill_when=mid_epoch`` kills instead right after the first ``checkpoint_mid_epoch.pth`` appears,
+so that the restarted group resumes inside an epoch.
+
 Prints one line per try (``try 3: ok, 41.2 s, restarts 1, resumed from checkpoint_mid_epoch.pth``) and at the end
 ``successes: S/N``; the torchrun logs stay in ``--workdir`` (a temporary folder unless given).
 
 Usage (repository root, venv active)::
 
-    python benchmarks/elastic_restarts.py --tries=10     # about 40 s a try on 2 CPU cores
+    python benchmarks/elastic_restarts.py --tries=10     # about 25 s a try on 2 CPU cores
+    python benchmarks/elastic_restarts.py --tries=10 --kill_when=mid_epoch
     python benchmarks/elastic_restarts.py --tries=1 --workdir=/tmp/elastic
 
 The helpers (toy data, the torchrun command lines, launching and killing workers) are shared with tests/test_cluster.py.
@@ -36,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from ddpm_ood.checkpoint import LAST_CHECKPOINT  # noqa: E402
+from ddpm_ood.checkpoint import LAST_CHECKPOINT, MID_EPOCH_CHECKPOINT  # noqa: E402
 
 # What a try compares: every tensor that decides how training continues.
 COMPARED = ("model_state_dict", "optimizer_state_dict", "ema_state_dict")
@@ -151,8 +155,9 @@ def uninterrupted(workdir: Path, train: str, val: str, timeout_s: float = 600) -
 
 
 def one_try(workdir: Path, train: str, val: str, reference: dict, *, seed: int, timeout_s: float = 600,
-            checkpoint_minutes: float = 0.02) -> dict:
-    """Train under torchrun --max_restarts=3, SIGKILL a random worker 0-2 s after the first epoch; the outcome."""
+            checkpoint_minutes: float = 0.02, kill_when: str = "epoch") -> dict:
+    """Train under torchrun --max_restarts=3, SIGKILL a random worker 0-2 s after the first epoch (``kill_when``
+    "epoch") or right after the first mid-epoch checkpoint ("mid_epoch"); the outcome."""
     rng = random.Random(seed)
     out = workdir / "out"
     log = workdir / "torchrun.log"
@@ -162,8 +167,9 @@ def one_try(workdir: Path, train: str, val: str, reference: dict, *, seed: int, 
     proc = launch(cmd, log)
     killed = None
     while proc.poll() is None and time.monotonic() - started < timeout_s:
-        if completed_epochs(out / "run") >= 1:
-            time.sleep(rng.uniform(0.0, 2.0))
+        if kill_when == "mid_epoch" and (out / "run" / MID_EPOCH_CHECKPOINT).is_file() or (
+                kill_when == "epoch" and completed_epochs(out / "run") >= 1):
+            time.sleep(rng.uniform(0.0, 2.0) if kill_when == "epoch" else 0.0)
             workers = children(proc.pid)
             if workers:
                 killed = rng.choice(workers)
@@ -191,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tries", type=int, default=10)
     p.add_argument("--workdir", type=str, default=None, help="keep data, runs and logs here (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=600, help="seconds a try may take (default 600)")
+    p.add_argument("--kill_when", choices=("epoch", "mid_epoch"), default="epoch",
+                   help="kill 0-2 s after the first epoch (default) or right after the first mid-epoch checkpoint")
     args = p.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="elastic-restarts-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     successes = 0
     for i in range(1, args.tries + 1):
         folder = workdir / f"try{i}"
-        r = one_try(folder, train, val, reference, seed=i, timeout_s=args.timeout)
+        r = one_try(folder, train, val, reference, seed=i, timeout_s=args.timeout, kill_when=args.kill_when)
         successes += r["ok"]
         resumed = ", ".join(r["resumed_from"]) or "-"
         print(f"try {i}: {'ok' if r['ok'] else 'FAILED (' + r['why'] + ')'}, {r['seconds']:.1f} s, "

@@ -31,6 +31,7 @@ from ddpm_ood.diffusion.unet import check_image_fits_unet
 from ddpm_ood.distributed import (
     DEFAULT_DIST_TIMEOUT_S,
     DistContext,
+    barrier,
     check_shared_folder,
     cleanup_distributed,
     init_distributed,
@@ -78,7 +79,11 @@ def run_training_stage(cfg: TrainConfig, *, device: str, precision: str | None, 
                 if note:
                     print(note)
             with run_lock(run_dir, lock_name, enabled=ctx.is_main):
-                return body(cfg, ctx)
+                status = body(cfg, ctx)
+            # All ranks leave together (rank 0 may still be writing): none tears its process group down, or exits,
+            # while another still talks to it.
+            barrier(ctx)
+            return status
         finally:
             cleanup_distributed()
 

@@ -85,7 +85,8 @@ def torchrun(args: list[str], *, port: int, nproc: int = 2, nnodes: int = 1, max
 
 def worker_env() -> dict[str, str]:
     """This environment less any torchrun variables, one intra-op thread per worker (2 workers share 2 cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # PYTHONFAULTHANDLER: a worker that aborts (SIGABRT, SIGSEGV) prints where it was.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
                 "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE"):
         env.pop(var, None)

@@ -140,3 +140,56 @@ def test_an_error_under_torchrun_reaches_the_user(tmp_path):
     # Every rank's stderr is kept (upstream sent ranks != 0 to /dev/null): both ranks report the error.
     assert proc.stderr.count("error: ") >= 2 and "missing.csv: split CSV not found" in proc.stderr
     assert not (tmp_path / "out" / "ddp" / LAST_CHECKPOINT).exists()
+
+
+def test_any_rank_without_ddp_is_the_flags_themselves():
+    from ddpm_ood.distributed import any_rank, check_shared_folder
+
+    assert any_rank([True, False, 1, 0], DistContext()) == [True, False, True, False]
+    check_shared_folder("/nonexistent/folder", DistContext(), "--output_dir")  # one process: nothing to compare
+
+
+def test_workers_of_each_torchrun_restart_use_their_own_store_keys(monkeypatch):
+    # torchrun shares one store with every worker generation; a restarted worker must not read the keys (gloo's
+    # peer addresses) its dead predecessor wrote there.
+    from datetime import timedelta
+
+    from ddpm_ood.distributed import _worker_store
+
+    port = _free_port()
+    server = torch_dist.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert _worker_store(2, 0, timedelta(seconds=5)) is None  # a fresh store per generation: plain env://
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    first, second = (_worker_store(2, restart, timedelta(seconds=5)) for restart in (0, 1))
+    first.set("rank_0", "old address")
+    second.set("rank_0", "new address")
+    assert first.get("rank_0") == b"old address" and second.get("rank_0") == b"new address"
+    assert server.get("ddpm_ood/restart_1/rank_0") == b"new address"
+
+
+def test_a_start_up_that_does_not_complete_in_time_ends_the_process():
+    # A hang inside C++ (gloo's connect, a barrier) cannot be interrupted from Python: the watchdog ends the process
+    # so that torchrun restarts the workers.
+    code = ("import time\nfrom ddpm_ood.distributed import _exit_unless_done_within\n"
+            "with _exit_unless_done_within(0.5, 'rank 1: joining the process group of 2 ranks'):\n"
+            "    time.sleep(60)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: rank 1: joining the process group of 2 ranks did not complete within "
+                                   "--dist_timeout=0.5 s; exiting so that torchrun can restart the workers")
+
+
+def test_restarts_over_several_nodes_on_a_shared_store_are_warned_about(monkeypatch):
+    from ddpm_ood.distributed import multi_node_restart_note
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in multi_node_restart_note(DistContext(world_size=8))
+    assert multi_node_restart_note(DistContext(world_size=4)) is None  # one node: the restart count is shared
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert multi_node_restart_note(DistContext(world_size=8)) is None

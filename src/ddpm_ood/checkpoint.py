@@ -16,6 +16,11 @@ A checkpoint written by ddpm-ood is a dict loadable with ``torch.load(weights_on
 ``train_config``       the loop settings (seed, lr, batch size, ...) for reference
 =====================  ======================================================================================
 
+A mid-epoch checkpoint (``checkpoint_mid_epoch.pth``: at a stop signal, or every ``--checkpoint_every_minutes``) has
+the same entries, ``epoch`` still counting COMPLETED epochs, plus ``epoch_step`` (optimizer steps done in the next
+epoch), ``world_size`` (ranks that took them), ``epoch_totals`` (the epoch's loss sum, batch and image counts so
+far, over all ranks) and ``task_epoch_state`` (the task's own running sums, e.g. the VQ-VAE's loss terms).
+
 A checkpoint without ``config`` (the reference code's) is read by the same functions; ``upstream/`` knows the rest
 of its format.
 """
@@ -37,6 +42,7 @@ from ddpm_ood.fileio import atomic_torch_save
 
 BEST_CHECKPOINT = "checkpoint.pth"
 LAST_CHECKPOINT = "checkpoint_last.pth"
+MID_EPOCH_CHECKPOINT = "checkpoint_mid_epoch.pth"
 
 
 def periodic_checkpoint_name(epoch: int) -> str:

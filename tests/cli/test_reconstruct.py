@@ -135,6 +135,42 @@ def test_resume_after_interruption_gives_identical_files(toy_run, tmp_path, monk
         assert (ood / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+def test_sigterm_flushes_the_rows_done_exits_75_and_the_rerun_gives_identical_files(toy_run, tmp_path, monkeypatch,
+                                                                                     capsys):
+    import signal
+
+    from ddpm_ood.preemption import EXIT_PREEMPTED
+    from ddpm_ood.results import writer as results_writer
+
+    splits = toy_run.splits
+    uninterrupted = tmp_path / "uninterrupted"
+    toy_run.copy_to(uninterrupted)
+    assert main(_args(splits, uninterrupted, "--batch_size=2")) == 0
+    toy_run.copy_to(tmp_path)
+    original = results_writer.ResumableResults.append
+    calls = {"n": 0}
+
+    def signalled(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 3:  # while the first batch of the in set is being written (val took 2 batches of 2)
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(self, rows)
+
+    monkeypatch.setattr(results_writer.ResumableResults, "append", signalled)
+    capsys.readouterr()
+    assert run_cli(main, _args(splits, tmp_path, "--batch_size=2")) == EXIT_PREEMPTED
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
+    assert last.startswith("preempted: SIGTERM: stopped in set in after 2 of 4 images; their rows are in ")
+    ood = tmp_path / "toy" / "ood"
+    # The batch in progress was finished and flushed; nothing after it was started.
+    assert len(pd.read_csv(ood / "results_in.csv.partial")) == 2 * 3 and calls["n"] == 3
+    assert not (ood / "results_in.csv").exists()
+    monkeypatch.setattr(results_writer.ResumableResults, "append", original)
+    assert main(_args(splits, tmp_path, "--batch_size=2")) == 0
+    for f in (uninterrupted / "toy" / "ood").glob("results_*.csv"):
+        assert (ood / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_complete_files_are_skipped_and_other_settings_recomputed(toy_run, tmp_path, capsys):
     toy_run.copy_to(tmp_path)
     args = _args(toy_run.splits, tmp_path, "--run_in=0", "--run_out=0")

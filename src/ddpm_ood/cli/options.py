@@ -87,6 +87,7 @@ def checked_number(convert: Callable[[str], float], ok: Callable[[float], bool],
 positive_int = checked_number(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = checked_number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = checked_number(float, lambda v: 0 < v < math.inf, "a positive number")
+non_negative_float = checked_number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +98,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda if available, else cpu")
     add_precision_options(g, amp_default=False)
+    from ddpm_ood.distributed import DEFAULT_DIST_TIMEOUT_S
+
+    g.add_argument("--dist_timeout", type=positive_float, default=DEFAULT_DIST_TIMEOUT_S,
+                   help="under torchrun: seconds any rank waits for the others (start-up, every collective) before "
+                   "it fails, so that a hang becomes a failure torchrun restarts (--max_restarts); longer than "
+                   f"anything rank 0 does alone (default {DEFAULT_DIST_TIMEOUT_S:g})")
 
 
 def add_precision_options(group: argparse._ActionsContainer, *, amp_default: bool | None) -> None:
@@ -201,6 +208,12 @@ def add_training_loop_options(parser: argparse.ArgumentParser, *, validation: st
                    help=f"validate (loss, {evaluation}, best checkpoint) every N epochs and at the last (default 10)")
     g.add_argument("--checkpoint_every", type=non_negative_int, default=100,
                    help="also keep checkpoint_<epoch>.pth every N epochs; 0 = never (default 100)")
+    from ddpm_ood.training.loop import DEFAULT_CHECKPOINT_MINUTES
+
+    g.add_argument("--checkpoint_every_minutes", type=non_negative_float, default=DEFAULT_CHECKPOINT_MINUTES,
+                   help="inside an epoch, write checkpoint_mid_epoch.pth when this many minutes have passed since the "
+                   "last checkpoint, so that a killed run loses at most that much; a stop signal (SIGTERM, SIGUSR1) "
+                   f"always writes one; 0 = only at stop signals (default {DEFAULT_CHECKPOINT_MINUTES:g})")
     g.add_argument("--quick_test", type=boolish, default=False,
                    help="1 = one training batch and one validation batch per epoch (smoke test)")
     return g

@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         precision=args.precision, device=args.device, flags=_run_flags(args),
         vqvae_checkpoint=args.vqvae_checkpoint, latent_pad=args.latent_pad,
         scores=tuple(parse_families(args.scores)), score_levels=_levels(args.score_levels),
-        diffpath_steps=args.diffpath_steps,
+        diffpath_steps=args.diffpath_steps, dist_timeout=args.dist_timeout,
     ))
     return 0
 

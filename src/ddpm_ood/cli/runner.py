@@ -16,10 +16,13 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     - an OSError (a full disk, a read-only or vanished folder, permissions, an I/O error) prints
       ``error: <file>: <cause> (<ERRNO>)`` and returns 74. Every stage writes through ``fileio``'s atomic writers, so
       the previous complete version of that file is still in place, and running the same command again resumes;
+    - a stop signal (SIGTERM, SIGUSR1; ``preemption``) prints ``preempted: <where the work is kept>`` and returns 75
+      (``EXIT_PREEMPTED``): the stage saved its work, and the same command continues it;
     - Ctrl-C returns 130 after the stage has saved what it can (each stage handles KeyboardInterrupt itself).
     """
     from ddpm_ood.errors import UserError
     from ddpm_ood.fileio import describe_os_error
+    from ddpm_ood.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         return main(argv)
@@ -30,6 +33,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         print(f"error: {describe_os_error(exc)}; nothing complete was lost, fix it and run the same command again",
               file=sys.stderr)
         return EXIT_IO_ERROR
+    except Preempted as exc:
+        print(f"preempted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

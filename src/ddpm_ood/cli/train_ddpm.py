@@ -1,7 +1,9 @@
 """train_ddpm.py: train a DDPM on the images of a split CSV (upstream flags and defaults, ``--flag=value``).
 
 With ``--vqvae_checkpoint`` the DDPM is trained in the latent space of a frozen VQ-VAE (train_vqvae.py), which the
-checkpoint records. Run again with the same command to resume from ``<output_dir>/<model_name>/checkpoint_last.pth``.
+checkpoint records. Run again with the same command to resume from the newest checkpoint in ``<output_dir>/<model_name>/``
+(``checkpoint_last.pth``, or ``checkpoint_mid_epoch.pth`` written at a stop signal or every
+``--checkpoint_every_minutes``); SIGTERM/SIGUSR1 stop it cleanly (exit status 75, docs/cluster.md).
 Under ``torchrun --nproc_per_node=N train_ddpm.py ...`` it trains with DDP (gloo on CPU, NCCL on CUDA).
 """
 
@@ -67,9 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        eval_freq=args.eval_freq, checkpoint_every=args.checkpoint_every,
                        resume_epoch=args.ddpm_checkpoint_epoch, quick_test=args.quick_test, lr=args.lr,
                        ema_decay=args.ema_decay, batch_size=args.batch_size, num_workers=args.num_workers,
-                       seed=args.seed, sample_steps=args.sample_steps)
+                       seed=args.seed, sample_steps=args.sample_steps,
+                       checkpoint_every_minutes=args.checkpoint_every_minutes)
     return train_ddpm_stage(DDPMTrainingJob(
         training_ids=args.training_ids, validation_ids=args.validation_ids, data=data, schedule=schedule,
         model=model_config_from_preset(args.model_type, data.spatial_dims, data.channels), loop=loop,
         cache_data=args.cache_data, vqvae_checkpoint=args.vqvae_checkpoint, latent_pad=args.latent_pad,
-        device=args.device, precision=args.precision, amp=args.amp))
+        device=args.device, precision=args.precision, amp=args.amp, dist_timeout=args.dist_timeout))

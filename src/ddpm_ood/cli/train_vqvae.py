@@ -96,13 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     loop = TrainConfig(run_dir=str(Path(args.output_dir) / args.model_name), n_epochs=args.n_epochs,
                        eval_freq=args.eval_freq, checkpoint_every=args.checkpoint_every, quick_test=args.quick_test,
                        lr=args.vqvae_learning_rate, batch_size=args.batch_size, num_workers=args.num_workers,
-                       seed=args.seed, sample_steps=0)
+                       seed=args.seed, sample_steps=0, checkpoint_every_minutes=args.checkpoint_every_minutes)
     losses = VQVAELossConfig(adversarial_weight=args.adversarial_weight, adversarial_warmup=args.adversarial_warmup,
                              perceptual_weight=args.perceptual_weight)
     return train_vqvae_stage(VQVAETrainingJob(
         training_ids=args.training_ids, validation_ids=args.validation_ids, data=data, vqvae=_vqvae_config(args),
         losses=losses, loop=loop, cache_data=args.cache_data, device=args.device, precision=args.precision,
-        amp=args.amp))
+        amp=args.amp, dist_timeout=args.dist_timeout))
 
 
 def _vqvae_config(args: argparse.Namespace) -> VQVAEConfig:

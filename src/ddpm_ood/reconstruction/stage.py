@@ -1,4 +1,8 @@
-"""The reconstruct.py stage: checkpoint -> model, sets -> resumable results files, optionally sharded by torchrun."""
+"""The reconstruct.py stage: checkpoint -> model, sets -> resumable results files, optionally sharded by torchrun.
+
+A stop signal (SIGTERM, SIGUSR1: ``preemption``) on any rank ends the stage after the current batch: its rows are
+appended (flushed) like every batch's, every rank agrees to stop there, and ``Preempted`` is raised; the same command
+continues with the images not done yet (a torchrun restart too) and ends with the rows of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -20,9 +24,12 @@ from ddpm_ood.devices import describe_device, resolve_precision
 from ddpm_ood.diffusion.noise import describe_noise, row_noise_batch
 from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.distributed import (
+    DEFAULT_DIST_TIMEOUT_S,
     DistContext,
+    any_rank,
     barrier,
     broadcast_object,
+    check_shared_folder,
     cleanup_distributed,
     gather_objects,
     init_distributed,
@@ -33,6 +40,7 @@ from ddpm_ood.families.base import DEFAULT_DIFFPATH_STEPS, DEFAULT_LEVELS
 from ddpm_ood.families.diffpath import diffpath_clip_range
 from ddpm_ood.families.registry import RECONSTRUCTION
 from ddpm_ood.fileio import check_output_dir, image_stem, run_lock
+from ddpm_ood.preemption import Preempted, ignore_stop_signals, stop_on_signals, stop_requested
 from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
 from ddpm_ood.reconstruction.pipeline import (
     ENGINES,
@@ -94,6 +102,7 @@ class ReconstructionJob:
     scores: tuple[str, ...] = (RECONSTRUCTION,)
     score_levels: tuple[int, ...] = DEFAULT_LEVELS
     diffpath_steps: int = DEFAULT_DIFFPATH_STEPS
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # seconds any torchrun rank waits for the others
 
     def __post_init__(self) -> None:
         if not self.scores:
@@ -141,7 +150,13 @@ def planned_sets(job: ReconstructionJob) -> list[tuple[str, str, str, int | None
 
 
 def run_reconstruction(job: ReconstructionJob) -> list[Path]:
-    """Reconstruct every planned set; return the results files written (or already complete)."""
+    """Reconstruct every planned set; return the results files written (or already complete). A stop signal
+    (SIGTERM, SIGUSR1) raises ``Preempted`` after the rows of the current batch are flushed."""
+    with stop_on_signals():
+        return _run_reconstruction(job)
+
+
+def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
     if job.engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {job.engine!r}")
     if job.engine == "reference" and job.recon_steps is not None:
@@ -166,11 +181,15 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
                               job.num_inference_steps, job.seed, job.recon_steps, job.engine)
     families = feature_families(job.scores)
     family_settings = _family_settings(job, run) if families else None  # bad levels fail before any work
-    ctx = init_distributed(job.device)
+    ctx = init_distributed(job.device, job.dist_timeout)
     try:
+        check_shared_folder(results_dir, ctx, "--output_dir/--model_name")
         precision = resolve_precision(ctx.device, precision=job.precision, amp=job.amp)
         if ctx.is_main:
             print(f"device: {describe_device(ctx.device)}; precision: {precision}")
+            if ctx.restart_count:
+                print(f"torchrun restart {ctx.restart_count} (TORCHELASTIC_RESTART_COUNT): continuing with the images "
+                      "not done yet")
         with run_lock(results_dir, "reconstruct", enabled=ctx.is_main):
             model = load_run_model(run, ctx.device, precision=precision, use_ema=job.use_ema, max_batch=job.max_batch)
             metrics = ReconstructionMetrics(ctx.device) if RECONSTRUCTION in job.scores else None
@@ -258,7 +277,8 @@ def _run_set(job: ReconstructionJob, ctx: DistContext, writers: dict[str, Resuma
     mine = todo[ctx.rank :: ctx.world_size]
     n_batches = max((len(todo) + job.batch_size * ctx.world_size - 1) // (job.batch_size * ctx.world_size), 1)
     loader = DataLoader(Subset(dataset, mine), batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
-                        pin_memory=ctx.device.type == "cuda")
+                        pin_memory=ctx.device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals if job.num_workers > 0 else None)
     with_noise = RECONSTRUCTION in writers  # the engine's start noise is drawn ahead; the families draw their own
     batch_rows = rows_of(_batches_with_noise(loader, plan, ctx.device, model, with_noise), row_type)
     label = "reconstruct" if with_noise else "features"
@@ -277,6 +297,14 @@ def _run_set(job: ReconstructionJob, ctx: DistContext, writers: dict[str, Resuma
             n_images = max(frame["index"].nunique() for frame in rows.values())
             bar.update(n_images)
             bar.set_postfix(img_per_s=f"{n_images / max(time.perf_counter() - started, 1e-9):.2f}")
+        # Every rank looks at the stop flag after each batch, and they agree: all stop after the same batch.
+        if any_rank([stop_requested() is not None], ctx)[0]:
+            bar.close()
+            barrier(ctx)  # the main rank's appends are on disk before any rank exits
+            partials = ", ".join(str(w.partial) for w in writers.values())
+            raise Preempted(f"{stop_requested() or 'a stop signal on another rank'}: stopped in set {name} after "
+                            f"{bar.n} of {len(todo)} images; their rows are in {partials}; run the same command to "
+                            "continue")
     bar.close()
     barrier(ctx)
     if ctx.is_main:

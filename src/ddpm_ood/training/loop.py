@@ -2,14 +2,24 @@
 best/periodic/last checkpoints, TensorBoard, DDP data sharding and Ctrl-C; a task (``training.ddpm.DDPMTask``) owns
 its networks, optimizers, loss, validation loss and logged images.
 
-Reproducibility: the epoch's shuffling comes from a generator seeded with (seed, epoch), the global RNG is re-seeded
-from (seed, epoch, rank) every epoch, and tasks draw their randomness from ``seeding`` generators keyed by (seed,
-stream, epoch, step, rank), so a run resumed from ``checkpoint_last.pth`` takes the same steps as an uninterrupted
-one. ``checkpoint_last.pth`` is written last in every epoch, atomically: it always holds a finished epoch.
+Reproducibility: the epoch's shuffling comes from a generator seeded with (seed, epoch), the global RNG (dropout) is
+re-seeded from (seed, epoch, step, rank) before every step, and tasks draw their randomness from ``seeding``
+generators keyed by (seed, stream, epoch, step, rank): the position (epoch, step) is all a resumed run needs to take
+bit-for-bit the steps an uninterrupted one takes. ``checkpoint_last.pth`` is written last in every epoch, atomically:
+it always holds a finished epoch.
+
+Inside an epoch (preemption): at the end of every optimizer step the ranks agree (``distributed.any_rank``) whether a
+stop signal arrived on any of them (``preemption``) or, on rank 0's clock, ``checkpoint_every_minutes`` have passed
+since the last checkpoint. Either way rank 0 writes ``checkpoint_mid_epoch.pth`` (atomically: the previous one stays
+whole until the new one is complete) with the position (``epoch_step``), the task's state (weights, optimizers, EMA,
+scaler, discriminator) and the epoch's running loss sums; at a stop every rank then raises ``Preempted``. Resuming
+takes the newest of ``checkpoint_last.pth`` and ``checkpoint_mid_epoch.pth`` and skips the batches already done (the
+same per-epoch order, ``_EpochSampler``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from ddpm_ood.checkpoint import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
+    MID_EPOCH_CHECKPOINT,
     load_checkpoint,
     periodic_checkpoint_name,
     run_config_of,
@@ -30,8 +41,9 @@ from ddpm_ood.checkpoint import (
 )
 from ddpm_ood.config import RunConfig
 from ddpm_ood.devices import PRECISIONS
-from ddpm_ood.distributed import DistContext, all_reduce_sum
+from ddpm_ood.distributed import DistContext, all_reduce_sum, any_rank, barrier
 from ddpm_ood.errors import UserError
+from ddpm_ood.preemption import Preempted, ignore_stop_signals, stop_requested
 from ddpm_ood.run_flags import config_conflicts
 from ddpm_ood.seeding import capture_rng_state, derive_generator, derive_seed
 from ddpm_ood.upstream.weights import is_upstream_checkpoint
@@ -48,6 +60,14 @@ MAX_NON_FINITE_STEPS = 20
 # CPU every step, where reading a loss costs nothing and the progress bar stays live. On a GPU a diverged fp32 run is
 # therefore stopped up to this many steps late; no checkpoint is written in between (only at the epoch's end).
 CUDA_LOSS_READBACK_STEPS = 25
+# Default --checkpoint_every_minutes: a mid-epoch checkpoint this often, so a SIGKILL (node failure, OOM killer) loses
+# at most this much training. The `small` preset's training state (weights, Adam, EMA: 0.3 GB in 2D, 0.75 GB in 3D)
+# is written in about a second (benchmarks/checkpoint_cost.py), about 0.1% of the interval.
+DEFAULT_CHECKPOINT_MINUTES = 15.0
+# Periodic mid-epoch checkpoints are spaced at least (last write time) / this, so they never cost more than this share
+# of the training time, whatever the checkpoint size and the filesystem (the `big` 3D preset's 7 GB on a slow
+# network filesystem take minutes to write).
+MAX_CHECKPOINT_SHARE = 0.02
 
 
 def loss_readback_every(device: torch.device) -> int:
@@ -65,6 +85,9 @@ class TrainConfig:
     ``ema = decay * ema + (1 - decay) * weights`` and used for validation, samples and inference.
     ``sample_steps``: DDIM steps of the TensorBoard sample grid drawn at each evaluation (0 = no grid).
     ``precision``: one of ``devices.PRECISIONS``, already resolved for the device (``devices.resolve_precision``).
+    ``checkpoint_every_minutes``: also write ``checkpoint_mid_epoch.pth`` inside an epoch when this many minutes have
+    passed since the last checkpoint, and 50 times as long as the last checkpoint took to write
+    (``MAX_CHECKPOINT_SHARE``); 0 = only at stop signals and epoch ends.
     """
 
     run_dir: str
@@ -80,6 +103,7 @@ class TrainConfig:
     seed: int = 2
     precision: str = "fp32"
     sample_steps: int = 50
+    checkpoint_every_minutes: float = DEFAULT_CHECKPOINT_MINUTES
 
     def __post_init__(self) -> None:
         if self.n_epochs < 1 or self.eval_freq < 1 or self.batch_size < 1:
@@ -92,6 +116,9 @@ class TrainConfig:
             raise UserError(f"--ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not (self.checkpoint_every_minutes >= 0 and math.isfinite(self.checkpoint_every_minutes)):
+            raise UserError(f"--checkpoint_every_minutes must be a number >= 0 (0 = off), got "
+                            f"{self.checkpoint_every_minutes}")
         if self.resume_epoch is not None and self.resume_epoch < 1:
             raise UserError(f"--ddpm_checkpoint_epoch must be >= 1, got {self.resume_epoch}")
 
@@ -101,7 +128,8 @@ class TrainConfig:
 
 @dataclass
 class ResumePoint:
-    """A loaded checkpoint to continue from: ``epochs_completed`` epochs are done, the next one runs next."""
+    """A loaded checkpoint to continue from: ``epochs_completed`` epochs are done, the next one runs next, from its
+    step ``epoch_step`` (0 unless the checkpoint was written inside that epoch)."""
 
     path: Path
     ckpt: dict
@@ -109,6 +137,10 @@ class ResumePoint:
     @property
     def epochs_completed(self) -> int:
         return int(self.ckpt.get("epoch", 0))
+
+    @property
+    def epoch_step(self) -> int:
+        return int(self.ckpt.get("epoch_step", 0))
 
     @property
     def upstream(self) -> bool:
@@ -128,7 +160,11 @@ class TrainSummary:
 
 
 class TrainingTask(Protocol):
-    """One model family's training, as ``fit`` drives it (see ``training.ddpm.DDPMTask``)."""
+    """One model family's training, as ``fit`` drives it (see ``training.ddpm.DDPMTask``).
+
+    A task that keeps running sums over an epoch (the VQ-VAE's loss terms) also has ``epoch_state() -> dict`` (the
+    sums so far over all ranks; every rank calls it) and ``load_epoch_state(state)`` (called on rank 0 when resuming
+    inside an epoch), so that a mid-epoch checkpoint carries them."""
 
     train_module: torch.nn.Module  # put in train mode at each epoch start (DDP-wrapped where distributed)
     skips_non_finite: bool  # True when a non-finite loss means the step was skipped (fp16 GradScaler)
@@ -150,26 +186,61 @@ class TrainingTask(Protocol):
         each epoch's end, so it may all-reduce."""
 
 
-def find_resume_point(run_dir: str | Path, resume_epoch: int | None, kind: str = "ddpm") -> ResumePoint | None:
+def find_resume_point(run_dir: str | Path, resume_epoch: int | None, kind: str = "ddpm", *,
+                      ctx: DistContext | None = None, batch_size: int | None = None) -> ResumePoint | None:
     """The checkpoint to continue from, or None to start afresh.
 
-    ``resume_epoch`` given: ``checkpoint_<resume_epoch>.pth`` must exist (UserError otherwise). Else
-    ``checkpoint_last.pth`` if present, else ``checkpoint.pth`` (what upstream resumed from, and all an upstream
-    run directory has). ``kind``: the checkpoint kind the run writes (``checkpoint.CHECKPOINT_KINDS``).
+    ``resume_epoch`` given: ``checkpoint_<resume_epoch>.pth`` must exist (UserError otherwise). Else the newest of
+    ``checkpoint_mid_epoch.pth`` and ``checkpoint_last.pth``, else ``checkpoint.pth`` (what upstream resumed from, and
+    all an upstream run directory has). ``kind``: the checkpoint kind the run writes (``checkpoint.CHECKPOINT_KINDS``).
+    A mid-epoch checkpoint taken by another number of ranks than ``ctx``'s or another ``batch_size`` is passed over
+    with a note (the rest of its epoch would be other batches): the run continues from the last finished epoch.
     """
     run_dir = Path(run_dir)
     if resume_epoch is not None:
         path = run_dir / periodic_checkpoint_name(resume_epoch)
         if not path.is_file():
-            present = sorted(p.name for p in run_dir.glob("checkpoint_*.pth") if p.name != LAST_CHECKPOINT)
+            present = sorted(p.name for p in run_dir.glob("checkpoint_*.pth")
+                             if p.name not in (LAST_CHECKPOINT, MID_EPOCH_CHECKPOINT))
             raise UserError(f"--ddpm_checkpoint_epoch={resume_epoch}: {path} not found "
                             f"(periodic checkpoints present: {', '.join(present) or 'none'})")
         return ResumePoint(path, load_checkpoint(path, kind))
+    mid = _mid_epoch_point(run_dir, kind, ctx or DistContext(), batch_size)
+    if mid is not None:
+        return mid
     for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
         path = run_dir / name
         if path.is_file():
             return ResumePoint(path, load_checkpoint(path, kind))
     return None
+
+
+def _mid_epoch_point(run_dir: Path, kind: str, ctx: DistContext, batch_size: int | None) -> ResumePoint | None:
+    """``checkpoint_mid_epoch.pth`` when it is newer than ``checkpoint_last.pth`` and fits this run's layout."""
+    path = run_dir / MID_EPOCH_CHECKPOINT
+    if not path.is_file():
+        return None
+    point = ResumePoint(path, load_checkpoint(path, kind))
+    if _completed_epochs(run_dir / LAST_CHECKPOINT) > point.epochs_completed:
+        return None  # left over from before the last finished epoch (the run was stopped before removing it)
+    saved_batch = (point.ckpt.get("train_config") or {}).get("batch_size")
+    saved_ranks = int(point.ckpt.get("world_size", 1))
+    if saved_ranks != ctx.world_size or (batch_size is not None and saved_batch != batch_size):
+        log(ctx, f"note: {path} was written by {saved_ranks} rank(s) with --batch_size={saved_batch}; with "
+                 f"{ctx.world_size} rank(s) and --batch_size={batch_size} the rest of its epoch would be other "
+                 "batches, so the run continues from its last finished epoch instead")
+        return None
+    return point
+
+
+def _completed_epochs(path: Path) -> int:
+    """The ``epoch`` entry of a checkpoint, read without loading its tensors (-1: absent or unreadable)."""
+    if not path.is_file():
+        return -1
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch", 0))
+    except Exception:  # a torn or foreign file: the mid-epoch checkpoint is the better bet
+        return -1
 
 
 def already_complete(resume: ResumePoint | None, n_epochs: int, ctx: DistContext) -> bool:
@@ -248,16 +319,31 @@ def log(ctx: DistContext, message: str) -> None:
         tqdm.write(message)
 
 
+class _EpochSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start part-way: the first ``skip`` of this rank's indices (the batches a
+    mid-epoch checkpoint has done) are left out. The order is DistributedSampler's (seeded with seed + epoch), so
+    the rest are exactly the batches an uninterrupted epoch takes next."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.skip, 0)
+
+
 def _make_loaders(train_set: Dataset, val_set: Dataset, cfg: TrainConfig, ctx: DistContext):
     # DistributedSampler also with one process: its permutation comes from a generator seeded with
     # seed + epoch (set_epoch), so shuffling never depends on global RNG state.
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=False)
+    sampler = _EpochSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                            seed=cfg.seed, drop_last=False)
     common = {
         "batch_size": cfg.batch_size,
         "num_workers": cfg.num_workers,
         "persistent_workers": cfg.num_workers > 0,
         "pin_memory": ctx.device.type == "cuda",
+        "worker_init_fn": ignore_stop_signals if cfg.num_workers > 0 else None,
     }
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=False,
                               generator=derive_generator(cfg.seed, STREAM_LOADER, ctx.rank), **common)
@@ -275,6 +361,10 @@ class _Fit:
         self.task, self.cfg, self.ctx = task, cfg, ctx
         self.run_dir = Path(cfg.run_dir)
         self.summary = TrainSummary(start_epoch=0, epochs_completed=0, global_step=0, best_loss=math.inf)
+        self.start_step = 0  # steps of the first epoch done before (a mid-epoch checkpoint)
+        # The running epoch's loss sum and batch count from before the resume, over all ranks (kept on rank 0 only,
+        # so the end-of-epoch sum over ranks counts them once).
+        self.carried = [0.0, 0.0]
         if resume is not None:
             ck = resume.ckpt
             self.summary.start_epoch = self.summary.epochs_completed = resume.epochs_completed
@@ -284,10 +374,17 @@ class _Fit:
                 log(ctx, f"note: {resume.path} was written by the upstream code; its best_loss is ignored")
             else:
                 self.summary.best_loss = float(ck.get("best_loss", math.inf))
+            self.start_step = resume.epoch_step
+            if self.start_step and ctx.is_main:
+                self.carried = [float(v) for v in ck.get("epoch_totals", self.carried)]
+                if ck.get("task_epoch_state") and hasattr(task, "load_epoch_state"):
+                    task.load_epoch_state(ck["task_epoch_state"])
         self.sampler, self.train_loader, self.val_loader = _make_loaders(train_set, val_set, cfg, ctx)
         self.writers = None
         self.non_finite_run = 0
         self.throughput = 0.0  # images/s of the last epoch
+        self.last_save = time.monotonic()  # rank 0's clock decides when a periodic mid-epoch checkpoint is due
+        self.last_write_s = 0.0  # how long rank 0 took to write the last checkpoint
 
     def open_writers(self, resumed: bool) -> None:
         if self.ctx.is_main:
@@ -302,25 +399,29 @@ class _Fit:
         for w in (self.writers or {}).values():
             w.close()
 
-    def train_epoch(self, epoch: int) -> None:
+    def train_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Train epoch ``epoch`` from its step ``start_step`` (the steps before it were done by an earlier run).
+        Raises Preempted, after writing the mid-epoch checkpoint, when a stop signal arrived on any rank."""
         from tqdm import tqdm
 
         cfg, ctx = self.cfg, self.ctx
         self.sampler.set_epoch(epoch)
-        # Global RNG re-seeded per epoch: anything that might draw from it cannot make a resumed run differ.
-        torch.manual_seed(derive_seed(cfg.seed, STREAM_GLOBAL, epoch, ctx.rank))
+        self.sampler.skip = start_step * cfg.batch_size
         self.task.train_module.train()
-        n_batches = 1 if cfg.quick_test else len(self.train_loader)
+        n_batches = 1 if cfg.quick_test else math.ceil(self.sampler.num_samples / cfg.batch_size)
         losses: list[torch.Tensor] = []
         pending: list[tuple[int, int, torch.Tensor]] = []  # (step, global step, loss on the device)
         every = loss_readback_every(ctx.device)
         n_images = 0
         start = time.perf_counter()
-        with tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.n_epochs}", disable=not ctx.is_main,
-                  dynamic_ncols=True, leave=False) as bar:
-            for step, batch in enumerate(clean_loader_errors(self.train_loader)):
+        with tqdm(total=n_batches, initial=min(start_step, n_batches), desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
+                  disable=not ctx.is_main, dynamic_ncols=True, leave=False) as bar:
+            for step, batch in enumerate(clean_loader_errors(self.train_loader), start=start_step):
                 if step >= n_batches:
                     break
+                # Global RNG re-seeded per step: dropout, or anything else drawing from it, takes the same numbers in
+                # a run resumed at any step.
+                torch.manual_seed(derive_seed(cfg.seed, STREAM_GLOBAL, epoch, step, ctx.rank))
                 self.summary.global_step += 1
                 pending.append((step, self.summary.global_step, self.task.train_step(batch, epoch, step)))
                 n_images += batch["image"].shape[0]
@@ -329,8 +430,52 @@ class _Fit:
                     elapsed = time.perf_counter() - start
                     bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{n_images * ctx.world_size / elapsed:.1f}")
                 bar.update(1)
+                stop, due = any_rank([stop_requested() is not None, self._checkpoint_due(step + 1, n_batches)], ctx)
+                if stop or due:
+                    self._read_back(pending, losses, epoch)
+                    self.save_mid_epoch(epoch, step + 1, losses)
+                if stop:
+                    raise Preempted(f"{stop_requested() or 'a stop signal on another rank'}: stopped at epoch "
+                                    f"{epoch + 1}/{cfg.n_epochs}, step {step + 1}/{n_batches}; "
+                                    f"{self.run_dir / MID_EPOCH_CHECKPOINT} holds the run up to there; run the "
+                                    "same command to continue")
             self._read_back(pending, losses, epoch)
         self._end_of_epoch(losses, n_images, time.perf_counter() - start)
+
+    def _checkpoint_due(self, steps_done: int, n_batches: int) -> bool:
+        """On rank 0: a periodic mid-epoch checkpoint is due (not at the epoch's last step: its end saves anyway)."""
+        minutes = self.cfg.checkpoint_every_minutes
+        spacing = max(60.0 * minutes, self.last_write_s / MAX_CHECKPOINT_SHARE)
+        return (self.ctx.is_main and minutes > 0 and steps_done < n_batches
+                and time.monotonic() - self.last_save >= spacing)
+
+    def _payload(self, completed_epochs: int) -> dict[str, Any]:
+        return {"epoch": completed_epochs, "global_step": self.summary.global_step, **self.task.state_dict(),
+                "best_loss": float(self.summary.best_loss), "rng_state": capture_rng_state(),
+                "train_config": self.cfg.to_dict()}
+
+    def save_mid_epoch(self, epoch: int, steps_done: int, losses: list[torch.Tensor]) -> None:
+        """``checkpoint_mid_epoch.pth`` after ``steps_done`` steps of 0-based ``epoch`` (every rank calls it: the
+        running sums are summed over the ranks; rank 0 writes; no rank returns before the file is complete)."""
+        totals = all_reduce_sum([self.carried[0] + (float(torch.stack(losses).double().sum()) if losses else 0.0),
+                                 self.carried[1] + len(losses)], self.ctx)
+        task_state = self.task.epoch_state() if hasattr(self.task, "epoch_state") else {}
+        if self.ctx.is_main:
+            payload = {**self._payload(epoch), "epoch_step": steps_done, "world_size": self.ctx.world_size,
+                       "epoch_totals": totals, "task_epoch_state": task_state}
+            started = time.monotonic()
+            save_checkpoint(self.run_dir / MID_EPOCH_CHECKPOINT, payload)
+            self.last_write_s = time.monotonic() - started
+            if self.writers:
+                self.writers["train"].flush()
+        barrier(self.ctx)
+        self.last_save = time.monotonic()
+
+    def stop_if_requested(self, where: str) -> None:
+        """Raise Preempted on every rank when a stop signal arrived on any (nothing to save: ``where`` says why)."""
+        if any_rank([stop_requested() is not None], self.ctx)[0]:
+            raise Preempted(f"{stop_requested() or 'a stop signal on another rank'}: stopped {where}; run the same "
+                            "command to continue")
 
     def _read_back(self, pending: list[tuple[int, int, torch.Tensor]], losses: list[torch.Tensor],
                    epoch: int) -> float:
@@ -362,8 +507,10 @@ class _Fit:
         return loss_value
 
     def _end_of_epoch(self, losses: list[torch.Tensor], n_images: int, elapsed: float) -> None:
+        own_sum = float(torch.stack(losses).double().sum()) if losses else 0.0
         loss_sum, batch_count, image_count = all_reduce_sum(
-            [float(torch.stack(losses).double().sum()) if losses else 0.0, len(losses), n_images], self.ctx)
+            [self.carried[0] + own_sum, self.carried[1] + len(losses), n_images], self.ctx)
+        self.carried = [0.0, 0.0]
         epoch_loss = loss_sum / max(batch_count, 1)
         self.throughput = image_count / max(elapsed, 1e-9)
         self.summary.epoch_losses.append(epoch_loss)
@@ -398,17 +545,21 @@ class _Fit:
     def save(self, done: int, is_best: bool) -> None:
         if not self.ctx.is_main:
             return
-        payload = {"epoch": done, "global_step": self.summary.global_step, **self.task.state_dict(),
-                   "best_loss": float(self.summary.best_loss), "rng_state": capture_rng_state(),
-                   "train_config": self.cfg.to_dict()}
+        payload = self._payload(done)
         if is_best:
             save_checkpoint(self.run_dir / BEST_CHECKPOINT, payload)
         if self.cfg.checkpoint_every > 0 and done % self.cfg.checkpoint_every == 0:
             save_checkpoint(self.run_dir / periodic_checkpoint_name(done), payload)
         # Written last: checkpoint_last.pth always holds a fully finished epoch (training, evaluation and the other
         # checkpoints of that epoch), so resuming never skips or half-repeats work.
+        started = time.monotonic()
         save_checkpoint(self.run_dir / LAST_CHECKPOINT, payload)
+        self.last_write_s = time.monotonic() - started
+        # Older than checkpoint_last.pth now (removed after it is written: a stop in between leaves both, and
+        # find_resume_point takes the newer).
+        (self.run_dir / MID_EPOCH_CHECKPOINT).unlink(missing_ok=True)
         self.writers["train"].flush()
+        self.last_save = time.monotonic()
 
 
 def fit(
@@ -423,7 +574,10 @@ def fit(
 
     ``train_set``/``val_set`` items are dicts with "image" and "index" (int, stable per item). After every epoch:
     validation every ``cfg.eval_freq`` epochs and at the last (lowest loss -> ``checkpoint.pth``), a periodic
-    checkpoint every ``cfg.checkpoint_every``, then ``checkpoint_last.pth``. Only rank 0 writes files.
+    checkpoint every ``cfg.checkpoint_every``, then ``checkpoint_last.pth``. Only rank 0 writes files. A resume point
+    written inside an epoch continues that epoch at its step.
+    A stop signal (``preemption.stop_on_signals``) on any rank: every rank finishes its step, rank 0 writes
+    ``checkpoint_mid_epoch.pth``, and ``Preempted`` is raised (at an epoch's end, after ``checkpoint_last.pth``).
     KeyboardInterrupt is re-raised after saying which completed epoch ``checkpoint_last.pth`` holds.
     """
     run = _Fit(task, cfg, train_set, val_set, ctx, resume)
@@ -432,19 +586,27 @@ def fit(
         log(ctx, f"training already complete: {summary.start_epoch} of {cfg.n_epochs} epochs done ({run.run_dir})")
         return summary
     if resume is not None:
-        log(ctx, f"resuming from {resume.path}: {summary.start_epoch} epoch(s) done, continuing at epoch "
-                 f"{summary.start_epoch + 1}/{cfg.n_epochs}")
+        inside = f" and {run.start_step} step(s) of epoch {summary.start_epoch + 1}" if run.start_step else ""
+        log(ctx, f"resuming from {resume.path}: {summary.start_epoch} epoch(s){inside} done, continuing at epoch "
+                 f"{summary.start_epoch + 1}/{cfg.n_epochs}" + (f", step {run.start_step + 1}" if inside else ""))
+    if ctx.is_main and (resume is None or resume.path.name != MID_EPOCH_CHECKPOINT):
+        # Not continuing from it (--ddpm_checkpoint_epoch, or a mid-epoch checkpoint of another layout): a mid-epoch
+        # checkpoint left in the folder must not be taken for the newest state later.
+        (run.run_dir / MID_EPOCH_CHECKPOINT).unlink(missing_ok=True)
     run.open_writers(resumed=resume is not None)
     epoch = summary.start_epoch
     try:
+        run.stop_if_requested("before training (nothing new to save)")
         for epoch in range(summary.start_epoch, cfg.n_epochs):
-            run.train_epoch(epoch)
+            run.train_epoch(epoch, run.start_step if epoch == summary.start_epoch else 0)
             done = epoch + 1
             is_best, val_message = run.evaluate(done)
             run.save(done, is_best)
             summary.epochs_completed = done
             log(ctx, f"epoch {done}/{cfg.n_epochs}: train loss {summary.epoch_losses[-1]:.5f}, "
                      f"{run.throughput:.1f} images/s{val_message}")
+            if done < cfg.n_epochs:
+                run.stop_if_requested(f"after epoch {done}/{cfg.n_epochs}; {run.run_dir / LAST_CHECKPOINT} holds it")
     except KeyboardInterrupt:
         if (run.run_dir / LAST_CHECKPOINT).is_file() or resume is not None:
             log(ctx, f"interrupted during epoch {epoch + 1}; {run.run_dir / LAST_CHECKPOINT} holds "

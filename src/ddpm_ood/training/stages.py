@@ -1,8 +1,9 @@
 """The two training stages as library functions, each taking one frozen job: ``train_ddpm_stage`` (train_ddpm.py)
 and ``train_vqvae_stage`` (train_vqvae.py). Python users run them without argv; cli/ only parses flags into a job.
 
-Both share one frame (``run_training_stage``): start DDP when launched by torchrun, resolve the precision for the
-device, check the run folder, hold the run lock, then resume point -> settings checked against the checkpoint
+Both share one frame (``run_training_stage``): stop signals become a clean stop (``preemption``), start DDP when
+launched by torchrun, resolve the precision for the device, check the run folder (shared by every rank), hold the
+run lock, then resume point (the newest checkpoint, mid-epoch or not) -> settings checked against the checkpoint
 (before any data are read) -> datasets -> ``fit``.
 """
 
@@ -27,9 +28,18 @@ from ddpm_ood.data.datasets import ImageDataset, dataset_from_csv
 from ddpm_ood.devices import describe_device, resolve_precision
 from ddpm_ood.diffusion.noise import describe_noise
 from ddpm_ood.diffusion.unet import check_image_fits_unet
-from ddpm_ood.distributed import DistContext, cleanup_distributed, init_distributed
+from ddpm_ood.distributed import (
+    DEFAULT_DIST_TIMEOUT_S,
+    DistContext,
+    barrier,
+    check_shared_folder,
+    cleanup_distributed,
+    init_distributed,
+    multi_node_restart_note,
+)
 from ddpm_ood.errors import UserError
 from ddpm_ood.fileio import atomic_write_text, check_output_dir, run_lock
+from ddpm_ood.preemption import stop_on_signals
 from ddpm_ood.training.ddpm import train
 from ddpm_ood.training.loop import (
     ResumePoint,
@@ -44,21 +54,38 @@ from ddpm_ood.upstream.flags import noise_type_for_flags
 
 
 def run_training_stage(cfg: TrainConfig, *, device: str, precision: str | None, amp: bool, lock_name: str,
-                       body: Callable[[TrainConfig, DistContext], int]) -> int:
-    """The frame of a training stage: start DDP when launched by torchrun, resolve the precision for the device,
-    check the run folder and say the device (main rank), hold the run lock, then ``body(cfg, ctx)`` with ``cfg``'s
-    precision resolved; the process group is always torn down."""
+                       body: Callable[[TrainConfig, DistContext], int],
+                       dist_timeout: float = DEFAULT_DIST_TIMEOUT_S) -> int:
+    """The frame of a training stage: SIGTERM/SIGUSR1 ask for a clean stop (``preemption.stop_on_signals``; the loop
+    saves and raises ``Preempted``), start DDP when launched by torchrun (``dist_timeout`` seconds bound every wait),
+    resolve the precision for the device, check the run folder (main rank) and that every rank sees it, say the
+    device and any torchrun restart, hold the run lock, then ``body(cfg, ctx)`` with ``cfg``'s precision resolved; the
+    process group is always torn down and the signal handlers restored."""
     run_dir = Path(cfg.run_dir)
-    ctx = init_distributed(device)
-    try:
-        cfg = dataclasses.replace(cfg, precision=resolve_precision(ctx.device, precision=precision, amp=amp))
-        if ctx.is_main:
-            check_output_dir(run_dir, "--output_dir/--model_name")
-            print(f"device: {describe_device(ctx.device)}; precision: {cfg.precision}")
-        with run_lock(run_dir, lock_name, enabled=ctx.is_main):
-            return body(cfg, ctx)
-    finally:
-        cleanup_distributed()
+    with stop_on_signals():
+        ctx = init_distributed(device, dist_timeout)
+        try:
+            cfg = dataclasses.replace(cfg, precision=resolve_precision(ctx.device, precision=precision, amp=amp))
+            if ctx.is_main:
+                check_output_dir(run_dir, "--output_dir/--model_name")
+            check_shared_folder(run_dir, ctx, "--output_dir/--model_name")
+            if ctx.is_main:
+                print(f"device: {describe_device(ctx.device)}; precision: {cfg.precision}"
+                      + (f"; {ctx.world_size} ranks" if ctx.world_size > 1 else ""))
+                if ctx.restart_count:
+                    print(f"torchrun restart {ctx.restart_count} (TORCHELASTIC_RESTART_COUNT): continuing from the "
+                          "newest checkpoint")
+                note = multi_node_restart_note(ctx)
+                if note:
+                    print(note)
+            with run_lock(run_dir, lock_name, enabled=ctx.is_main):
+                status = body(cfg, ctx)
+            # All ranks leave together (rank 0 may still be writing): none tears its process group down, or exits,
+            # while another still talks to it.
+            barrier(ctx)
+            return status
+        finally:
+            cleanup_distributed()
 
 
 def _val_set(validation_ids: str, train_set: ImageDataset, training_ids: str, data: DataConfig,
@@ -92,6 +119,7 @@ class DDPMTrainingJob:
     device: str = "auto"
     precision: str | None = None
     amp: bool = False
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.latent_pad is not None and self.vqvae_checkpoint is None:
@@ -101,13 +129,14 @@ class DDPMTrainingJob:
 def train_ddpm_stage(job: DDPMTrainingJob) -> int:
     """Train (or resume) the DDPM of ``job``; 0 when trained or already complete."""
     return run_training_stage(job.loop, device=job.device, precision=job.precision, amp=job.amp,
-                              lock_name="train_ddpm", body=lambda cfg, ctx: _train_ddpm(job, cfg, ctx))
+                              lock_name="train_ddpm", body=lambda cfg, ctx: _train_ddpm(job, cfg, ctx),
+                              dist_timeout=job.dist_timeout)
 
 
 def _train_ddpm(job: DDPMTrainingJob, cfg: TrainConfig, ctx: DistContext) -> int:
     """Resume point, settings, datasets, checks, then ``training.ddpm.train``; the caller holds the run lock."""
     vqvae = load_vqvae(job.vqvae_checkpoint) if job.vqvae_checkpoint is not None else None  # a wrong file fails first
-    resume = find_resume_point(cfg.run_dir, cfg.resume_epoch)
+    resume = find_resume_point(cfg.run_dir, cfg.resume_epoch, ctx=ctx, batch_size=cfg.batch_size)
     job = _resumed_settings(job, resume, vqvae, ctx)
     if resume is not None and already_complete(resume, cfg.n_epochs, ctx):
         return 0
@@ -174,6 +203,7 @@ class VQVAETrainingJob:
     device: str = "auto"
     precision: str | None = None
     amp: bool = False
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.vqvae.in_channels != self.data.channels or self.vqvae.out_channels != self.data.channels:
@@ -185,13 +215,14 @@ class VQVAETrainingJob:
 def train_vqvae_stage(job: VQVAETrainingJob) -> int:
     """Train (or resume) the VQ-VAE of ``job``; 0 when trained or already complete."""
     return run_training_stage(job.loop, device=job.device, precision=job.precision, amp=job.amp,
-                              lock_name="train_vqvae", body=lambda cfg, ctx: _train_vqvae(job, cfg, ctx))
+                              lock_name="train_vqvae", body=lambda cfg, ctx: _train_vqvae(job, cfg, ctx),
+                              dist_timeout=job.dist_timeout)
 
 
 def _train_vqvae(job: VQVAETrainingJob, cfg: TrainConfig, ctx: DistContext) -> int:
     """Resume point, datasets, checks, ``vqvae_config.json``, then ``training.vqvae.train_vqvae``."""
     run_dir = Path(cfg.run_dir)
-    resume = find_resume_point(run_dir, None, kind="vqvae")
+    resume = find_resume_point(run_dir, None, kind="vqvae", ctx=ctx, batch_size=cfg.batch_size)
     if resume is not None:  # settings before any data is read: a finished run with contradicting flags is refused
         check_vqvae_resume(resume, vqvae_checkpoint_config(job.vqvae, job.data, ()), job.losses,
                            compare_image_shape=False)

@@ -287,6 +287,19 @@ class VQVAETask:
             "loss_config": asdict(self.losses),
         }
 
+    def epoch_state(self) -> dict[str, float]:
+        """The epoch's running sums of every loss term and its count of finite steps so far, over all ranks (for a
+        mid-epoch checkpoint; every rank must call it under DDP)."""
+        sums = all_reduce_sum([float(self._sums.get(name, 0.0)) for name in LOSS_TERMS] + [float(self._steps)],
+                              self.ctx)
+        return {**dict(zip(LOSS_TERMS, sums[:-1], strict=True)), "steps": sums[-1]}
+
+    def load_epoch_state(self, state: dict[str, float]) -> None:
+        """Continue the running sums of :meth:`epoch_state` (on one rank: ``scalars`` sums over the ranks)."""
+        self._sums = {name: torch.tensor(float(state[name]), device=self.device) for name in LOSS_TERMS
+                      if name in state}
+        self._steps = torch.tensor(int(state.get("steps", 0)), device=self.device)
+
     def scalars(self) -> dict[str, float]:
         """The epoch's mean of every loss term over all ranks' batches with a finite loss (then reset), and the
         learning rate. Under DDP every rank must call it (it all-reduces)."""

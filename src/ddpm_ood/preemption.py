@@ -1,0 +1,81 @@
+"""Stopping cleanly when a cluster asks: SIGTERM (what SLURM, Kubernetes and torchrun send before they take a
+node back) and SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``) set a flag instead of killing the process.
+
+The stage frames (``training.stages``, ``reconstruction.stage``) hold :func:`stop_on_signals` while they run. The
+work loops look at :func:`stop_requested` at the end of every optimizer step or results batch, agree on it over all
+ranks (``distributed.any_rank``: every rank stops at the same step, none waits forever in a collective), save what
+they have (a mid-epoch checkpoint, the appended results rows) and raise :class:`Preempted`; ``cli/runner.py`` turns
+it into one line and exit status :data:`EXIT_PREEMPTED`. Running the same command again continues from there.
+
+A leaf module: no imports from the rest of ddpm_ood.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+# sysexits' EX_TEMPFAIL ("a temporary failure; the user is invited to retry later"), next to the EX_IOERR (74) of a
+# file-system fault: the stage stopped at a signal with its work saved, and the same command continues it. Distinct
+# from 143 (128 + SIGTERM), which a shell reports for a process killed by SIGTERM before it could save anything, so a
+# job script can tell "stopped cleanly, requeue me" (75) from "killed" (143, 137) and from bad input (2).
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_requested: str | None = None
+
+
+class Preempted(Exception):
+    """A stage stopped at a stop signal after saving its work (the message says where it is kept); the command run
+    again continues from there. The CLI prints ``preempted: <message>`` and exits with :data:`EXIT_PREEMPTED`."""
+
+
+def request_stop(reason: str) -> None:
+    """Ask the running stage to stop at its next safe point (what the signal handler does; tests call it too)."""
+    global _requested
+    if _requested is None:
+        _requested = reason
+
+
+def stop_requested() -> str | None:
+    """The name of the signal that asked to stop (``"SIGTERM"``), or None."""
+    return _requested
+
+
+def _on_signal(signum: int, frame) -> None:
+    # Only sets a flag: no I/O here (a print re-entering a busy stdout raises), the loops report it.
+    request_stop(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Within the block, ``signals`` set the stop flag (cleared on entry and exit) instead of ending the process;
+    the previous handlers are restored after. Outside the main thread (where Python cannot install handlers) the
+    block runs with the handlers as they are."""
+    global _requested
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    _requested = None
+    for sig in signals:
+        signal.signal(sig, _on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        _requested = None
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: the loading workers ignore the stop signals.
+
+    torchrun and SLURM signal the whole process group, loading workers included; a worker killed by SIGTERM makes the
+    training process fail at once, before it could save. Ignoring them, the workers keep serving batches until the
+    training process has saved and shuts them down as usual (their normal exit does not need a signal; a worker whose
+    parent is gone exits by itself, and SIGKILL still ends everything)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

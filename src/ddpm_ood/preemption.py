@@ -12,10 +12,11 @@ A leaf module: no imports from the rest of ddpm_ood.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # sysexits' EX_TEMPFAIL ("a temporary failure; the user is invited to retry later"), next to the EX_IOERR (74) of a
 # file-system fault: the stage stopped at a signal with its work saved, and the same command continues it. Distinct
@@ -25,6 +26,7 @@ EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _requested: str | None = None
+_exit_hook_registered = False
 
 
 class Preempted(Exception):
@@ -71,7 +73,7 @@ def stop_on_signals(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Itera
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: the loading workers ignore the stop signals.
+    """DataLoader ``worker_init_fn``: the loading workers ignore the stop signals (use :func:`loader_worker_init`).
 
     torchrun and SLURM signal the whole process group, loading workers included; a worker killed by SIGTERM makes the
     training process fail at once, before it could save. Ignoring them, the workers keep serving batches until the
@@ -79,3 +81,24 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     parent is gone exits by itself, and SIGKILL still ends everything)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def loader_worker_init() -> Callable[[int], None]:
+    """The ``worker_init_fn`` of a stage's DataLoaders (:func:`ignore_stop_signals`), after making sure this process
+    ends loader workers still alive when it exits with SIGKILL: Python's own exit ends daemonic child processes with
+    SIGTERM and then waits for them, which would wait forever for workers that ignore it (a DataLoader does not shut
+    its workers down itself once the interpreter is exiting)."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_daemonic_children)  # runs before multiprocessing's exit hook (registered earlier)
+        _exit_hook_registered = True
+    return ignore_stop_signals
+
+
+def _kill_daemonic_children() -> None:
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)

@@ -43,7 +43,7 @@ from ddpm_ood.config import RunConfig
 from ddpm_ood.devices import PRECISIONS
 from ddpm_ood.distributed import DistContext, all_reduce_sum, any_rank, barrier
 from ddpm_ood.errors import UserError
-from ddpm_ood.preemption import Preempted, ignore_stop_signals, stop_requested
+from ddpm_ood.preemption import Preempted, loader_worker_init, stop_requested
 from ddpm_ood.run_flags import config_conflicts
 from ddpm_ood.seeding import capture_rng_state, derive_generator, derive_seed
 from ddpm_ood.upstream.weights import is_upstream_checkpoint
@@ -343,7 +343,7 @@ def _make_loaders(train_set: Dataset, val_set: Dataset, cfg: TrainConfig, ctx: D
         "num_workers": cfg.num_workers,
         "persistent_workers": cfg.num_workers > 0,
         "pin_memory": ctx.device.type == "cuda",
-        "worker_init_fn": ignore_stop_signals if cfg.num_workers > 0 else None,
+        "worker_init_fn": loader_worker_init() if cfg.num_workers > 0 else None,
     }
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=False,
                               generator=derive_generator(cfg.seed, STREAM_LOADER, ctx.rank), **common)

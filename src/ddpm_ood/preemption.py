@@ -12,10 +12,11 @@ A leaf module: no imports from the rest of ddpm_ood.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 # sysexits' EX_TEMPFAIL ("a temporary failure; the user is invited to retry later"), next to the EX_IOERR (74) of a
 # file-system fault: the stage stopped at a signal with its work saved, and the same command continues it. Distinct
@@ -25,6 +26,7 @@ EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _requested: str | None = None
+_exit_hook_registered = False
 
 
 class Preempted(Exception):
@@ -71,11 +73,59 @@ def stop_on_signals(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Itera
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: the loading workers ignore the stop signals.
+    """DataLoader ``worker_init_fn``: the loading workers ignore the stop signals (use :func:`loader_worker_init`,
+    and start the workers within :func:`stop_signals_blocked`).
 
     torchrun and SLURM signal the whole process group, loading workers included; a worker killed by SIGTERM makes the
     training process fail at once, before it could save. Ignoring them, the workers keep serving batches until the
     training process has saved and shuts them down as usual (their normal exit does not need a signal; a worker whose
-    parent is gone exits by itself, and SIGKILL still ends everything)."""
+    parent is gone exits by itself, and SIGKILL still ends everything). A signal held back since the worker was
+    started is dropped here."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold the stop signals back (pending, not lost) within the block, in which a DataLoader starts its workers: a
+    forked worker inherits the block until :func:`ignore_stop_signals` replaces it, so no stop signal can end a
+    worker in the moments before it ignores them (torch's worker start-up installs a SIGTERM handler that ends it).
+    After the block a signal that arrived in it reaches this process's handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def iterate_loader(loader: Iterable) -> Iterator:
+    """The batches of ``loader``, its worker processes (if it starts them now) started within
+    :func:`stop_signals_blocked`."""
+    with stop_signals_blocked():
+        batches = iter(loader)
+    yield from batches
+
+
+def loader_worker_init() -> Callable[[int], None]:
+    """The ``worker_init_fn`` of a stage's DataLoaders (:func:`ignore_stop_signals`), after making sure this process
+    ends loader workers still alive when it exits with SIGKILL: Python's own exit ends daemonic child processes with
+    SIGTERM and then waits for them, which would wait forever for workers that ignore it (a DataLoader does not shut
+    its workers down itself once the interpreter is exiting)."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_daemonic_children)  # runs before multiprocessing's exit hook (registered earlier)
+        _exit_hook_registered = True
+    return ignore_stop_signals
+
+
+def _kill_daemonic_children() -> None:
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)

@@ -293,3 +293,51 @@ def test_preempted_is_exit_status_75_with_one_line(capsys):
 
     assert run_cli(stage, []) == EXIT_PREEMPTED == 75
     assert capsys.readouterr().err == "preempted: SIGTERM: stopped at epoch 1/2, step 3/4\n"
+
+
+def test_loader_workers_ignore_stop_signals_and_still_end_with_their_process():
+    # torchrun and SLURM signal the whole process group: a loading worker must survive SIGTERM (or training would fail
+    # before it could save), and must still not keep its process from exiting (Python's exit ends daemonic children
+    # with SIGTERM and waits for them; a DataLoader still referenced at exit does not stop its workers itself).
+    import subprocess
+    import sys
+
+    from tiny_run import REPO_ROOT
+
+    code = ("import os, signal, time\nfrom torch.utils.data import DataLoader\n"
+            "from ddpm_ood.preemption import loader_worker_init\n"
+            "loader = DataLoader(list(range(10)), batch_size=2, num_workers=1, persistent_workers=True,\n"
+            "                    worker_init_fn=loader_worker_init())\n"
+            "batches = iter(loader)\nnext(batches)\nworker = loader._iterator._workers[0]\n"
+            "os.kill(worker.pid, signal.SIGTERM)\ntime.sleep(0.5)\n"
+            "print('alive' if worker.is_alive() else 'dead', next(batches).tolist(), flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "alive [2, 3]"
+
+
+def test_a_stop_signal_while_loader_workers_start_ends_none_of_them():
+    # torch's worker start-up installs a SIGTERM handler that ends the worker, before the worker_init_fn can ignore
+    # the signal: workers are started with the stop signals held back, and drop them once they ignore them. Here the
+    # whole process group gets SIGTERM while the worker is still in its (slow) init function.
+    import subprocess
+    import sys
+
+    from tiny_run import REPO_ROOT
+
+    code = ("import os, signal, time\nfrom torch.utils.data import DataLoader\n"
+            "from ddpm_ood.preemption import (ignore_stop_signals, loader_worker_init, stop_on_signals,\n"
+            "                                 stop_requested, stop_signals_blocked)\n"
+            "def slow_init(worker_id):\n    time.sleep(1.0)\n    ignore_stop_signals(worker_id)\n"
+            "loader_worker_init()\n"
+            "loader = DataLoader(list(range(10)), batch_size=2, num_workers=1, worker_init_fn=slow_init)\n"
+            "with stop_on_signals():\n"
+            "    with stop_signals_blocked():\n        batches = iter(loader)  # the worker starts\n"
+            "    os.killpg(0, signal.SIGTERM)  # the worker is still in its init function\n"
+            "    print(stop_requested(), [b.tolist() for b in batches], flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "SIGTERM [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]"

@@ -40,7 +40,13 @@ from ddpm_ood.families.base import DEFAULT_DIFFPATH_STEPS, DEFAULT_LEVELS
 from ddpm_ood.families.diffpath import diffpath_clip_range
 from ddpm_ood.families.registry import RECONSTRUCTION
 from ddpm_ood.fileio import check_output_dir, image_stem, run_lock
-from ddpm_ood.preemption import Preempted, ignore_stop_signals, stop_on_signals, stop_requested
+from ddpm_ood.preemption import (
+    Preempted,
+    loader_worker_init,
+    stop_on_signals,
+    stop_requested,
+    stop_signals_blocked,
+)
 from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
 from ddpm_ood.reconstruction.pipeline import (
     ENGINES,
@@ -278,7 +284,7 @@ def _run_set(job: ReconstructionJob, ctx: DistContext, writers: dict[str, Resuma
     n_batches = max((len(todo) + job.batch_size * ctx.world_size - 1) // (job.batch_size * ctx.world_size), 1)
     loader = DataLoader(Subset(dataset, mine), batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
                         pin_memory=ctx.device.type == "cuda",
-                        worker_init_fn=ignore_stop_signals if job.num_workers > 0 else None)
+                        worker_init_fn=loader_worker_init() if job.num_workers > 0 else None)
     with_noise = RECONSTRUCTION in writers  # the engine's start noise is drawn ahead; the families draw their own
     batch_rows = rows_of(_batches_with_noise(loader, plan, ctx.device, model, with_noise), row_type)
     label = "reconstruct" if with_noise else "features"
@@ -334,7 +340,8 @@ def _batches_with_noise(loader: DataLoader, plan: ReconstructionPlan, device: to
         return ([int(i) for i in batch["index"]], [image_stem(p) for p in batch["path"]],
                 batch["image"].to(device, non_blocking=True), keys, noise)
 
-    batches = iter(loader)
+    with stop_signals_blocked():  # its workers start ignoring the stop signals (preemption.ignore_stop_signals)
+        batches = iter(loader)
     with ThreadPoolExecutor(max_workers=1) as pool:
         current = next(batches, None)
         pending = pool.submit(draw, current) if current is not None else None

@@ -43,7 +43,7 @@ from ddpm_ood.config import RunConfig
 from ddpm_ood.devices import PRECISIONS
 from ddpm_ood.distributed import DistContext, all_reduce_sum, any_rank, barrier
 from ddpm_ood.errors import UserError
-from ddpm_ood.preemption import Preempted, ignore_stop_signals, stop_requested
+from ddpm_ood.preemption import Preempted, iterate_loader, loader_worker_init, stop_requested
 from ddpm_ood.run_flags import config_conflicts
 from ddpm_ood.seeding import capture_rng_state, derive_generator, derive_seed
 from ddpm_ood.upstream.weights import is_upstream_checkpoint
@@ -343,7 +343,7 @@ def _make_loaders(train_set: Dataset, val_set: Dataset, cfg: TrainConfig, ctx: D
         "num_workers": cfg.num_workers,
         "persistent_workers": cfg.num_workers > 0,
         "pin_memory": ctx.device.type == "cuda",
-        "worker_init_fn": ignore_stop_signals if cfg.num_workers > 0 else None,
+        "worker_init_fn": loader_worker_init() if cfg.num_workers > 0 else None,
     }
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=False,
                               generator=derive_generator(cfg.seed, STREAM_LOADER, ctx.rank), **common)
@@ -416,7 +416,7 @@ class _Fit:
         start = time.perf_counter()
         with tqdm(total=n_batches, initial=min(start_step, n_batches), desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
                   disable=not ctx.is_main, dynamic_ncols=True, leave=False) as bar:
-            for step, batch in enumerate(clean_loader_errors(self.train_loader), start=start_step):
+            for step, batch in enumerate(clean_loader_errors(iterate_loader(self.train_loader)), start=start_step):
                 if step >= n_batches:
                     break
                 # Global RNG re-seeded per step: dropout, or anything else drawing from it, takes the same numbers in
@@ -527,7 +527,7 @@ class _Fit:
         cfg = self.cfg
         if not (done % cfg.eval_freq == 0 or done == cfg.n_epochs):
             return False, ""
-        val_sum, val_count = self.task.validation_loss(clean_loader_errors(self.val_loader),
+        val_sum, val_count = self.task.validation_loss(clean_loader_errors(iterate_loader(self.val_loader)),
                                                        1 if cfg.quick_test else None)
         val_sum, val_count = all_reduce_sum([val_sum, val_count], self.ctx)
         val_loss = val_sum / max(val_count, 1)

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from tiny_run import REPO_ROOT, one_torch_thread
 
@@ -135,3 +137,47 @@ def test_ranks_that_see_different_output_folders_are_refused(el, toy, tmp_path):
     assert "error: --output_dir/--model_name: ranks see different folders" in text
     assert "rank(s) 1 (host" in text and "must be on a filesystem every node mounts" in text
     assert not list(tmp_path.glob("node*/out/run/*.pth"))  # refused before any training
+
+
+def test_reconstruction_with_a_sigkilled_worker_restarts_to_the_rows_of_one_process(el, toy_run, tmp_path):
+    # torchrun --max_restarts=1: a worker killed once the validation rows have started to land; the restarted group
+    # computes only the images not in the partial file, and the files equal a 1-process run's, no duplicate row.
+    from ddpm_ood.cli.reconstruct import main as reconstruct_main
+
+
+    many = tmp_path / "many"
+    val = tmp_path / "Many_val.csv"
+    from tiny_run import write_npy_images
+
+    from ddpm_ood.data.splits import write_split_csv
+
+    write_split_csv(val, write_npy_images(many, "Many", 40, 7))
+    args = ["--model_name=toy", f"--validation_ids={val}", "--run_in=0", "--run_out=0", "--is_grayscale=1",
+            "--num_inference_steps=10", "--inference_skip_factor=4", "--num_workers=0", "--batch_size=2",
+            "--device=cpu", "--scores=reconstruction,eps_norm", "--score_levels=2"]
+    single, sharded = tmp_path / "one", tmp_path / "two"
+    toy_run.copy_to(single)
+    toy_run.copy_to(sharded)
+    with one_torch_thread():
+        assert reconstruct_main([f"--output_dir={single}", *args]) == 0
+    partial = sharded / "toy" / "ood" / "results_val.csv.partial"
+    proc = el.launch(el.torchrun([f"--output_dir={sharded}", *args], port=el.free_port(), max_restarts=1,
+                                 rdzv_id="recon", script="reconstruct.py"), tmp_path / "torchrun.log")
+    killed = None
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if partial.is_file() and len(partial.read_text().splitlines()) > 1 + 2 * 3:  # two batches of rows landed
+            workers = el.children(proc.pid)
+            if workers:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert el.wait(proc, 400) == 0, (tmp_path / "torchrun.log").read_text()[-4000:]
+    assert killed is not None, "the run finished before a worker could be killed"
+    for rel in ("results_val.csv", "eps_norm/features_val.csv"):
+        one = pd.read_csv(single / "toy" / "ood" / rel)
+        two = pd.read_csv(sharded / "toy" / "ood" / rel)
+        assert list(two["filename"]) == list(one["filename"])  # every image (and t) once, in the set's order
+        np.testing.assert_allclose(two.select_dtypes("number").to_numpy(), one.select_dtypes("number").to_numpy(),
+                                   rtol=1e-4, atol=1e-6)

@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 from ddpm_ood.cli.reconstruct import main  # noqa: E402
-from ddpm_ood.cli.runner import run_cli  # noqa: E402
+from ddpm_ood.cli.runner import exit_process, run_cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

@@ -193,3 +193,18 @@ def test_restarts_over_several_nodes_on_a_shared_store_are_warned_about(monkeypa
     assert multi_node_restart_note(DistContext(world_size=4)) is None  # one node: the restart count is shared
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
     assert multi_node_restart_note(DistContext(world_size=8)) is None
+
+
+@pytest.mark.parametrize("under_torchrun", [True, False])
+def test_entry_scripts_exit_with_their_status_after_the_exit_handlers(under_torchrun):
+    # Under torchrun the process ends without Python's interpreter teardown (where a gloo worker thread can abort a
+    # finished run), but only after the exit handlers ran and the output is flushed.
+    code = ("import atexit, sys\natexit.register(lambda: print('exit handler ran', flush=True))\n"
+            "from ddpm_ood.cli.runner import exit_process\nprint('work done', end='')\nexit_process(75)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    for var in ("LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(var, None)
+    if under_torchrun:
+        env.update(LOCAL_RANK="0", WORLD_SIZE="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75 and proc.stdout == "work doneexit handler ran\n"

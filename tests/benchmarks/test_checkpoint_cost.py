@@ -26,7 +26,9 @@ def test_side_by_side_run(capsys):
     out = capsys.readouterr().out
     values = dict(re.findall(r"^(\w+): ([\d.]+)$", out, re.M))
     assert set(values) == {"checkpoint_mb", "write_s", "write_share_of_default", "mid_epoch_checkpoints_short",
-                           "ratio_short_vs_none", "ratio_default_vs_none"}
-    assert float(values["mid_epoch_checkpoints_short"]) >= 1
-    assert re.search(r"^run 1 none \(0 min\): [\d.]+ s, 0 mid-epoch checkpoint\(s\)$", out, re.M)
+                           "mid_epoch_share_short", "mid_epoch_share_default", "ratio_short_vs_none",
+                           "ratio_default_vs_none"}
+    assert float(values["mid_epoch_checkpoints_short"]) >= 1 and float(values["mid_epoch_share_short"]) > 0
+    assert float(values["mid_epoch_share_default"]) == 0  # a run of seconds: no checkpoint at the default 15 min
+    assert re.search(r"^run 1 none \(0 min\): [\d.]+ s, 0 mid-epoch checkpoint\(s\) written in 0.000 s$", out, re.M)
     assert out.strip().splitlines()[-1].startswith("ratio_default_vs_none: ")

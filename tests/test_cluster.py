@@ -9,7 +9,6 @@ The torchrun helpers (toy data, command lines, launching, killing) are benchmark
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_run import REPO_ROOT, one_torch_thread
+from tiny_run import REPO_ROOT, benchmark_module, one_torch_thread
 
 from ddpm_ood.checkpoint import MID_EPOCH_CHECKPOINT, load_checkpoint
 from ddpm_ood.cli.train_ddpm import main as train_main
@@ -27,17 +26,12 @@ from ddpm_ood.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = REPO_ROOT / "benchmarks" / "elastic_restarts.py"
 
 
 @pytest.fixture(scope="module")
 def el():
-    spec = importlib.util.spec_from_file_location("elastic_restarts", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("elastic_restarts.py", "elastic_restarts") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

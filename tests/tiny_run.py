@@ -167,3 +167,20 @@ def folder_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file below ``folder`` by relative path: what a test may not change in a shared folder."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def benchmark_module(script: str, name: str | None = None) -> Iterator[object]:
+    """``benchmarks/<script>`` imported as a module (registered in ``sys.modules`` while in use, for pickling and
+    dataclasses), removed again afterwards."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name or Path(script).stem, REPO_ROOT / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 
-from tiny_run import REPO_ROOT, one_torch_thread
-
-SCRIPT = REPO_ROOT / "benchmarks" / "checkpoint_cost.py"
+from tiny_run import benchmark_module, one_torch_thread
 
 
 def test_side_by_side_run(capsys):
-    spec = importlib.util.spec_from_file_location("checkpoint_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        with one_torch_thread():
-            # A short interval of ~0: a mid-epoch checkpoint after the first step of each run's only epoch.
-            assert module.main(["--preset=tiny", "--image_size=8", "--batch_size=4", "--train_images=12",
-                                "--epochs=1", "--repeats=1", "--short_minutes=1e-9"]) == 0
-    finally:
-        sys.modules.pop(spec.name, None)
+    with benchmark_module("checkpoint_cost.py") as module, one_torch_thread():
+        # A short interval of ~0: a mid-epoch checkpoint after the first step of each run's only epoch.
+        assert module.main(["--preset=tiny", "--image_size=8", "--batch_size=4", "--train_images=12",
+                            "--epochs=1", "--repeats=1", "--short_minutes=1e-9"]) == 0
     out = capsys.readouterr().out
     values = dict(re.findall(r"^(\w+): ([\d.]+)$", out, re.M))
     assert set(values) == {"checkpoint_mb", "write_s", "write_share_of_default", "mid_epoch_checkpoints_short",

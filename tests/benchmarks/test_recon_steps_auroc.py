@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
-from tiny_run import REPO_ROOT, needs_lpips, save_tiny_checkpoint, write_npy_images
+from tiny_run import benchmark_module, needs_lpips, save_tiny_checkpoint, write_npy_images
 
 from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.errors import UserError
 
-SCRIPT = REPO_ROOT / "benchmarks" / "recon_steps_auroc.py"
-
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("recon_steps_auroc", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("recon_steps_auroc.py", "recon_steps_auroc") as module:
+        yield module
 
 
 def test_parse_steps(sweep):

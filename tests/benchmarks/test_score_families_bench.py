@@ -3,13 +3,11 @@ cost comparison; its flags refuse what cannot run. Structure and invariants only
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 
 import numpy as np
 import pytest
-from tiny_run import REPO_ROOT, needs_lpips
+from tiny_run import benchmark_module, needs_lpips
 
 from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.errors import UserError
@@ -17,7 +15,6 @@ from ddpm_ood.families import FamilySettings, nfe_of
 from ddpm_ood.families.base import even_levels
 from ddpm_ood.reconstruction.engine import evaluations_per_image
 
-SCRIPT = REPO_ROOT / "benchmarks" / "score_families.py"
 NOISE = ("eps_norm", "denoising_error")
 DIFFPATH = ("diffpath6d", "diffpath1d")
 SETTINGS = (5, 10, 20)
@@ -26,12 +23,8 @@ OUT_SETS = ("MNIST", "vflip", "hflip")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("score_families_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("score_families.py", "score_families_bench") as module:
+        yield module
 
 
 def expected_nfe(family: str, setting: str) -> int:

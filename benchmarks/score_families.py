@@ -1,41 +1,67 @@
-"""Score families on the quickstart's trained model: AUROC against network evaluations per image, and what the
-cheap families cost next to the paper's reconstruction, in ONE run.
+"""Score families on the quickstart's trained model: AUROC against network evaluations per image for every
+registered feature family and the settings that matter, and what the cheap families cost next to the paper's
+reconstruction, in ONE run.
 
-1. AUROC vs nfe. For L in ``--levels`` (noise levels ``families.even_levels(L)``; eps_norm and denoising_error
-   share the L network calls, so each L is computed once for both) and K in ``--diffpath_steps`` (DiffPath's DDIM
-   inversion steps; diffpath6d and diffpath1d share them), the features of every family are computed on
-   ``--n_val`` in-distribution VALIDATION images and on the test sets: Fashion-MNIST test (in), MNIST test, and
-   the first Fashion-MNIST test images flipped upside down (vflip) and mirrored (hflip). A ``FeatureDensity`` is
-   fitted on the validation features only, per family and setting; its negative log-likelihood scores the test
-   sets, and the AUROC of in vs each out set is reported with the family's nfe (``families.nfe_of``). The
-   ``ensemble`` rows (``families.ensemble``: one density over all four families' columns, also fitted on
-   validation only) use L = K. Nothing is tuned on an OOD set: every number comes from validation-fitted
-   densities with the library's fixed rules. The settings are those reconstruct.py uses: noise seed 2, the
-   checkpoint's noise type, DiffPath's x0 clip to the data range (``diffpath_clip_range``), noise keyed by file
-   stem (a flipped image has the same noise as its unflipped original, as in reconstruct.py).
+1. AUROC table. Features are computed on ``--n_val`` in-distribution VALIDATION images and on the test sets:
+   Fashion-MNIST test (in), MNIST test, and the first Fashion-MNIST test images flipped upside down (vflip) and
+   mirrored (hflip). Each family's score is fitted on the validation features only (``ScoreFamily.fit``, a
+   ``FeatureDensity`` for every built-in family) and scores the test sets; the AUROC of in vs each out set is
+   reported with the family's nfe (``families.nfe_of``, network evaluations per image). The settings come from the
+   library: ``families.make_settings(families, ScoreOptions(...), score_context(run, seed))``, the very call
+   reconstruct.py makes (noise seed ``--seed`` 2, the checkpoint's noise type, DiffPath's x0 clip to the model's
+   data range, MSMA's scales placed on the model's schedule), noise keyed by file stem (a flipped image gets the
+   noise of its unflipped original, as in reconstruct.py). Each distinct (call group, settings) is computed once and
+   reused by every row that needs it. Nothing is tuned on an OOD set. The rows, by ``part`` (``--parts``):
+
+   - ``noise``: every registered feature family (``feature_family_names()``: eps_norm, denoising_error, msma,
+     diffpath6d, diffpath1d) at the default ``ScoreOptions`` (L = 10 levels, M = 1 draw, K = 10 steps, clip on),
+     with ``score_noise`` shared and per_image side by side. A family that draws no noise (msma, DiffPath) has the
+     same settings under both and gets one row.
+   - ``draws``: eps_norm and denoising_error with shared noise averaged over M = ``--draws`` draws (1,2,4; nfe
+     L x M): does M = 2 or 4 buy anything over M = 1?
+   - ``clip``: diffpath6d and diffpath1d at K = 10 with DiffPath's x0 clip on and off (``--diffpath_clip``; a
+     latent model has no range, so both settings are "off" and one row is printed).
+   - ``sweep``: eps_norm and denoising_error at L in ``--levels`` (``even_levels(L)``, shared noise, M = 1; the two
+     share the L calls) and diffpath6d and diffpath1d at K in ``--diffpath_steps`` (clip on; one inversion for
+     both). msma is not swept: its scales (1 down to 0.01) fix its levels.
+   - ``ensemble``: ``families.ensemble.Ensemble`` (the mean of each member's score z-scored against that member's
+     own validation scores) over the members ``ensemble_members(feature_families, with_reconstruction=False)``:
+     eps_norm, denoising_error, msma and diffpath6d (diffpath1d is a column of diffpath6d). The library adds the
+     paper's reconstruction score (mse+perceptual) as a member when a run computed it; this benchmark does not
+     compute it, so its ensemble is over the feature families only. Rows: the defaults with shared and with
+     per_image noise, and L = K = v for each v in both ``--levels`` and ``--diffpath_steps`` (shared noise).
+
+   A row's ``setting`` is read from its settings (``L=10 noise=shared M=1``, ``K=10 clip=on``, msma's
+   ``scales=10 levels=8``; the ensemble's joins its members' with `` + ``); the same family and setting in two
+   parts is the same computation and gives the same numbers. ``feature_ms_per_image`` is the wall time of the
+   row's call group(s) over all sets, per image (the ensemble's: the sum over its members' groups).
 
 2. Cost side by side. On the same images (the first in-distribution test images), the same precision and batch
-   size, one model in one process: seconds per image of (a) the 10-evaluation families (eps_norm+denoising_error
-   at L = 10, diffpath6d+diffpath1d at K = 10, and the four together, the quickstart's 20-evaluation set: encode
+   size, one model in one process: seconds per image of (a) the cheap families at the default options with
+   L = ``--cost_levels`` and K = ``--cost_steps`` (10, 10): eps_norm+denoising_error (L evaluations), msma (its
+   levels), diffpath6d+diffpath1d (K), and all registered feature families together (the quickstart's set: encode
    then ``families.compute_features``, as reconstruct.py's feature pass) and (b) the paper's reconstruction score
    at skip factor 16 on the 100-step grid, whole PLMS path from every start t (``--recon_steps`` not given: 349
    evaluations per image, ``engine.evaluations_per_image``), through ``pipeline.measure_batch`` (encode, batched
    engine, decode, MSE and LPIPS). One warm-up batch for each, then ``--cost_batches`` timed batches, the
    methods interleaved batch by batch so that a change of load on a shared machine hits both alike. Reported:
-   ``cost_ratio_<family>`` = seconds per image of the family / of the reconstruction (target < 0.1).
+   ``cost_ratio_<method>`` = seconds per image of the method / of the reconstruction (target < 0.1).
 
 Printed: ``key: value`` lines (the device and CPU kind first), the AUROC table as tab-separated lines (header
-``family L_or_K nfe auroc_MNIST auroc_vflip auroc_hflip mean feature_ms_per_image``), then the cost lines; the
-last line is ``cost_ratio_max``. Progress goes to stderr. With 200 in-distribution and 100-200 OOD images an AUROC
-carries a standard error of about 0.02-0.03; read differences below that as noise.
+``part family setting nfe auroc_MNIST auroc_vflip auroc_hflip mean feature_ms_per_image``), then the cost lines;
+the last line is ``cost_ratio_max``. Progress and each fitted score's summary go to stderr. With 200
+in-distribution and 100-200 OOD images an AUROC carries a standard error of about 0.02-0.03; read differences below
+that as noise. ``--precision`` sets every network call's precision (fp32 default); to compare precisions run the
+script once per precision on the same machine (a second pass would double every network call).
 
 ``--smoke``: a random-weight tiny checkpoint (8/16 channels, 1x8x8) and seeded random images, a few per set, every
-family and setting still computed (a test runs it; its numbers mean nothing).
+part and setting still computed (a test runs it; its numbers mean nothing).
 
 Usage (repository root, venv active, after ``bash scripts/quickstart.sh`` or with --checkpoint/--splits_dir)::
 
-    python benchmarks/score_families.py                 # ~15-25 min on 2 shared cores
-    python benchmarks/score_families.py --smoke         # seconds
+    python benchmarks/score_families.py                          # every part and the cost comparison
+    python benchmarks/score_families.py --parts=noise,draws --skip_cost
+    python benchmarks/score_families.py --smoke                  # seconds
 """
 
 from __future__ import annotations
@@ -45,22 +71,31 @@ import dataclasses
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ddpm_ood.devices import cpu_has_native_bf16, describe_device, resolve_precision
-from ddpm_ood.diffusion.schedule import alphas_cumprod
 from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.errors import UserError
-from ddpm_ood.families import FamilySettings, compute_features, get_family, nfe_of
+from ddpm_ood.families import (
+    ENSEMBLE,
+    ScoreContext,
+    ScoreOptions,
+    compute_features,
+    feature_family_names,
+    get_family,
+    make_settings,
+    nfe_of,
+)
 from ddpm_ood.families.base import even_levels
-from ddpm_ood.families.density import FeatureDensity
-from ddpm_ood.families.diffpath import DIFFPATH1D, DIFFPATH6D, diffpath_clip_range, diffpath_timesteps
-from ddpm_ood.families.ensemble import ensemble_scores
-from ddpm_ood.families.noise_levels import DENOISING_ERROR, EPS_NORM
+from ddpm_ood.families.diffpath import DIFFPATH1D, DIFFPATH6D, DiffPathSettings, diffpath_timesteps
+from ddpm_ood.families.ensemble import Ensemble, ensemble_members
+from ddpm_ood.families.msma import MSMA, MSMASettings
+from ddpm_ood.families.noise_levels import DENOISING_ERROR, EPS_NORM, NoiseLevelSettings
 from ddpm_ood.ood.metrics import detection_metrics
 from ddpm_ood.reconstruction.engine import evaluations_per_image
 
@@ -68,10 +103,12 @@ DEFAULT_CHECKPOINT = Path("runs/quickstart/output/fashionmnist_tiny_fast/checkpo
 DEFAULT_SPLITS = Path("runs/quickstart/data/data_splits")
 NOISE_GROUP = (EPS_NORM, DENOISING_ERROR)
 DIFFPATH_GROUP = (DIFFPATH6D, DIFFPATH1D)
-ALL_FAMILIES = (*NOISE_GROUP, *DIFFPATH_GROUP)
-ENSEMBLE = "ensemble"
+NOISE_PROTOCOLS = ("shared", "per_image")
+PARTS = ("noise", "draws", "clip", "sweep", "ensemble")
 OUT_SETS = ("MNIST", "vflip", "hflip")
-TABLE_HEADER = ["family", "L_or_K", "nfe", *[f"auroc_{s}" for s in OUT_SETS], "mean", "feature_ms_per_image"]
+SET_NAMES = ("val", "in", *OUT_SETS)
+TABLE_HEADER = ["part", "family", "setting", "nfe", *[f"auroc_{s}" for s in OUT_SETS], "mean",
+                "feature_ms_per_image"]
 # set name -> split CSV (the flipped CSVs need not exist: the loader flips FashionMNIST_test.csv's images)
 CSVS = {"val": "FashionMNIST_val.csv", "in": "FashionMNIST_test.csv", "MNIST": "MNIST_test.csv",
         "vflip": "FashionMNIST_vflip_test.csv", "hflip": "FashionMNIST_hflip_test.csv"}
@@ -92,6 +129,18 @@ def parse_counts(text: str) -> list[int]:
     if any(v < 1 for v in values) or len(set(values)) != len(values):
         raise UserError(f"{text!r}: give distinct positive integers")
     return values
+
+
+def parse_parts(text: str) -> list[str]:
+    """'noise,draws' or 'all' -> the chosen parts of the AUROC table, in ``PARTS`` order."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if items == ["all"]:
+        return list(PARTS)
+    unknown = [item for item in items if item not in PARTS]
+    if not items or unknown:
+        raise UserError(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; accepted: "
+                        f"{', '.join(PARTS)} or all")
+    return [part for part in PARTS if part in items]
 
 
 def cpu_kind() -> tuple[str, bool, str]:
@@ -149,9 +198,21 @@ def real_sets(args: argparse.Namespace, data) -> dict[str, tuple[torch.Tensor, l
     return {name: load_set(args.splits_dir / CSVS[name], data, n) for name, n in sizes.items()}
 
 
-# ---- part 1: AUROC against nfe ------------------------------------------------------------------------------------
+# ---- part 1: the AUROC table -------------------------------------------------------------------------------------
 
-def batched_features(model, families: Sequence[str], settings: FamilySettings, images: torch.Tensor,
+def describe(settings: Any) -> str:
+    """A row's setting, read from a family's settings: ``L=10 noise=shared M=1``, ``K=10 clip=on``,
+    ``scales=10 levels=8``; any other family's settings as ``field=value`` pairs."""
+    if isinstance(settings, NoiseLevelSettings):
+        return f"L={len(settings.levels)} noise={settings.noise} M={settings.draws}"
+    if isinstance(settings, DiffPathSettings):
+        return f"K={settings.steps} clip={'off' if settings.clip is None else 'on'}"
+    if isinstance(settings, MSMASettings):
+        return f"scales={len(settings.sigmas)} levels={len(settings.levels)}"
+    return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items())
+
+
+def batched_features(model, families: Sequence[str], settings: Mapping[str, Any], images: torch.Tensor,
                      keys: Sequence[str], batch_size: int, acp: torch.Tensor) -> dict[str, np.ndarray]:
     """{family: (N, D)} for all images, ``batch_size`` at a time: encode, then the families' shared calls once
     (reconstruct.py's feature pass)."""
@@ -165,64 +226,122 @@ def batched_features(model, families: Sequence[str], settings: FamilySettings, i
     return {family: np.concatenate(parts[family]) for family in families}
 
 
-def settings_for(base: FamilySettings, group: str, value: int) -> FamilySettings:
-    """``base`` with L = value noise levels (group "L") or K = value DiffPath steps (group "K")."""
-    if group == "L":
-        return dataclasses.replace(base, levels=even_levels(value))
-    return dataclasses.replace(base, diffpath_steps=value)
+class FeatureStore:
+    """Features and validation-fitted scores of every set, computed once per (call group, settings) and reused by
+    every row that asks for them."""
+
+    def __init__(self, model, sets: Mapping[str, tuple[torch.Tensor, list[str]]], batch_size: int,
+                 acp: torch.Tensor) -> None:
+        self.model, self.sets, self.batch_size, self.acp = model, sets, batch_size, acp
+        self.n_images = sum(len(images) for images, _ in sets.values())
+        self._features: dict[tuple[str, Any], dict[str, np.ndarray]] = {}
+        self._scores: dict[tuple[str, Any], tuple[dict[str, np.ndarray], str]] = {}
+        self.ms_per_image: dict[tuple[str, Any], float] = {}  # (call group name, settings) -> ms per image
+
+    def features(self, family: str, settings: Any) -> dict[str, np.ndarray]:
+        """{set: (N, D)} of ``family`` under ``settings``; the first call computes every member of its call group."""
+        if (family, settings) not in self._features:
+            group = get_family(family).calls
+            members = [f for f in feature_family_names() if get_family(f).calls is group]
+            by_family = dict.fromkeys(members, settings)
+            started = time.perf_counter()
+            per_set = {name: batched_features(self.model, members, by_family, images, keys, self.batch_size,
+                                              self.acp)
+                       for name, (images, keys) in self.sets.items()}
+            seconds = time.perf_counter() - started
+            self.ms_per_image[(group.name, settings)] = 1e3 * seconds / self.n_images
+            for member in members:
+                self._features[(member, settings)] = {name: per_set[name][member] for name in per_set}
+            log(f"features {'+'.join(members)} {describe(settings)} (nfe {group.nfe(settings)}): {self.n_images} "
+                f"images in {seconds:.1f} s")
+        return self._features[(family, settings)]
+
+    def ms(self, family: str, settings: Any) -> float:
+        return self.ms_per_image[(get_family(family).calls.name, settings)]
+
+    def scores(self, family: str, settings: Any) -> tuple[dict[str, np.ndarray], str]:
+        """({set: (N,) scores}, summary) of ``family``'s score fitted on the validation features only."""
+        if (family, settings) not in self._scores:
+            feats = self.features(family, settings)
+            record = get_family(family)
+            fitted = record.fit(feats["val"], record.columns(settings))
+            self._scores[(family, settings)] = ({name: fitted.score(x) for name, x in feats.items()},
+                                                fitted.summary())
+        return self._scores[(family, settings)]
 
 
-def sweep_features(model, sets, base: FamilySettings, args: argparse.Namespace, acp: torch.Tensor) -> dict:
-    """{("L", L) or ("K", K): {"features": {set: {family: (N, D)}}, "ms_per_image": float}}."""
-    jobs = [("L", v, NOISE_GROUP) for v in args.levels] + [("K", v, DIFFPATH_GROUP) for v in args.diffpath_steps]
-    n_images = sum(len(images) for images, _ in sets.values())
-    out = {}
-    for group, value, families in jobs:
-        settings = settings_for(base, group, value)
-        started = time.perf_counter()
-        features = {}
-        for name, (images, keys) in sets.items():
-            features[name] = batched_features(model, families, settings, images, keys, args.batch_size, acp)
-        seconds = time.perf_counter() - started
-        out[(group, value)] = {"features": features, "ms_per_image": 1e3 * seconds / n_images, "settings": settings}
-        log(f"features {group}={value} ({', '.join(families)}; nfe {nfe_of(families, settings)}): {n_images} images "
-            f"in {seconds:.1f} s")
-    return out
+def aurocs(scores: Mapping[str, np.ndarray]) -> list[float]:
+    return [detection_metrics(scores["in"], scores[s])["auroc"] for s in OUT_SETS]
 
 
-def aurocs(in_scores: np.ndarray, out_scores: dict[str, np.ndarray]) -> list[float]:
-    return [detection_metrics(in_scores, out_scores[s])["auroc"] for s in OUT_SETS]
+def family_row(store: FeatureStore, part: str, family: str, settings: Any) -> dict:
+    scores, summary = store.scores(family, settings)
+    return {"part": part, "family": family, "setting": describe(settings), "nfe": nfe_of([family], {family: settings}),
+            "aurocs": aurocs(scores), "ms": store.ms(family, settings), "summary": summary}
 
 
-def auroc_table(sweep: dict, args: argparse.Namespace) -> list[dict]:
-    """One row per (family, setting) and per ensemble L = K: densities fitted on the validation rows only."""
-    rows = []
-    for (group, value), entry in sweep.items():
-        feats, settings = entry["features"], entry["settings"]
-        for family in (NOISE_GROUP if group == "L" else DIFFPATH_GROUP):
-            density = FeatureDensity().fit(feats["val"][family], columns=get_family(family).feature_names(settings))
-            scores = {name: density.score(feats[name][family]) for name in ("in", *OUT_SETS)}
-            rows.append({"family": family, "L_or_K": f"{group}={value}", "nfe": nfe_of([family], settings),
-                         "aurocs": aurocs(scores["in"], scores), "ms": entry["ms_per_image"],
-                         "density": density.summary()})
-    for value in [v for v in args.levels if v in args.diffpath_steps]:
-        noise, path = sweep[("L", value)], sweep[("K", value)]
-        settings = dataclasses.replace(noise["settings"], diffpath_steps=value)
-        names = ("val", "in", *OUT_SETS)
-        blocks = {f: [(noise if f in NOISE_GROUP else path)["features"][name][f] for name in names]
-                  for f in ALL_FAMILIES}
-        columns = {f: get_family(f).feature_names(settings) for f in ALL_FAMILIES}
-        result = ensemble_scores(blocks, columns)
-        scores = dict(zip(names, result.scores, strict=True))
-        rows.append({"family": ENSEMBLE, "L_or_K": f"L=K={value}", "nfe": nfe_of(ALL_FAMILIES, settings),
-                     "aurocs": aurocs(scores["in"], scores), "ms": noise["ms_per_image"] + path["ms_per_image"],
-                     "density": result.density.summary()})
-    return rows
+def ensemble_row(store: FeatureStore, part: str, settings: Mapping[str, Any]) -> dict:
+    """The ensemble of the members ``settings`` names (``ensemble_members``), fitted on validation scores only."""
+    members = list(settings)
+    member_scores = {m: store.scores(m, settings[m])[0] for m in members}
+    fitted = Ensemble.fit({m: member_scores[m]["val"] for m in members})
+    scores = {name: fitted.score({m: member_scores[m][name] for m in members}) for name in SET_NAMES}
+    groups = {(get_family(m).calls.name, settings[m]) for m in members}
+    setting = " + ".join(dict.fromkeys(describe(settings[m]) for m in members))
+    return {"part": part, "family": ENSEMBLE, "setting": setting, "nfe": nfe_of(members, settings),
+            "aurocs": aurocs(scores), "ms": sum(store.ms_per_image[g] for g in groups), "summary": fitted.summary()}
+
+
+def table_jobs(args: argparse.Namespace, context: ScoreContext) -> list[tuple[str, str, Any]]:
+    """(part, family or ENSEMBLE, settings or {member: settings}) of every row, in table order, without repeats
+    within a part (a family whose settings do not change with an option gets one row)."""
+    families = feature_family_names()
+    members = ensemble_members(families, with_reconstruction=False)
+
+    def settings(names: Sequence[str], **options) -> dict[str, Any]:
+        return make_settings(names, ScoreOptions(**options), context)
+
+    jobs: list[tuple[str, str, Any]] = []
+    if "noise" in args.parts:
+        for family in families:
+            for noise in NOISE_PROTOCOLS:
+                jobs.append(("noise", family, settings([family], score_noise=noise)[family]))
+    if "draws" in args.parts:
+        for family in NOISE_GROUP:
+            for m in args.draws:
+                jobs.append(("draws", family, settings([family], score_noise_draws=m)[family]))
+    if "clip" in args.parts:
+        for family in DIFFPATH_GROUP:
+            for clip in (True, False):
+                jobs.append(("clip", family, settings([family], diffpath_clip=clip)[family]))
+    if "sweep" in args.parts:
+        for value in args.levels:
+            jobs.extend(("sweep", f, s) for f, s in settings(NOISE_GROUP, score_levels=even_levels(value)).items())
+        for value in args.diffpath_steps:
+            jobs.extend(("sweep", f, s) for f, s in settings(DIFFPATH_GROUP, diffpath_steps=value).items())
+    if "ensemble" in args.parts:
+        for noise in NOISE_PROTOCOLS:
+            jobs.append(("ensemble", ENSEMBLE, settings(members, score_noise=noise)))
+        for value in [v for v in args.levels if v in args.diffpath_steps]:
+            jobs.append(("ensemble", ENSEMBLE, settings(members, score_levels=even_levels(value), diffpath_steps=value)))
+    unique, seen = [], set()
+    for part, family, s in jobs:
+        key = (part, family, tuple(s.items()) if isinstance(s, dict) else s)
+        if key not in seen:
+            seen.add(key)
+            unique.append((part, family, s))
+    return unique
+
+
+def auroc_table(store: FeatureStore, jobs: Sequence[tuple[str, str, Any]]) -> list[dict]:
+    """One row per job: AUROC of in vs each out set, scores fitted on the validation rows only."""
+    return [ensemble_row(store, part, s) if family == ENSEMBLE else family_row(store, part, family, s)
+            for part, family, s in jobs]
 
 
 # ---- part 2: cost side by side ------------------------------------------------------------------------------------
 
-def time_costs(model, images: torch.Tensor, keys: list[str], base: FamilySettings,
+def time_costs(model, images: torch.Tensor, keys: list[str], context: ScoreContext,
                args: argparse.Namespace, acp: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
     """({method: seconds per image}, {method: nfe}) over ``args.cost_batches`` timed batches after a warm-up batch,
     the methods interleaved batch by batch on the same images."""
@@ -231,20 +350,23 @@ def time_costs(model, images: torch.Tensor, keys: list[str], base: FamilySetting
 
     metrics = ReconstructionMetrics(torch.device("cpu"))
     start_ts = start_timesteps(args.num_inference_steps, args.skip_factor)
-    cheap = dataclasses.replace(base, levels=even_levels(args.cost_levels), diffpath_steps=args.cost_steps)
-    family_sets = {f"noise_levels_L{args.cost_levels}": NOISE_GROUP, f"diffpath_K{args.cost_steps}": DIFFPATH_GROUP,
-                   f"all_families_L{args.cost_levels}_K{args.cost_steps}": ALL_FAMILIES}
+    families = feature_family_names()
+    cheap = make_settings(families, ScoreOptions(score_levels=even_levels(args.cost_levels),
+                                                 diffpath_steps=args.cost_steps), context)
+    family_sets = {f"noise_levels_L{args.cost_levels}": NOISE_GROUP, MSMA: (MSMA,),
+                   f"diffpath_K{args.cost_steps}": DIFFPATH_GROUP,
+                   f"all_families_L{args.cost_levels}_K{args.cost_steps}": families}
     recon = f"reconstruction_skip{args.skip_factor}"
 
-    def features(families):
+    def features(names):
         def once(x: torch.Tensor, k: list[str]) -> None:
             with torch.inference_mode():
                 x0 = model.autoencoder.encode(x)
-            compute_features(families, model.eps_fn, x0, k, acp, cheap)
+            compute_features(names, model.eps_fn, x0, k, acp, cheap)
         return once
 
     def reconstruction(x: torch.Tensor, k: list[str]) -> None:
-        measure_batch(model, metrics, x, k, start_ts, args.num_inference_steps, base.seed, recon_steps=None)
+        measure_batch(model, metrics, x, k, start_ts, args.num_inference_steps, context.seed, recon_steps=None)
 
     methods = {name: features(fams) for name, fams in family_sets.items()} | {recon: reconstruction}
     nfe = {name: nfe_of(fams, cheap) for name, fams in family_sets.items()}
@@ -277,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numbers of noise levels L for eps_norm/denoising_error (even_levels(L); default 5,10,20)")
     p.add_argument("--diffpath_steps", type=parse_counts, default=[5, 10, 20],
                    help="DiffPath inversion steps K (improved-diffusion's ddim spacing of 1000; default 5,10,20)")
+    p.add_argument("--draws", type=parse_counts, default=[1, 2, 4],
+                   help="shared noise draws M for eps_norm/denoising_error in the draws part (L = 10; default 1,2,4)")
+    p.add_argument("--parts", type=parse_parts, default=list(PARTS),
+                   help=f"rows of the AUROC table, a comma list of {', '.join(PARTS)} or all (default all)")
     p.add_argument("--n_val", type=int, default=1000, help="validation images the densities are fitted on (1000)")
     p.add_argument("--n_in", type=int, default=200, help="Fashion-MNIST test images, in-distribution (200)")
     p.add_argument("--n_mnist", type=int, default=200, help="MNIST test images (200)")
@@ -308,6 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--n_val, --n_in, --n_mnist, --n_flip, --batch_size and --cost_batches must be >= 1")
     for k in (*args.diffpath_steps, args.cost_steps):
         diffpath_timesteps(k)  # refuses a K with no integer stride of 1000, before any work
+        DiffPathSettings(steps=k)  # and a K below 2
+    even_levels(args.cost_levels)
+    for value in args.levels:
+        even_levels(value)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -321,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ddpm_ood.reconstruction.stage import score_context
     from ddpm_ood.runs import load_run_model, open_run
 
     device = torch.device("cpu")
@@ -336,28 +467,31 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.checkpoint}: no checkpoint; run `bash scripts/quickstart.sh` or give --checkpoint")
     run = open_run(args.checkpoint)
     model = load_run_model(run, device, precision=precision)
-    acp = alphas_cumprod(run.config.schedule).to(device)
-    base = FamilySettings(seed=args.seed, noise_type=run.config.schedule.noise_type,
-                          diffpath_clip=diffpath_clip_range(run.config.schedule.b_scale, run.config.latent is not None))
+    context = score_context(run, args.seed)  # as reconstruct.py: seed, noise type, acp, data range and scale
+    acp = context.acp.to(device)
+    jobs = table_jobs(args, context)
     sets = smoke_sets(args, tuple(run.config.image_shape)) if args.smoke else real_sets(args, run.config.data)
     print(f"checkpoint: {'smoke (random weights, 1x8x8)' if args.smoke else args.checkpoint} "
           f"(epoch {run.epoch}, model {'x'.join(map(str, run.config.model_shape))})")
     print("images: " + ", ".join(f"{name} {len(images)}" for name, (images, _) in sets.items())
           + f" ({'random' if args.smoke else args.splits_dir})")
-    print(f"settings: seed {base.seed}, noise {base.noise_type}, diffpath_clip {base.diffpath_clip}, "
-          f"batch_size {args.batch_size}, threads {torch.get_num_threads()}")
-    print("densities: FeatureDensity fitted on the validation features only (ensemble: one density over all four "
-          "families' columns, L = K)")
+    print(f"settings: seed {context.seed}, noise_type {context.noise_type}, data_range {context.data_range}, "
+          f"data_scale {context.data_scale}, batch_size {args.batch_size}, threads {torch.get_num_threads()}")
+    print(f"parts: {','.join(args.parts)} (levels {','.join(map(str, args.levels))}; diffpath_steps "
+          f"{','.join(map(str, args.diffpath_steps))}; draws {','.join(map(str, args.draws))})")
+    print("scores: each family's fitted on the validation features only; ensemble: mean of the validation z-scores "
+          f"of {', '.join(ensemble_members(feature_family_names(), with_reconstruction=False))} (feature families "
+          "only: the reconstruction score is not computed here)")
 
     started = time.perf_counter()
-    rows = auroc_table(sweep_features(model, sets, base, args, acp), args)
+    rows = auroc_table(FeatureStore(model, sets, args.batch_size, acp), jobs)
     print(f"auroc_seconds: {time.perf_counter() - started:.1f}")
     print("\t".join(TABLE_HEADER))
     for r in rows:
-        print("\t".join([r["family"], r["L_or_K"], str(r["nfe"]), *[f"{a:.4f}" for a in r["aurocs"]],
+        print("\t".join([r["part"], r["family"], r["setting"], str(r["nfe"]), *[f"{a:.4f}" for a in r["aurocs"]],
                          f"{np.mean(r['aurocs']):.4f}", f"{r['ms']:.1f}"]))
     for r in rows:
-        log(f"density {r['family']} {r['L_or_K']}: {r['density']}")
+        log(f"score {r['part']} {r['family']} {r['setting']}: {r['summary']}")
     sys.stdout.flush()
     if args.skip_cost:
         return 0
@@ -373,7 +507,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"the cost comparison needs {n_cost} in-distribution images, {source} has {len(images)}")
     print(f"cost_images: {args.cost_batches} timed batches of {args.batch_size} after 1 warm-up batch, the first "
           f"{n_cost} in-distribution test images ({source}); precision {precision}")
-    per_image, nfe = time_costs(model, images, keys, base, args, acp)
+    per_image, nfe = time_costs(model, images, keys, context, args, acp)
     recon = f"reconstruction_skip{args.skip_factor}"
     for name, seconds in per_image.items():
         print(f"cost_s_per_image_{name}: {seconds:.6f}  [nfe {nfe[name]}, {1e3 * seconds / nfe[name]:.2f} ms per "

@@ -162,8 +162,8 @@ RECONSTRUCT=(
 "${RECONSTRUCT[@]}" --out_ids="$SPLITS/FashionMNIST_vflip_test.csv,$SPLITS/FashionMNIST_hflip_test.csv" \
   --first_n="$N_FLIP" --run_val=0 --run_in=0 --run_out=1
 
-step "5b/6 the other score families (eps_norm, denoising_error, DiffPath; 10 levels, 10 steps) on the same sets, their densities fitted on $N_FEATURE_VAL validation images"
-FAMILIES=(--scores=eps_norm,denoising_error,diffpath --score_levels=10 --diffpath_steps=10)
+step "5b/6 the other score families (eps_norm, denoising_error with one shared noise per level; MSMA; DiffPath; 10 levels, 10 steps) on the same sets, their densities fitted on $N_FEATURE_VAL validation images"
+FAMILIES=(--scores=eps_norm,denoising_error,msma,diffpath --score_levels=10 --score_noise=shared --diffpath_steps=10)
 "${RECONSTRUCT[@]}" "${FAMILIES[@]}" --first_n_val="$N_FEATURE_VAL" --out_ids="$SPLITS/MNIST_test.csv" \
   --first_n="$N_TEST" --run_val=1 --run_in=1 --run_out=1
 "${RECONSTRUCT[@]}" "${FAMILIES[@]}" \

@@ -89,6 +89,30 @@ def noise_key(path: str | os.PathLike) -> str:
     return image_stem(path)
 
 
+# Noise protocols of the passes that noise their inputs (score families, reconstruction): "per_image" draws the
+# noise of (image, t) from (seed, the image's noise key, t); "shared" draws one noise per t from (seed, t) only, the
+# same for every image (common random numbers: an image's feature is then a function of the image alone).
+NOISE_PROTOCOLS: tuple[str, ...] = ("shared", "per_image")
+
+
+def shared_noise_key(draw: int = 0) -> str:
+    """The noise key of shared draw number ``draw`` (0, 1, ...): the same for every image, so the noise of (draw, t)
+    depends on (seed, t) only. It starts with "/", which no file stem (``noise_key``) has."""
+    return f"/ddpm-ood-shared-noise/draw{int(draw)}"
+
+
+def protocol_keys(keys: Sequence[str], protocol: str, draw: int = 0) -> list[str]:
+    """The noise keys to draw with under ``protocol`` (``NOISE_PROTOCOLS``): the images' own keys (per_image, only
+    draw 0 exists) or the shared key of ``draw`` for every image."""
+    if protocol == "per_image":
+        if draw:
+            raise ValueError("per-image noise has one draw per (image, t)")
+        return list(keys)
+    if protocol == "shared":
+        return [shared_noise_key(draw)] * len(keys)
+    raise ValueError(f"unknown noise protocol {protocol!r}; accepted: {', '.join(NOISE_PROTOCOLS)}")
+
+
 def row_seed(seed: int, key: str, t: int) -> int:
     """A 63-bit generator seed for the noise of one (image, t) row; ``key`` names the image (``noise_key``)."""
     digest = hashlib.sha256(f"{seed}|{key}|{int(t)}".encode()).digest()

@@ -499,7 +499,8 @@ def test_every_score_family_works_on_the_latents(trained2d, tmp_path):
 
     from ddpm_ood.data.datasets import dataset_from_csv
     from ddpm_ood.diffusion.schedule import alphas_cumprod
-    from ddpm_ood.families import FamilySettings, compute_features
+    from ddpm_ood.families import ScoreOptions, compute_features, make_settings
+    from ddpm_ood.reconstruction.stage import score_context
     from ddpm_ood.results.schema import features_path
     from ddpm_ood.runs import load_run_model, open_run
     from ddpm_ood.seeding import noise_key
@@ -507,8 +508,11 @@ def test_every_score_family_works_on_the_latents(trained2d, tmp_path):
     _, s, trained_out, _ = trained2d
     out = tmp_path / "out"
     shutil.copytree(trained_out / "ldm", out / "ldm")
-    families = ["eps_norm", "denoising_error", "diffpath6d", "diffpath1d"]
-    argv = recon_argv(out, s, "ldm", "--scores=eps_norm,denoising_error,diffpath", "--score_levels=2",
+    families = ["eps_norm", "denoising_error", "msma", "diffpath6d", "diffpath1d"]
+    # per-image noise: the toy VQ-VAE maps many validation images to the same codes, whose shared-noise features
+    # would be constant columns (refused by the density)
+    argv = recon_argv(out, s, "ldm", "--scores=eps_norm,denoising_error,msma,diffpath", "--score_noise=per_image",
+                      "--score_levels=2",
                       "--diffpath_steps=2")
     assert run(reconstruct, argv) == 0
     trained = open_run(out / "ldm" / "checkpoint.pth")
@@ -518,7 +522,9 @@ def test_every_score_family_works_on_the_latents(trained2d, tmp_path):
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
     with one_torch_thread(), torch.inference_mode():
         latents = model.autoencoder.encode(images)
-        settings = FamilySettings(levels=(250, 750), diffpath_steps=2, seed=2)  # latents: DiffPath does not clip
+        settings = make_settings(families, ScoreOptions(score_levels=(250, 750), diffpath_steps=2,
+                                                        score_noise="per_image"), score_context(trained, 2))
+        assert settings["diffpath6d"].clip is None and settings["msma"].data_scale == 1.0  # latents: no range
         want = compute_features(families, model.eps_fn, latents, [noise_key(p) for p in ds.paths],
                                 alphas_cumprod(trained.config.schedule), settings)
     assert latents.shape[1:] == tuple(trained.config.model_shape) != tuple(images.shape[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,19 +16,20 @@ from tiny_run import one_torch_thread, save_tiny_checkpoint, write_npy_images
 from ddpm_ood.cli import ood_detection, reconstruct
 from ddpm_ood.cli.runner import run_cli
 from ddpm_ood.data.datasets import dataset_from_csv
+from ddpm_ood.data.splits import read_split_csv as read_split
 from ddpm_ood.data.splits import write_split_csv
 from ddpm_ood.diffusion.schedule import alphas_cumprod
-from ddpm_ood.families import FamilySettings, compute_features, get_family
+from ddpm_ood.families import ScoreOptions, compute_features, get_family, make_settings
 from ddpm_ood.families.base import even_levels
-from ddpm_ood.families.diffpath import diffpath_clip_range
 from ddpm_ood.fileio import image_stem
+from ddpm_ood.reconstruction.stage import score_context
 from ddpm_ood.results.schema import features_path
 from ddpm_ood.results.writer import ResumableResults
 from ddpm_ood.runs import load_run_model, open_run
 from ddpm_ood.seeding import noise_key
 
-FAMILIES = ("eps_norm", "denoising_error", "diffpath6d", "diffpath1d")
-FAST = ["--scores=eps_norm,denoising_error,diffpath", "--score_levels=3", "--diffpath_steps=2"]
+FAMILIES = ("eps_norm", "denoising_error", "msma", "diffpath6d", "diffpath1d")
+FAST = ["--scores=eps_norm,denoising_error,msma,diffpath", "--score_levels=3", "--diffpath_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,9 @@ def test_every_family_writes_its_file_equal_to_a_direct_computation(toy, tmp_pat
     assert not (out / "toy" / "ood" / "results_val.csv").exists()  # reconstruction was not asked for
     run = open_run(out / "toy" / "checkpoint.pth")
     model = load_run_model(run, torch.device("cpu"))
-    settings = FamilySettings(levels=even_levels(3), diffpath_steps=2, seed=2,
-                              diffpath_clip=diffpath_clip_range(run.config.schedule.b_scale, False))
+    settings = make_settings(FAMILIES, ScoreOptions(score_levels=even_levels(3), diffpath_steps=2),
+                             score_context(run, 2))
+    assert settings["diffpath6d"].clip == (0.0, run.config.schedule.b_scale)  # the authors' clip to the data range
     dataset = dataset_from_csv(str(splits / "Other_test.csv"), run.data)
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     keys = [noise_key(p) for p in dataset.paths]
@@ -89,11 +92,13 @@ def test_every_family_writes_its_file_equal_to_a_direct_computation(toy, tmp_pat
     for family in FAMILIES:
         path = features_path(out, "toy", family, "Other")
         frame = pd.read_csv(path)
-        assert list(frame.columns) == ["filename", "type", *get_family(family).feature_names(settings)]
+        assert list(frame.columns) == ["filename", "type", *get_family(family).columns(settings[family])]
         assert list(frame["filename"]) == [image_stem(p) for p in dataset.paths] and set(frame["type"]) == {"out"}
         _assert_close(frame.iloc[:, 2:].to_numpy(), expected[family])
         sidecar = json.loads(path.with_suffix(".json").read_text())
-        assert sidecar["family"] == family and sidecar["nfe"] == (3 if family in FAMILIES[:2] else 2)
+        assert sidecar["family"] == family and sidecar["nfe"] == get_family(family).nfe(settings[family])
+        assert sidecar["settings"] == get_family(family).settings_record(settings[family])
+        assert get_family(family).settings_from(sidecar["settings"]) == settings[family]
 
 
 def test_batch_sizes_1_and_7_give_identical_feature_rows(toy, tmp_path):
@@ -143,7 +148,9 @@ def test_detection_reports_every_family_and_the_ensemble_with_their_nfe(toy, tmp
     assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=toy", "--score=eps_norm"]) == 0
     summary = pd.read_csv(out / "toy" / "ood" / "summary.csv")
     assert list(summary["score"]) == [*FAMILIES, "ensemble"]
-    assert list(summary["nfe"]) == [3, 3, 2, 2, 5]  # the ensemble counts each shared group of calls once
+    msma = int(summary.loc[summary["score"] == "msma", "nfe"].iloc[0])
+    # the ensemble (diffpath1d left out: a column of diffpath6d) counts each shared group of calls once
+    assert list(summary["nfe"]) == [3, 3, msma, 2, 2, 3 + msma + 2]
     assert (summary["n_in"] == 7).all() and (summary["n_out"] == 5).all()
     assert summary[["auroc", "fpr95", "aupr_in", "aupr_out"]].apply(lambda c: c.between(0, 1)).all().all()
     assert (out / "toy" / "ood" / "auroc_vs_nfe.png").stat().st_size > 0
@@ -189,9 +196,9 @@ def test_detection_without_validation_features_names_the_command(toy, tmp_path, 
 def test_an_unknown_family_lists_the_accepted_ones(toy, tmp_path, capsys):
     _, splits, _ = toy
     out = _copy_run(toy, tmp_path)
-    assert _run(reconstruct.main, [*_argv(splits, out), "--scores=eps_norm,msma"]) == 2
+    assert _run(reconstruct.main, [*_argv(splits, out), "--scores=eps_norm,mahalanobis"]) == 2
     errors = _error_lines(capsys.readouterr().err)
-    assert len(errors) == 1 and "unknown score family 'msma'" in errors[0]
+    assert len(errors) == 1 and "unknown score family 'mahalanobis'" in errors[0]
     err = errors[0]
     for name in ("reconstruction", *FAMILIES, "diffpath", "all"):
         assert name in err
@@ -277,3 +284,160 @@ def test_two_processes_under_torchrun_write_the_rows_of_one(toy, tmp_path):
         two = pd.read_csv(features_path(sharded, "toy", family, "in"))
         assert list(two["filename"]) == list(one["filename"])  # every image once, in the set's order
         _assert_close(two.iloc[:, 2:].to_numpy(), one.iloc[:, 2:].to_numpy())
+
+
+# ---- one registry: a score registered by this test alone goes through every stage --------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MeanEpsSettings:
+    t: int = 300
+
+
+def _mean_eps(eps_fn, x0, keys, acp, settings):
+    t = torch.full((x0.shape[0],), settings.t, dtype=torch.long)
+    e = eps_fn(acp[settings.t].sqrt() * x0, t).double()
+    return {"mean_eps": torch.stack([e.mean(dim=(1, 2, 3)), e.std(dim=(1, 2, 3))], dim=1).numpy()}
+
+
+@pytest.fixture
+def mean_eps_registered():
+    from ddpm_ood.families import ScoreFamily, register, unregister
+    from ddpm_ood.families.base import CallGroup
+
+    family = ScoreFamily("mean_eps", "a test's own score", MeanEpsSettings, lambda options, context: MeanEpsSettings(),
+                         lambda settings: ["mean", "std"], CallGroup("mean_eps", lambda settings: 1, _mean_eps))
+    register(family)
+    yield family
+    unregister("mean_eps")
+
+
+def test_a_score_registered_by_a_test_runs_through_reconstruct_detect_and_score(toy, tmp_path, capsys,
+                                                                                 mean_eps_registered):
+    from ddpm_ood import OODScorer
+    from ddpm_ood.data.splits import read_split_csv
+    from ddpm_ood.families import feature_family_names, score_names
+    from ddpm_ood.ood.family_scores import all_family_scores
+
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert "mean_eps" in feature_family_names() and "mean_eps" in score_names()
+    assert _run(reconstruct.main, _argv(splits, out, "--scores=mean_eps,eps_norm")) == 0
+    sidecar = json.loads(features_path(out, "toy", "mean_eps", "val").with_suffix(".json").read_text())
+    assert sidecar["settings"] == {"t": 300} and sidecar["nfe"] == 1
+    assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=toy", "--score=mean_eps"]) == 0
+    summary = pd.read_csv(out / "toy" / "ood" / "summary.csv")
+    assert list(summary["score"]) == ["eps_norm", "mean_eps", "ensemble"]
+    assert "AUC for toy vs Other" in capsys.readouterr().out
+    expected = {f.family: f for f in all_family_scores(out / "toy" / "ood", None)}["mean_eps"].sets["Other"]
+    with one_torch_thread():
+        scorer = OODScorer.from_run(out, "toy", device="cpu", score="mean_eps", batch_size=2)
+        got = scorer.score(read_split_csv(str(splits / "Other_test.csv")), progress=False)
+    np.testing.assert_allclose(got["score"].to_numpy(), expected.to_numpy(), rtol=1e-4, atol=1e-4)
+    assert "mean_eps" not in feature_family_names() or mean_eps_registered  # unregistered after the test
+
+
+def test_detection_of_feature_scores_only_prints_the_first_present_and_refuses_an_absent_chosen_one(toy, tmp_path,
+                                                                                                     capsys):
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert _run(reconstruct.main, _argv(splits, out, "--scores=msma,diffpath6d")) == 0
+    capsys.readouterr()
+    assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=toy"]) == 0
+    printed = capsys.readouterr().out
+    summary = pd.read_csv(out / "toy" / "ood" / "summary.csv")
+    assert list(summary["score"]) == ["msma", "diffpath6d", "ensemble"]
+    auc = float(summary.loc[summary["score"] == "msma", "auroc"].iloc[0])
+    assert f"AUC for toy vs Other: {100 * auc:.1f}" in printed  # msma: the first present in the registry's order
+    assert json.loads((out / "toy" / "ood" / "summary.json").read_text())["settings"]["score"] == "msma"
+    assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=toy", "--score=mse+perceptual"]) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "mse+perceptual: not computed" in errors[0] and "msma, diffpath6d" in errors[0]
+
+
+def test_nothing_fitted_moves_when_the_ood_rows_change(toy, tmp_path):
+    """Levels, densities, the ensemble and the scorer's threshold come from validation rows only."""
+    from ddpm_ood import OODScorer
+
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert _run(reconstruct.main, _argv(splits, out)) == 0
+    with one_torch_thread():
+        before = {s: OODScorer.from_run(out, "toy", device="cpu", score=s) for s in (*FAMILIES, "ensemble")}
+    sidecars = {f: features_path(out, "toy", f, "val").with_suffix(".json").read_text() for f in FAMILIES}
+    for family in FAMILIES:
+        path = features_path(out, "toy", family, "Other")
+        frame = pd.read_csv(path)
+        frame.iloc[:, 2:] = frame.iloc[:, 2:].to_numpy() * -2.0 + 11.0
+        frame.to_csv(path, index=False)
+    with one_torch_thread():
+        after = {s: OODScorer.from_run(out, "toy", device="cpu", score=s) for s in (*FAMILIES, "ensemble")}
+    for score in before:
+        assert after[score].threshold == before[score].threshold
+        assert after[score].recipe.family_settings == before[score].recipe.family_settings
+        np.testing.assert_array_equal(after[score].recipe.val_scores, before[score].recipe.val_scores)
+    assert sidecars == {f: features_path(out, "toy", f, "val").with_suffix(".json").read_text() for f in FAMILIES}
+
+
+def test_shared_noise_features_of_an_image_do_not_depend_on_its_file_name(toy, tmp_path):
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    images = read_split(splits / "Toy_test.csv")
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    copies = [shutil.copy(p, renamed / f"Copy_{i}.npy") for i, p in enumerate(images)]
+    write_split_csv(tmp_path / "Copy_test.csv", copies)
+    argv = [f"--output_dir={out}", "--model_name=toy", f"--in_ids={splits / 'Toy_test.csv'}",
+            f"--out_ids={tmp_path / 'Copy_test.csv'}", "--run_val=0", "--num_workers=0", "--scores=eps_norm",
+            "--score_levels=3", "--batch_size=3"]
+    assert _run(reconstruct.main, [*argv, "--score_noise=shared"]) == 0
+    a = pd.read_csv(features_path(out, "toy", "eps_norm", "in")).iloc[:, 2:].to_numpy()
+    b = pd.read_csv(features_path(out, "toy", "eps_norm", "Copy")).iloc[:, 2:].to_numpy()
+    np.testing.assert_array_equal(a, b)
+    assert _run(reconstruct.main, [*argv, "--score_noise=per_image"]) == 0  # recomputed: other settings
+    a = pd.read_csv(features_path(out, "toy", "eps_norm", "in")).iloc[:, 2:].to_numpy()
+    b = pd.read_csv(features_path(out, "toy", "eps_norm", "Copy")).iloc[:, 2:].to_numpy()
+    assert (a != b).all()
+
+
+def test_feature_files_of_earlier_versions_are_complete_under_per_image_noise(toy, tmp_path, capsys):
+    """A sidecar written before the registry (the family's settings as top-level keys, per-image noise) is the
+    same settings as --score_noise=per_image: the file is kept, not recomputed."""
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    argv = _argv(splits, out, "--scores=eps_norm,diffpath6d", "--run_val=0", "--run_out=0", "--score_noise=per_image")
+    assert _run(reconstruct.main, argv) == 0
+    for family in ("eps_norm", "diffpath6d"):
+        path = features_path(out, "toy", family, "in").with_suffix(".json")
+        d = json.loads(path.read_text())
+        own = d.pop("settings")
+        d.update({"levels": own["levels"]} if family == "eps_norm" else
+                 {"diffpath_steps": own["steps"], "diffpath_clip": own["clip"]})
+        path.write_text(json.dumps(d))
+    capsys.readouterr()
+    assert _run(reconstruct.main, argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already complete, skipped") == 2
+    assert _run(reconstruct.main, argv[:-1]) == 0  # the default, shared noise: recomputed, and says why
+    assert "made with other settings" in capsys.readouterr().out
+
+
+def test_reconstruction_with_shared_noise_is_recorded_and_batch_invariant(toy, tmp_path):
+    _, splits, _ = toy
+    rows = {}
+    for batch in (1, 7):
+        out = _copy_run(toy, tmp_path / f"b{batch}")
+        argv = [f"--output_dir={out}", "--model_name=toy", f"--in_ids={splits / 'Toy_test.csv'}", "--run_val=0",
+                "--run_out=0", "--num_workers=0", "--inference_skip_factor=34", "--recon_noise=shared",
+                f"--batch_size={batch}"]
+        assert _run(reconstruct.main, argv) == 0
+        results = out / "toy" / "ood" / "results_in.csv"
+        rows[batch] = pd.read_csv(results)
+        assert json.loads(results.with_suffix(".json").read_text())["recon_noise"] == "shared"
+    np.testing.assert_allclose(rows[1][["mse"]].to_numpy(), rows[7][["mse"]].to_numpy(), rtol=1e-5)
+    per_image = _copy_run(toy, tmp_path / "per_image")
+    argv = [f"--output_dir={per_image}", "--model_name=toy", f"--in_ids={splits / 'Toy_test.csv'}", "--run_val=0",
+            "--run_out=0", "--num_workers=0", "--inference_skip_factor=34", "--batch_size=7"]
+    assert _run(reconstruct.main, argv) == 0
+    sidecar = json.loads((per_image / "toy" / "ood" / "results_in.json").read_text())
+    assert "recon_noise" not in sidecar  # per_image, the paper's, is recorded as before: no key
+    assert not np.allclose(pd.read_csv(per_image / "toy" / "ood" / "results_in.csv")["mse"], rows[7]["mse"])

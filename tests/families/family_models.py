@@ -1,4 +1,4 @@
-"""Stand-in models for the score-family tests: no network, only closed forms (DESIGN.md 4)."""
+"""Stand-in models for the score-family tests: no network, only closed forms (docs/development.md, Tests)."""
 
 from __future__ import annotations
 

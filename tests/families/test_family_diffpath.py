@@ -8,10 +8,10 @@ import torch
 from family_models import CallRecorder, gaussian_eps_fn, linear_acp, wiggly_eps_fn
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.families.base import FamilySettings
 from ddpm_ood.families.diffpath import (
     DIFFPATH1D,
     DIFFPATH6D,
+    DiffPathSettings,
     ddim_inversion,
     diffpath_features,
     diffpath_timesteps,
@@ -101,7 +101,7 @@ def test_many_steps_converge_to_the_exact_ode_solution():
 def test_network_sees_original_timesteps_once_per_step_for_the_whole_batch():
     acp, x0 = linear_acp(), gaussian_x0((5, 2, 4, 4))
     recorder = CallRecorder(wiggly_eps_fn)
-    settings = FamilySettings(diffpath_steps=10)
+    settings = DiffPathSettings(steps=10)
     diffpath_features(recorder, x0, [f"k{i}" for i in range(5)], acp, settings)
     assert [b for b, _ in recorder.calls] == [5] * 10
     assert [ts[0] for _, ts in recorder.calls] == list(range(0, 1000, 100))
@@ -112,8 +112,8 @@ def test_network_sees_original_timesteps_once_per_step_for_the_whole_batch():
 def test_statistics_match_diffpath_definition(shape):
     """diffpath6d / 1d from the stored eps, computed as save_test_statistics.py does (in float64)."""
     acp, x0 = linear_acp(), gaussian_x0(shape)
-    settings = FamilySettings(diffpath_steps=7)
-    steps = settings.diffpath_steps
+    settings = DiffPathSettings(steps=7)
+    steps = settings.steps
     eps, _ = ddim_inversion(wiggly_eps_fn, x0, acp, diffpath_timesteps(steps))
     e = eps.double().numpy().swapaxes(0, 1)  # B, K, C, *spatial
     axes = tuple(range(1, e.ndim))
@@ -148,7 +148,7 @@ def test_batch_sizes_one_and_seven_give_identical_rows():
     acp = linear_acp()
     x0 = gaussian_x0((7, 1, 4, 4))
     keys = [f"img{i}" for i in range(7)]
-    settings = FamilySettings(diffpath_steps=10)
+    settings = DiffPathSettings(steps=10)
     together = diffpath_features(wiggly_eps_fn, x0, keys, acp, settings)
     for i in range(7):
         alone = diffpath_features(wiggly_eps_fn, x0[i : i + 1], keys[i : i + 1], acp, settings)

@@ -1,4 +1,4 @@
-"""The ensemble: one validation-fitted density over all families' columns, in a fixed order."""
+"""The ensemble: the mean of its members' validation z-scores, members fixed by rule, fitted on validation only."""
 
 from __future__ import annotations
 
@@ -6,55 +6,59 @@ import numpy as np
 import pytest
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.families.density import FeatureDensity
-from ddpm_ood.families.ensemble import ENSEMBLE_ORDER, ensemble_scores
+from ddpm_ood.families.ensemble import PAPER_SCORE, Ensemble, ensemble_members
 
 
-def block(n, d, seed, shift=0.0):
-    r = np.random.default_rng(seed)
-    return r.normal(size=(n, d)) @ r.normal(size=(d, d)) + shift
+def scores(seed, n, shift=0.0, scale=1.0):
+    return np.random.default_rng(seed).normal(size=n) * scale + shift
 
 
-def sets(shift_ood=5.0):
-    """Three families' (val, in-distribution test, OOD test) over the same images."""
-    return {
-        "diffpath1d": (block(120, 1, 1), block(20, 1, 2), block(20, 1, 3, shift_ood)),
-        "eps_norm": (block(120, 3, 4), block(20, 3, 5), block(20, 3, 6, shift_ood)),
-        "reconstruction": (block(120, 2, 7), block(20, 2, 8), block(20, 2, 9, shift_ood)),
-    }
+def test_members_are_every_family_once_and_the_paper_score_when_present():
+    families = ["eps_norm", "denoising_error", "msma", "diffpath6d", "diffpath1d"]
+    assert ensemble_members(families, True) == [PAPER_SCORE, "eps_norm", "denoising_error", "msma", "diffpath6d"]
+    assert ensemble_members(families, False) == ["eps_norm", "denoising_error", "msma", "diffpath6d"]
+    assert ensemble_members(["diffpath1d"], False) == []
 
 
-def test_ensemble_is_one_density_over_the_concatenation_in_a_fixed_order():
-    blocks = sets()
-    result = ensemble_scores(blocks)
-    assert result.families == [name for name in ENSEMBLE_ORDER if name in blocks] == [
-        "eps_norm", "diffpath1d", "reconstruction"]
-    reversed_blocks = dict(reversed(list(blocks.items())))
-    again = ensemble_scores(reversed_blocks)
-    stacked = [np.concatenate([blocks[name][i] for name in result.families], axis=1) for i in range(3)]
-    direct = FeatureDensity().fit(stacked[0])
-    for i in range(3):
-        np.testing.assert_array_equal(result.scores[i], again.scores[i])
-        np.testing.assert_array_equal(result.scores[i], direct.score(stacked[i]))
-    assert len(result.columns) == 6 and result.density.describe()["dim"] == 6
-    assert result.scores[2].min() > np.median(result.scores[1])  # shifted rows score higher
+def test_score_is_the_mean_of_validation_z_scores():
+    val = {"a": scores(1, 50, shift=10.0, scale=3.0), "b": scores(2, 80, shift=-2.0, scale=0.1)}
+    ensemble = Ensemble.fit(val)
+    new = {"a": np.array([10.0, 16.0]), "b": np.array([-2.0, -2.3])}
+    za = (new["a"] - val["a"].mean()) / val["a"].std(ddof=1)
+    zb = (new["b"] - val["b"].mean()) / val["b"].std(ddof=1)
+    np.testing.assert_allclose(ensemble.score(new), (za + zb) / 2, rtol=1e-12)
+    # on its own validation rows each member's z-scores have mean 0, so their mean has mean 0 too
+    assert abs(Ensemble.fit({"a": val["a"], "b": val["a"] ** 3}).score({"a": val["a"], "b": val["a"] ** 3}).mean()) \
+        < 1e-12
 
 
-def test_ood_sets_do_not_change_the_fit_or_the_validation_scores():
-    a, b = ensemble_scores(sets(5.0)), ensemble_scores(sets(-50.0))
-    assert a.density.describe() == b.density.describe()
-    for i in (0, 1):
-        np.testing.assert_array_equal(a.scores[i], b.scores[i])
-    assert not np.array_equal(a.scores[2], b.scores[2])
+def test_units_of_a_member_do_not_matter_and_the_score_is_row_by_row():
+    val = {"a": scores(1, 60), "b": scores(2, 60)}
+    new = {"a": scores(3, 10, shift=2.0), "b": scores(4, 10, shift=1.0)}
+    base = Ensemble.fit(val).score(new)
+    scaled = Ensemble.fit({"a": val["a"] * 1e6 + 5, "b": val["b"]}).score({"a": new["a"] * 1e6 + 5, "b": new["b"]})
+    np.testing.assert_allclose(scaled, base, rtol=1e-9)
+    alone = Ensemble.fit(val).score({"a": new["a"][3:4], "b": new["b"][3:4]})
+    assert alone[0] == base[3]
 
 
-def test_bad_blocks_are_refused():
-    blocks = sets()
-    with pytest.raises(UserError, match="accepted"):
-        ensemble_scores({**blocks, "msma": blocks["eps_norm"]})
-    with pytest.raises(UserError, match="same images"):
-        ensemble_scores({**blocks, "eps_norm": (blocks["eps_norm"][0][:-1], *blocks["eps_norm"][1:])})
-    with pytest.raises(UserError, match="number of feature sets"):
-        ensemble_scores({**blocks, "eps_norm": blocks["eps_norm"][:2]})
-    with pytest.raises(UserError):
-        ensemble_scores({})
+def test_separated_members_give_a_perfect_ensemble():
+    from sklearn.metrics import roc_auc_score
+
+    val = {"a": scores(1, 100), "b": scores(2, 100)}
+    ind = {"a": scores(3, 30), "b": scores(4, 30)}
+    ood = {"a": scores(5, 30, shift=20.0), "b": scores(6, 30, shift=20.0)}
+    ensemble = Ensemble.fit(val)
+    labels = np.r_[np.zeros(30), np.ones(30)]
+    assert roc_auc_score(labels, np.r_[ensemble.score(ind), ensemble.score(ood)]) == 1.0
+
+
+def test_bad_members_are_refused():
+    with pytest.raises(UserError, match="two or more"):
+        Ensemble.fit({"a": scores(1, 10)})
+    with pytest.raises(UserError, match="constant"):
+        Ensemble.fit({"a": scores(1, 10), "b": np.ones(10)})
+    with pytest.raises(UserError, match="finite"):
+        Ensemble.fit({"a": scores(1, 10), "b": np.r_[scores(2, 9), np.nan]})
+    with pytest.raises(UserError, match="needs the b"):
+        Ensemble.fit({"a": scores(1, 10), "b": scores(2, 10)}).score({"a": scores(3, 2)})

@@ -9,7 +9,13 @@ from tiny_run import FLOAT_ROUNDING, TINY_MODEL, TINY_SCHEDULE
 from ddpm_ood.diffusion.eps import model_eps_fn
 from ddpm_ood.diffusion.schedule import alphas_cumprod
 from ddpm_ood.diffusion.unet import build_unet, randomize_zero_init_convs
-from ddpm_ood.families import FEATURE_FAMILIES, FamilySettings, compute_features
+from ddpm_ood.families import (
+    ScoreContext,
+    ScoreOptions,
+    compute_features,
+    feature_family_names,
+    make_settings,
+)
 
 
 def test_all_families_with_a_tiny_unet(one_thread):
@@ -19,11 +25,12 @@ def test_all_families_with_a_tiny_unet(one_thread):
     acp = alphas_cumprod(TINY_SCHEDULE)
     x0 = torch.rand((3, 1, 8, 8), generator=torch.Generator().manual_seed(1))
     keys = ["a", "b", "c"]
-    settings = FamilySettings(levels=(50, 500, 950), diffpath_steps=4)
-    together = compute_features(list(FEATURE_FAMILIES), eps_fn, x0, keys, acp, settings)
-    alone = compute_features(list(FEATURE_FAMILIES), eps_fn, x0[1:2], keys[1:2], acp, settings)
-    n, k = x0[0].numel(), settings.diffpath_steps
-    for name in FEATURE_FAMILIES:
+    names = list(feature_family_names())
+    settings = make_settings(names, ScoreOptions(score_levels=(50, 500, 950), diffpath_steps=4), ScoreContext(acp=acp))
+    together = compute_features(names, eps_fn, x0, keys, acp, settings)
+    alone = compute_features(names, eps_fn, x0[1:2], keys[1:2], acp, settings)
+    n, k = x0[0].numel(), settings["diffpath6d"].steps
+    for name in names:
         assert np.isfinite(together[name]).all()
         # The network's kernels round differently for other batch sizes (relative FLOAT_ROUNDING per element), so
         # a feature may move by FLOAT_ROUNDING times the size of its summands: its own size for the sums of even

@@ -10,9 +10,9 @@ import argparse
 from collections.abc import Sequence
 
 from ddpm_ood.cli.options import positive_int
+from ddpm_ood.families import score_names
 from ddpm_ood.ood import detection
-from ddpm_ood.ood.detection import DETECTION_SCORES, OUTPUT_FILES, DetectionJob, run_detection
-from ddpm_ood.ood.zscore import DEFAULT_SCORE
+from ddpm_ood.ood.detection import OUTPUT_FILES, DetectionJob, run_detection
 
 __all__ = ["OUTPUT_FILES", "build_parser", "main"]
 
@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(as reconstruct.py --inference_skip_factor=k would have run; default 1 = all)")
     p.add_argument("--out_sets", type=_name_list, default=None,
                    help="comma list of out sets to evaluate (names of results_<Name>.csv); default: all present")
-    p.add_argument("--score", choices=DETECTION_SCORES, default=DEFAULT_SCORE,
+    p.add_argument("--score", choices=score_names(), default=None,
                    help="score for the printed AUC lines and the ROC plot (every score found goes to summary.csv): "
-                        f"{', '.join(DETECTION_SCORES)} (default {DEFAULT_SCORE}, the paper's)")
+                        f"{', '.join(score_names())} (default: the first of these present, the paper's "
+                        "mse+perceptual when reconstruct.py computed it)")
     return p
 
 

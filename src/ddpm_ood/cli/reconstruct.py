@@ -20,10 +20,11 @@ from ddpm_ood.cli.options import (
     refuse_unsupported,
 )
 from ddpm_ood.errors import UserError
-from ddpm_ood.families import parse_families
+from ddpm_ood.families import RECONSTRUCTION, ScoreOptions, family_names, parse_families
 from ddpm_ood.families.base import even_levels
 from ddpm_ood.reconstruction.stage import ReconstructionJob, run_reconstruction
 from ddpm_ood.run_flags import RunFlags
+from ddpm_ood.seeding import NOISE_PROTOCOLS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,15 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched: all start points of a batch share network calls (fast, default); reference: one "
                    "start point after another (the oracle; same numbers)")
     add_max_batch_option(g)
-    f = p.add_argument_group("score families (docs/score-families.md)")
-    f.add_argument("--scores", type=str, default="reconstruction",
-                   help="comma list of score families to compute: reconstruction (the paper's, default), eps_norm, "
-                   "denoising_error, diffpath6d, diffpath1d, diffpath (both), or all")
-    f.add_argument("--score_levels", type=str, default="10",
-                   help="eps_norm / denoising_error noise levels: a count L (t spread evenly: 10 -> 50, 150, ..., "
-                   "950; default) or a comma list of t")
-    f.add_argument("--diffpath_steps", type=positive_int, default=10,
-                   help="DiffPath's DDIM inversion steps K (t = 0, 1000/K, ...; default 10)")
+    _add_score_options(p.add_argument_group("score families (docs/score-families.md)"))
     # Not given = the checkpoint's value (None); argparse resolves abbreviations (--chan=2), so a flag is "given"
     # exactly when it is not None.
     p.set_defaults(is_grayscale=None, spatial_dimension=None, channel=None)
@@ -78,6 +71,32 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest in ("is_grayscale", "spatial_dimension", "channel"):
             action.help = f"{action.help}; here: default from the checkpoint (upstream checkpoints: upstream's)"
     return p
+
+
+def _add_score_options(f: argparse._ArgumentGroup) -> None:
+    """--scores and the feature families' options (defaults: ``ScoreOptions``'s)."""
+    options = ScoreOptions()
+    f.add_argument("--scores", type=str, default=RECONSTRUCTION,
+                   help=f"comma list of score families to compute: {', '.join(family_names())}, diffpath "
+                   f"(diffpath6d and diffpath1d) or all (default {RECONSTRUCTION}, the paper's)")
+    f.add_argument("--score_levels", type=str, default=str(len(options.score_levels)),
+                   help="eps_norm / denoising_error noise levels: a count L (t spread evenly: 10 -> 50, 150, ..., "
+                   f"950) or a comma list of t (default {len(options.score_levels)})")
+    f.add_argument("--score_noise", choices=NOISE_PROTOCOLS, default=options.score_noise,
+                   help="noise of eps_norm / denoising_error: shared = one draw per level for every image, seeded by "
+                   "(seed, t); per_image = one draw per image and level, as ddpm-ood before 2026-12 "
+                   f"(default {options.score_noise})")
+    f.add_argument("--score_noise_draws", type=positive_int, default=options.score_noise_draws,
+                   help="M shared draws per level, features averaged over them (cost M x L; default "
+                   f"{options.score_noise_draws})")
+    f.add_argument("--diffpath_steps", type=positive_int, default=options.diffpath_steps,
+                   help=f"DiffPath's DDIM inversion steps K (t = 0, 1000/K, ...; default {options.diffpath_steps})")
+    f.add_argument("--diffpath_clip", type=boolish, default=options.diffpath_clip,
+                   help="clip DiffPath's x0 predictions to the model's data range, as its authors do (default "
+                   f"{int(options.diffpath_clip)}; latent models have no range and never clip)")
+    f.add_argument("--recon_noise", choices=NOISE_PROTOCOLS, default="per_image",
+                   help="start noise of the reconstruction score: per_image = every image its own draw (the "
+                   "paper's, default); shared = one draw per start t for every image, seeded by (seed, t)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,8 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         recon_steps=args.recon_steps, engine=args.engine, max_batch=args.max_batch, amp=args.amp,
         precision=args.precision, device=args.device, flags=_run_flags(args),
         vqvae_checkpoint=args.vqvae_checkpoint, latent_pad=args.latent_pad,
-        scores=tuple(parse_families(args.scores)), score_levels=_levels(args.score_levels),
-        diffpath_steps=args.diffpath_steps, dist_timeout=args.dist_timeout,
+        scores=tuple(parse_families(args.scores)), recon_noise=args.recon_noise, dist_timeout=args.dist_timeout,
+        score_options=ScoreOptions(score_levels=_levels(args.score_levels), score_noise=args.score_noise,
+                                   score_noise_draws=args.score_noise_draws, diffpath_steps=args.diffpath_steps,
+                                   diffpath_clip=args.diffpath_clip),
     ))
     return 0
 

@@ -1,9 +1,12 @@
 """score.py: score new images with a trained model; flag those above a threshold calibrated on validation data.
 
-Each input is reconstructed exactly as reconstruct.py would (settings from results_val.json) and given the default
-mse+perceptual score against results_val.csv (higher = more OOD). Writes <out_csv> with the columns
-path,score,is_ood,mse_score,perceptual_score,error (one row per input; error is empty when scored) and
-<out_csv>.json with the threshold and its expected false-positive rate.
+Each input gets the chosen score exactly as reconstruct.py + ood_detection.py would give it (settings from the
+validation files' sidecars; higher = more OOD): the reconstruction scores (default, the paper's mse+perceptual)
+reconstruct it from every start t; a feature family computes only its own features, with no reconstruction; the
+ensemble computes what its members need. Writes <out_csv> with the columns
+path,score,is_ood,mse_score,perceptual_score,error (one row per input; error is empty when scored; the two
+reconstruction columns are NaN where the score needs no reconstruction) and <out_csv>.json with the threshold and
+its expected false-positive rate.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from ddpm_ood.cli.options import (
     optional_path,
     positive_int,
 )
-from ddpm_ood.ood.score_recipe import SCORABLE
+from ddpm_ood.families import score_names
 from ddpm_ood.ood.scoring import ScoringJob, run_scoring
 from ddpm_ood.ood.zscore import DEFAULT_SCORE
 
@@ -29,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="The checkpoint, EMA choice, seed, --num_inference_steps, --inference_skip_factor and --recon_steps "
-        "come from <output_dir>/<model_name>/ood/results_val.json (written by reconstruct.py --run_val=1), "
-        "so the scores are comparable with the validation results.",
+        epilog="The checkpoint, EMA choice, seed, --num_inference_steps, --inference_skip_factor, --recon_steps, "
+        "the noise protocols and every family's settings come from the validation files' sidecars "
+        "(<output_dir>/<model_name>/ood/results_val.json, <family>/features_val.json, written by reconstruct.py "
+        "--run_val=1), so the scores are comparable with the validation results.",
     )
     p.add_argument("--output_dir", type=str, required=True, help="root of all runs")
     p.add_argument("--model_name", type=str, required=True, help="run name: reads <output_dir>/<model_name>/")
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "files separated by commas")
     p.add_argument("--out_csv", type=str, required=True,
                    help="where to write the scores; the threshold goes to <out_csv>.json")
-    p.add_argument("--score", choices=SCORABLE, default=DEFAULT_SCORE,
+    p.add_argument("--score", choices=score_names(), default=DEFAULT_SCORE,
                    help="the score that flags inputs: the paper's reconstruction scores, a score family (needs "
                    "reconstruct.py --run_val=1 --scores=<family> first) or ensemble (default "
                    f"{DEFAULT_SCORE})")

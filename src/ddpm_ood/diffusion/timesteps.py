@@ -1,6 +1,6 @@
 """Start points of the reconstruction: the one definition of which t each image is noised to.
 
-Paper-era PLMS grid (DESIGN.md 2): with N inference steps of the 1000-step schedule and ``steps_offset=1`` the grid
+Paper-era PLMS grid (docs/development.md, Decisions): with N inference steps of the 1000-step schedule and ``steps_offset=1`` the grid
 is t = 1, 1 + r, ..., 1 + (N-1) r with r = 1000 // N (1, 11, ..., 991 for N=100). Start points are every k-th grid
 point from the first, ascending, so their count is ceil(N / k): 100, 50, 34, 25, 20, 13, 7, 4, 2 for
 k = 1, 2, 3, 4, 5, 8, 16, 32, 64 (the README table).

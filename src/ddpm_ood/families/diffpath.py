@@ -26,9 +26,15 @@ Clipping: DiffPath runs with ``clip_denoised=True`` (both configs), i.e. x0_pred
 range (its loaders normalise images to [-1, 1]), and eps_k is then re-derived from the clamped x0_pred,
 eps_k = (x_k / sqrt(abar_k) - x0_pred) / sqrt(1 / abar_k - 1); both the step and the statistics use that eps_k.
 Our model space is not [-1, 1]: pixel models see images in [0, 1] times b_scale, VQ-VAE latents are unbounded. So
-the clip range is a setting, ``FamilySettings.diffpath_clip``: DiffPath's rule carried over is "clip to the data
-range", ``diffpath_clip_range(b_scale, latent)`` = (0, b_scale) for pixel models and None (no clipping) for
-latents, which have no range to clip to. The default, None, does not clip (the analytic tests need the pure ODE).
+the clip range is a setting, ``DiffPathSettings.clip``: DiffPath's rule carried over is "clip to the model's data
+range" (``ScoreContext.data_range``: (0, b_scale) for this project's pixel models, (-1, 1) for published ones) and
+no clipping for VQ-VAE latents, which have no range to clip to (``--diffpath_clip=0`` turns it off anywhere).
+
+What the clip does at the edge of the range: a pixel at the range's end (a black background pixel at 0) whose x0
+prediction overshoots is pinned back to that end at every step, and the re-derived eps_k is exactly the noise that
+explains x_k from the pinned value; so where the network predicts a slightly negative background the clip removes
+that error from both the path and the statistics, and the eps statistics of background-heavy images (MNIST) come
+from the foreground alone more than without the clip. Measured both ways in docs/score-families.md.
 
 Statistics (``save_test_statistics.py``): with eps (K, B, ...) and deps_k = (eps_{k+1} - eps_k) * K for
 k = 0..K-2 (``np.diff(eps, axis=1) * n_ddim_steps``, n_ddim_steps = K: the difference divided by dt = 1 / K)::
@@ -45,6 +51,7 @@ are replaced by ``families.density.FeatureDensity`` (chosen by cross-validation 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,7 +61,9 @@ from ddpm_ood.families.base import (
     NUM_TRAIN_TIMESTEPS,
     CallGroup,
     EpsFn,
-    FamilySettings,
+    ScoreContext,
+    ScoreFamily,
+    ScoreOptions,
     check_batch,
     per_image,
 )
@@ -77,9 +86,29 @@ def diffpath_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEP
                     f"(improved-diffusion's ddim spacing); nearby step counts that work: {nearby}")
 
 
-def diffpath_clip_range(b_scale: float, latent: bool) -> tuple[float, float] | None:
-    """DiffPath's clip rule (x0 predictions clipped to the data range) in this project's model space."""
-    return None if latent else (0.0, float(b_scale))
+@dataclass(frozen=True)
+class DiffPathSettings:
+    """DiffPath's settings: K inversion steps (>= 2: the rate-of-change statistics need two), and the (low, high)
+    its x0 predictions are clipped to, or None (module docstring)."""
+
+    steps: int = 10
+    clip: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not 2 <= int(self.steps) <= NUM_TRAIN_TIMESTEPS:
+            raise UserError(f"DiffPath steps must be between 2 and {NUM_TRAIN_TIMESTEPS}, got {self.steps}")
+        object.__setattr__(self, "steps", int(self.steps))
+        if self.clip is not None:
+            low, high = (float(v) for v in self.clip)
+            if not low < high:
+                raise UserError(f"DiffPath's clip must be (low, high) with low < high, got {self.clip}")
+            object.__setattr__(self, "clip", (low, high))
+
+
+def diffpath_settings(options: ScoreOptions, context: ScoreContext) -> DiffPathSettings:
+    """K from the options; the clip to the model's data range when asked for (none where the model has no range)."""
+    clip = context.data_range if options.diffpath_clip else None
+    return DiffPathSettings(steps=options.diffpath_steps, clip=clip)
 
 
 def ddim_inversion_steps(eps_fn: EpsFn, x0: torch.Tensor, acp: torch.Tensor, timesteps: Sequence[int],
@@ -118,18 +147,18 @@ def ddim_inversion(eps_fn: EpsFn, x0: torch.Tensor, acp: torch.Tensor, timesteps
 
 
 def diffpath_features(eps_fn: EpsFn, x0: torch.Tensor, keys: Sequence[str], acp: torch.Tensor,
-                      settings: FamilySettings) -> dict[str, np.ndarray]:
+                      settings: DiffPathSettings) -> dict[str, np.ndarray]:
     """{"diffpath6d": (B, 6), "diffpath1d": (B, 1)} float64 from one K-step inversion (module docstring).
 
     ``keys`` are not used (the inversion draws no noise); they are taken for the common family signature.
     """
     check_batch(x0, keys)
-    steps = settings.diffpath_steps
+    steps = settings.steps
     timesteps = diffpath_timesteps(steps, len(acp))
     sums = torch.zeros((6, x0.shape[0]), dtype=torch.float64, device=x0.device)
     previous = None
     with torch.no_grad():
-        for eps, _ in ddim_inversion_steps(eps_fn, x0, acp, timesteps, settings.diffpath_clip):
+        for eps, _ in ddim_inversion_steps(eps_fn, x0, acp, timesteps, settings.clip):
             e = per_image(eps)
             sums[0:3] += torch.stack([e.sum(1), e.square().sum(1), e.pow(3).sum(1)])
             if previous is not None:
@@ -140,4 +169,12 @@ def diffpath_features(eps_fn: EpsFn, x0: torch.Tensor, keys: Sequence[str], acp:
     return {DIFFPATH6D: six, DIFFPATH1D: np.sqrt(six[:, 4:5])}
 
 
-DIFFPATH_GROUP = CallGroup("diffpath", nfe=lambda settings: settings.diffpath_steps, run=diffpath_features)
+DIFFPATH_GROUP = CallGroup("diffpath", nfe=lambda settings: settings.steps, run=diffpath_features)
+
+DIFFPATH6D_FAMILY = ScoreFamily(
+    DIFFPATH6D, "DiffPath-6D: sums of eps, eps^2, eps^3 and of their rates of change along the DDIM inversion",
+    DiffPathSettings, diffpath_settings, lambda settings: list(COLUMNS_6D), DIFFPATH_GROUP)
+# diffpath1d is one column of diffpath6d (the root of its deps_dt_sq): in the ensemble it would count DiffPath twice.
+DIFFPATH1D_FAMILY = ScoreFamily(
+    DIFFPATH1D, "DiffPath-1D: root of the summed squared rate of change of eps along the DDIM inversion",
+    DiffPathSettings, diffpath_settings, lambda settings: list(COLUMNS_1D), DIFFPATH_GROUP, in_ensemble=False)

@@ -1,14 +1,12 @@
-"""Scores of the feature families and of their ensemble, from a run's feature files (reconstruct.py --scores).
+"""Scores of the feature families and of the ensemble, from a run's feature files (reconstruct.py --scores).
 
-A feature family's score is the negative log-likelihood of an image's features under a ``FeatureDensity`` fitted on
-the VALIDATION features only (``features_val.csv``): higher = more OOD. No test or OOD row ever reaches a fit.
+A feature family's score is the negative log-likelihood of an image's features under a density fitted on the
+VALIDATION features only (``features_val.csv``; ``ScoreFamily.fit``, ``fit_family``): higher = more OOD. No test or
+OOD row ever reaches a fit.
 
-The ensemble (``ENSEMBLE``) is fixed before any OOD data is seen: one ``FeatureDensity`` over the concatenated,
-standardised features of every feature family the run has (two or more; ``families.ensemble``), fitted on their
-validation features. Only images present in every family's file of a set take part. The reconstruction score is
-reported beside it, not inside it: it costs more network evaluations than all four feature families together
-(37 against 20 per image on the quickstart, 350 at the paper's settings), and its validation set is usually the
-smaller one; the ensemble is the combination of the cheap families.
+The ensemble (``families.ensemble``) is fixed before any OOD data is seen: the mean over its members (every feature
+family computed, each counted once, and the paper's reconstruction score when present) of each member's score
+z-scored against its own validation scores. Only images present in every member's file of a set take part.
 """
 
 from __future__ import annotations
@@ -21,13 +19,12 @@ from pathlib import Path
 import pandas as pd
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.families import FEATURE_FAMILIES, get_family
-from ddpm_ood.families.density import FeatureDensity
-from ddpm_ood.families.ensemble import ensemble_scores
+from ddpm_ood.families import ENSEMBLE, feature_family_names, get_family
+from ddpm_ood.families.base import FittedScore
+from ddpm_ood.families.ensemble import Ensemble, ensemble_members
 from ddpm_ood.results.schema import IN_NAME, VAL_NAME, feature_set_names, read_features
 from ddpm_ood.results.writer import read_settings
 
-ENSEMBLE = "ensemble"
 # Sidecar keys that may differ between the sets of one family (which images); every other setting must agree.
 PER_SET_KEYS = ("csv", "first_n")
 
@@ -44,8 +41,8 @@ class FamilyScores:
 
 
 def families_present(directory: Path) -> list[str]:
-    """The feature families with any feature file under a run's ood/ folder, in ``FEATURE_FAMILIES`` order."""
-    return [f for f in FEATURE_FAMILIES if feature_set_names(directory / f)]
+    """The feature families with any feature file under a run's ood/ folder, in the registry's order."""
+    return [f for f in feature_family_names() if feature_set_names(directory / f)]
 
 
 def read_family(directory: Path, family: str, out_sets: list[str] | None) -> tuple[dict[str, pd.DataFrame], int]:
@@ -64,11 +61,22 @@ def read_family(directory: Path, family: str, out_sets: list[str] | None) -> tup
     settings = {n: _settings(folder / f"features_{n}.json") for n in (VAL_NAME, IN_NAME, *outs)}
     for name, s in settings.items():
         if s != settings[VAL_NAME]:
-            changed = sorted(k for k in set(s) | set(settings[VAL_NAME]) if s.get(k) != settings[VAL_NAME].get(k))
+            changed = _changed_keys(s, settings[VAL_NAME])
             raise UserError(f"{folder / f'features_{name}.json'}: made with other settings than features_val.json "
                             f"({', '.join(changed)}); rerun reconstruct.py --scores={family} for every set alike")
     frames = {n: read_features(folder / f"features_{n}.csv") for n in (VAL_NAME, IN_NAME, *outs)}
     return frames, int(settings[VAL_NAME].get("nfe", 0))
+
+
+def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested dicts (a family's own settings) by their inner keys: settings.levels."""
+    changed = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            changed += _changed_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            changed.append(prefix + k)
+    return changed
 
 
 def _settings(path: Path) -> dict:
@@ -81,43 +89,55 @@ def _settings(path: Path) -> dict:
     return {k: v for k, v in saved.items() if k not in PER_SET_KEYS}
 
 
+def fit_family(family: str, val: pd.DataFrame) -> FittedScore:
+    """The family's score fitted on its validation features (rows = images, columns = features): the one place a
+    family's score is fitted, for ood_detection.py and score.py alike."""
+    return get_family(family).fit(val.to_numpy(), list(val.columns))
+
+
 def density_scores(family: str, frames: Mapping[str, pd.DataFrame], nfe: int) -> FamilyScores:
-    """Fit the family's density on ``frames["val"]`` alone and score every set."""
-    val = frames[VAL_NAME]
-    density = FeatureDensity().fit(val.to_numpy(), columns=list(val.columns))
-    sets = {name: pd.Series(density.score(f.to_numpy()), index=f.index, name=family) for name, f in frames.items()}
-    return FamilyScores(family, nfe, density.summary(), sets)
+    """Fit the family's score on ``frames["val"]`` alone and score every set."""
+    fitted = fit_family(family, frames[VAL_NAME])
+    sets = {name: pd.Series(fitted.score(f.to_numpy()), index=f.index, name=family) for name, f in frames.items()}
+    return FamilyScores(family, nfe, fitted.summary(), sets)
 
 
-def ensemble(frames: Mapping[str, Mapping[str, pd.DataFrame]], nfe: int) -> FamilyScores:
-    """The ensemble score (module doc) of the families in ``frames`` ({family: {set: features}}); ``nfe``: its
-    network evaluations per image (``ensemble_nfe``). Sets missing
-    from some family are left out; only images in every family's file of a set are scored."""
-    families = list(frames)
-    sets = [s for s in frames[families[0]] if all(s in frames[f] for f in families)]
-    images = {s: sorted(set.intersection(*(set(frames[f][s].index) for f in families))) for s in sets}
-    if not images[VAL_NAME]:
-        raise UserError("the ensemble's families share no validation image; reconstruct them from the same CSVs")
-    blocks = {f: [frames[f][s].loc[images[s]].to_numpy() for s in sets] for f in families}
-    columns = {f: list(frames[f][VAL_NAME].columns) for f in families}
-    result = ensemble_scores(blocks, columns)
-    scored = {s: pd.Series(v, index=images[s], name=ENSEMBLE) for s, v in zip(sets, result.scores, strict=True)}
-    return FamilyScores(ENSEMBLE, nfe, result.density.summary(), scored)
+def ensemble(members: Mapping[str, Mapping[str, pd.Series]], nfe: int) -> FamilyScores:
+    """The ensemble score (module doc) from its members' image scores ({member: {set: scores by filename}}, "val"
+    in every member); ``nfe``: its network evaluations per image. Sets missing from some member are left out;
+    only images in every member's file of a set are scored."""
+    fitted = Ensemble.fit({m: sets[VAL_NAME].to_numpy() for m, sets in members.items()})
+    names = list(members)
+    sets = [s for s in members[names[0]] if all(s in members[m] for m in names)]
+    scored = {}
+    for s in sets:
+        images = sorted(set.intersection(*(set(members[m][s].index) for m in names)))
+        if s == VAL_NAME and not images:
+            raise UserError("the ensemble's members share no validation image; compute them from the same CSVs")
+        values = fitted.score({m: members[m][s].loc[images].to_numpy() for m in names})
+        scored[s] = pd.Series(values, index=pd.Index(images, name="filename"), name=ENSEMBLE)
+    return FamilyScores(ENSEMBLE, nfe, fitted.summary(), scored)
 
 
-def ensemble_nfe(scores: list[FamilyScores]) -> int:
-    """Network evaluations per image of the ensemble: the families of one call group (eps_norm and
-    denoising_error; the two DiffPath statistics) share their calls, counted once."""
-    return sum({get_family(s.family).group.name: s.nfe for s in scores}.values())
+def ensemble_nfe(feature_scores: list[FamilyScores], recon_nfe: int = 0) -> int:
+    """Network evaluations per image of the ensemble: its reconstruction member's plus its feature members', the
+    families of one call group (eps_norm and denoising_error) counted once."""
+    return recon_nfe + sum({get_family(s.family).calls.name: s.nfe for s in feature_scores}.values())
 
 
-def all_family_scores(directory: Path, out_sets: list[str] | None) -> list[FamilyScores]:
-    """Every feature family's scores and, when the run has two or more, the ensemble's."""
+def all_family_scores(directory: Path, out_sets: list[str] | None,
+                      paper_score: Mapping[str, pd.Series] | None = None, recon_nfe: int = 0) -> list[FamilyScores]:
+    """Every feature family's scores and, when it has two or more members, the ensemble's. ``paper_score``: the
+    reconstruction family's paper score by set ("val" included) when the run has it, the ensemble's member."""
     out: list[FamilyScores] = []
-    frames: dict[str, dict[str, pd.DataFrame]] = {}
     for family in families_present(directory):
-        frames[family], nfe = read_family(directory, family, out_sets)
-        out.append(density_scores(family, frames[family], nfe))
-    if len(frames) >= 2:
-        out.append(ensemble(frames, ensemble_nfe(out)))
+        frames, nfe = read_family(directory, family, out_sets)
+        out.append(density_scores(family, frames, nfe))
+    members = ensemble_members([f.family for f in out], paper_score is not None)
+    if len(members) >= 2:
+        scores = {f.family: f.sets for f in out if f.family in members}
+        if paper_score is not None:
+            scores = {members[0]: paper_score, **scores}
+        included = [f for f in out if f.family in members]
+        out.append(ensemble(scores, ensemble_nfe(included, recon_nfe if paper_score is not None else 0)))
     return out

@@ -1,11 +1,13 @@
 """Scoring new inputs with a trained model: the ``OODScorer`` API behind score.py.
 
-An input is reconstructed from every start t exactly as reconstruct.py reconstructs a results set (same checkpoint
-and EMA choice, seed, PLMS grid, start points and ``recon_steps``, all read from ``results_val.json``, the settings
-that produced ``results_val.csv``), measured with the same metric set, and given the default
-``ood.zscore.DEFAULT_SCORE`` (``"mse+perceptual"``: per t, z-scored MSE plus z-scored LPIPS against the validation
-results, averaged over t; higher = more OOD). So an image's score equals what reconstruct.py + ood_detection.py give
-for the same file.
+With a reconstruction score (the default ``ood.zscore.DEFAULT_SCORE``, ``"mse+perceptual"``: per t, z-scored MSE
+plus z-scored LPIPS against the validation results, averaged over t; higher = more OOD), an input is reconstructed
+from every start t exactly as reconstruct.py reconstructs a results set (same checkpoint and EMA choice, seed, noise
+protocol, PLMS grid, start points and ``recon_steps``, all read from ``results_val.json``, the settings that produced
+``results_val.csv``) and measured with the same metric set. With a feature family, only that family's features are
+computed (no reconstruction), with the settings stored in its ``features_val.json``; the ensemble computes what its
+members need (``ood.score_recipe``). So an image's score equals what reconstruct.py + ood_detection.py give for
+the same file.
 
 Threshold: ``calibrate_threshold`` takes the ``val_keep`` quantile (numpy's linear interpolation) of the validation
 images' own scores (against the same ``ValidationReference``). An input is flagged (``is_ood``) when its score is
@@ -312,7 +314,7 @@ class OODScorer:
         """Load the run ``<output_dir>/<model_name>``: the validation files ``score`` needs, their settings, the
         checkpoint.
 
-        score: ``ood.score_recipe.SCORABLE`` (default the paper's ``mse+perceptual``; a feature family or
+        score: ``families.score_names()`` (default the paper's ``mse+perceptual``; a feature family or
         ``ensemble`` needs ``reconstruct.py --run_val=1 --scores=...`` first). device: "auto" (CUDA if available),
         "cpu" or "cuda". val_keep: in (0, 1], see ``calibrate_threshold``. batch_size: images scored together.
         Precision is always the one the validation files were made with (scores would not be comparable
@@ -380,7 +382,8 @@ class OODScorer:
     def plan(self) -> ReconstructionPlan:
         """How inputs are reconstructed: exactly as the validation results were (their sidecar's settings)."""
         s = self.recipe.recon[0]
-        return ReconstructionPlan(s.start_timesteps, s.num_inference_steps, s.seed, s.recon_steps)
+        return ReconstructionPlan(s.start_timesteps, s.num_inference_steps, s.seed, s.recon_steps,
+                                  noise=s.recon_noise)
 
     def _prepared_batches(self, items: list[Any], errors: dict[int, str], tmp: str, bar: Any) -> Iterator[SetBatch]:
         """``batch_size`` items at a time, prepared (``_prepare``), as ``SetBatch``es; an item that cannot be

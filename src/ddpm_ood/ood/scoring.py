@@ -22,7 +22,7 @@ class ScoringJob:
     """Everything score.py does: score ``inputs`` (a folder, a split CSV or image paths separated by commas) with
     the run ``<output_dir>/<model_name>``; write ``out_csv`` (``OODScorer.score``'s columns) and ``<out_csv>.json``
     (the threshold, its expected false-positive rate and the settings of the validation files). ``score``: any of
-    ``ood.score_recipe.SCORABLE`` (default the paper's)."""
+    ``families.score_names()`` (default the paper's)."""
 
     output_dir: str
     model_name: str

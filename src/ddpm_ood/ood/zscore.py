@@ -32,14 +32,11 @@ import numpy as np
 import pandas as pd
 
 from ddpm_ood.errors import UserError
+from ddpm_ood.families.registry import RECONSTRUCTION_SCORES
 from ddpm_ood.results.schema import METRIC_COLUMNS
 
-# Score name -> the metric columns whose z-scores are summed per t. Default (the paper's) first.
-SCORE_METRICS: dict[str, tuple[str, ...]] = {
-    "mse+perceptual": ("mse", "perceptual_difference"),
-    "mse": ("mse",),
-    "perceptual": ("perceptual_difference",),
-}
+# Score name -> the metric columns whose z-scores are summed per t (the registry's). Default (the paper's) first.
+SCORE_METRICS: dict[str, tuple[str, ...]] = RECONSTRUCTION_SCORES
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_METRICS)
 DEFAULT_SCORE: str = SCORE_NAMES[0]
 KEY_COLUMNS = ("filename", "t")

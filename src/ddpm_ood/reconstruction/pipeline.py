@@ -7,9 +7,9 @@ samples encoded, decoded and clamped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -17,10 +17,12 @@ import torch
 
 from ddpm_ood.autoencoder.base import to_image
 from ddpm_ood.diffusion.schedule import alphas_cumprod
-from ddpm_ood.families import FamilySettings, compute_features, get_family
+from ddpm_ood.errors import UserError
+from ddpm_ood.families import compute_features, get_family
 from ddpm_ood.reconstruction.engine import reconstruct_batched, reconstruct_reference
 from ddpm_ood.results.schema import METRIC_COLUMNS
 from ddpm_ood.runs import RunModel
+from ddpm_ood.seeding import NOISE_PROTOCOLS, protocol_keys
 
 if TYPE_CHECKING:
     from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
@@ -31,17 +33,27 @@ ENGINES = ("batched", "reference")
 @dataclass(frozen=True)
 class ReconstructionPlan:
     """How every image of a set is reconstructed: from each start t in ``start_ts`` (ascending, on the 1000-step
-    schedule) down the PLMS grid of ``num_inference_steps`` (at most ``recon_steps`` of its points), with noise
-    seeded from (``seed``, the image's noise key, t), by the ``engine`` (``ENGINES``)."""
+    schedule) down the PLMS grid of ``num_inference_steps`` (at most ``recon_steps`` of its points), by the
+    ``engine`` (``ENGINES``), with start noise seeded from (``seed``, the image's noise key, t) under the ``noise``
+    protocol "per_image" (the paper's: every image its own draw), or from (``seed``, t) alone under "shared"
+    (``seeding.NOISE_PROTOCOLS``)."""
 
     start_ts: tuple[int, ...]
     num_inference_steps: int
     seed: int
     recon_steps: int | None = None
     engine: str = "batched"
+    noise: str = "per_image"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "start_ts", tuple(int(t) for t in self.start_ts))
+        if self.noise not in NOISE_PROTOCOLS:
+            raise UserError(f"unknown noise protocol {self.noise!r} for reconstruction; accepted: "
+                            f"{', '.join(NOISE_PROTOCOLS)}")
+
+    def noise_keys(self, keys: Sequence[str]) -> list[str]:
+        """The keys the start noise of images keyed ``keys`` is drawn with under this plan's protocol."""
+        return protocol_keys(keys, self.noise)
 
 
 # One batch of a set: (indices in the set, results filenames, images (B, C, *spatial) in [0, 1] on the model's
@@ -54,7 +66,7 @@ def measured_rows(model: RunModel, metrics: ReconstructionMetrics, plan: Reconst
     """The results rows of a set, one frame per batch (``result_rows``): the one set-level path of reconstruct.py's
     stage and of ``OODScorer``, so a file scores exactly as its row in ``results_<set>.csv``."""
     for indices, filenames, images, keys, noise in batches:
-        values = measure_batch(model, metrics, images, keys, plan.start_ts, plan.num_inference_steps, plan.seed,
+        values = measure_batch(model, metrics, images, plan.noise_keys(keys), plan.start_ts, plan.num_inference_steps, plan.seed,
                                recon_steps=plan.recon_steps, engine=plan.engine, noise=noise)
         yield result_rows(indices, filenames, row_type, plan.start_ts, values)
 # Image voxels (rows x C x spatial) of reconstructions decoded and measured at once (64 MiB in fp32): bounds the
@@ -62,11 +74,12 @@ def measured_rows(model: RunModel, metrics: ReconstructionMetrics, plan: Reconst
 MEASURE_VOXELS = 2**24
 
 
-def feature_rows(model: RunModel, families: Sequence[str], settings: FamilySettings, batches: Iterable[SetBatch],
+def feature_rows(model: RunModel, families: Sequence[str], settings: Mapping[str, Any], batches: Iterable[SetBatch],
                  row_type: str) -> Iterator[dict[str, pd.DataFrame]]:
     """The feature rows of a set, one {family: frame} per batch: each family's file rows (``index``, then
     ``FEATURE_KEY_COLUMNS``, then its feature columns) for the batch's images, the families' shared network calls
-    run once (``families.compute_features``). The one set-level path of the stage and of ``OODScorer``."""
+    run once (``families.compute_features``; ``settings``: {family: its settings}). The one set-level path of the
+    stage and of ``OODScorer``."""
     acp = alphas_cumprod(model.schedule)
     for indices, filenames, images, keys, _ in batches:
         with torch.inference_mode():
@@ -74,7 +87,7 @@ def feature_rows(model: RunModel, families: Sequence[str], settings: FamilySetti
         features = compute_features(families, model.eps_fn, x0, keys, acp.to(images.device), settings)
         frames = {}
         for family in families:
-            columns = get_family(family).feature_names(settings)
+            columns = get_family(family).columns(settings[family])
             frame = pd.DataFrame({"index": np.asarray(indices, dtype=np.int64),
                                   "filename": np.asarray(filenames, dtype=object), "type": row_type})
             frame[columns] = features[family]

@@ -22,6 +22,7 @@ from ddpm_ood.checkpoint import BEST_CHECKPOINT
 from ddpm_ood.data.datasets import ImageDataset, dataset_from_csv
 from ddpm_ood.devices import describe_device, resolve_precision
 from ddpm_ood.diffusion.noise import describe_noise, row_noise_batch
+from ddpm_ood.diffusion.schedule import alphas_cumprod
 from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.distributed import (
     DEFAULT_DIST_TIMEOUT_S,
@@ -35,10 +36,14 @@ from ddpm_ood.distributed import (
     init_distributed,
 )
 from ddpm_ood.errors import UserError
-from ddpm_ood.families import FamilySettings, feature_families, get_family
-from ddpm_ood.families.base import DEFAULT_DIFFPATH_STEPS, DEFAULT_LEVELS
-from ddpm_ood.families.diffpath import diffpath_clip_range
-from ddpm_ood.families.registry import RECONSTRUCTION
+from ddpm_ood.families import (
+    RECONSTRUCTION,
+    ScoreContext,
+    ScoreOptions,
+    get_family,
+    make_settings,
+    without_reconstruction,
+)
 from ddpm_ood.fileio import check_output_dir, image_stem, run_lock
 from ddpm_ood.preemption import (
     Preempted,
@@ -103,11 +108,11 @@ class ReconstructionJob:
     flags: RunFlags = RunFlags()
     vqvae_checkpoint: str | None = None
     latent_pad: tuple[int, ...] | None = None
-    # The score families to compute (families.ALL_SCORES): "reconstruction" writes results_<set>.csv, a feature
-    # family <ood>/<family>/features_<set>.csv; score_levels / diffpath_steps are the families' L levels and K steps.
+    # The score families to compute (families.family_names()): "reconstruction" writes results_<set>.csv, a feature
+    # family <ood>/<family>/features_<set>.csv; score_options: what the feature families take (levels, noise, ...).
     scores: tuple[str, ...] = (RECONSTRUCTION,)
-    score_levels: tuple[int, ...] = DEFAULT_LEVELS
-    diffpath_steps: int = DEFAULT_DIFFPATH_STEPS
+    score_options: ScoreOptions = ScoreOptions()
+    recon_noise: str = "per_image"  # the reconstruction's start-noise protocol (seeding.NOISE_PROTOCOLS)
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # seconds any torchrun rank waits for the others
 
     def __post_init__(self) -> None:
@@ -184,9 +189,9 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
         check_image_shape(run.config, datasets[name].image_shape, csv)
     plan = ReconstructionPlan(start_timesteps(job.num_inference_steps, job.inference_skip_factor,
                                               run.config.schedule.num_train_timesteps),
-                              job.num_inference_steps, job.seed, job.recon_steps, job.engine)
-    families = feature_families(job.scores)
-    family_settings = _family_settings(job, run) if families else None  # bad levels fail before any work
+                              job.num_inference_steps, job.seed, job.recon_steps, job.engine, job.recon_noise)
+    families = without_reconstruction(job.scores)
+    family_settings = make_settings(families, job.score_options, score_context(run, job.seed))  # fails before work
     ctx = init_distributed(job.device, job.dist_timeout)
     try:
         check_shared_folder(results_dir, ctx, "--output_dir/--model_name")
@@ -226,27 +231,29 @@ def _as_family_rows(family: str, rows_of: Callable[[Iterator[SetBatch], str], It
     return by_family
 
 
-def _family_settings(job: ReconstructionJob, run: TrainedRun) -> FamilySettings:
-    """What the feature families need besides the model: the levels, DiffPath's steps, the per-row noise, and
-    DiffPath's clip to the data range (pixel space; latents have none)."""
-    return FamilySettings(levels=job.score_levels, diffpath_steps=job.diffpath_steps, seed=job.seed,
-                          noise_type=run.config.schedule.noise_type,
-                          diffpath_clip=diffpath_clip_range(run.config.schedule.b_scale, run.config.latent is not None))
+def score_context(run: TrainedRun, seed: int) -> ScoreContext:
+    """What the feature families are given besides the user's options: the seed, the model's noise type and
+    alphas_cumprod, and its data range and scale (pixel space: [0, b_scale]; latents: no range, latent units)."""
+    schedule = run.config.schedule
+    latent = run.config.latent is not None
+    return ScoreContext(seed=seed, noise_type=schedule.noise_type, acp=alphas_cumprod(schedule),
+                        data_range=None if latent else (0.0, float(schedule.b_scale)),
+                        data_scale=1.0 if latent else float(schedule.b_scale))
 
 
-def _feature_writers(job: ReconstructionJob, families: list[str], fam: FamilySettings, name: str,
+def _feature_writers(job: ReconstructionJob, families: list[str], fam: dict, name: str,
                      settings: dict) -> dict[str, ResumableResults]:
     """One resumable feature file per family for set ``name``; its sidecar holds the set's settings (less the
-    reconstruction grid), the family's own settings and its network evaluations per image."""
-    common = {k: v for k, v in settings.items()
-              if k not in ("num_inference_steps", "inference_skip_factor", "recon_steps", "start_timesteps")}
+    reconstruction grid and protocol), the family's network evaluations per image and its own settings as stored
+    (``ScoreFamily.settings_record``)."""
+    common = {k: v for k, v in settings.items() if k not in
+              ("num_inference_steps", "inference_skip_factor", "recon_steps", "start_timesteps", "recon_noise")}
     writers = {}
     for family in families:
         record = get_family(family)
-        columns = record.feature_names(fam)
-        own = {"family": family, "features": columns, "nfe": record.nfe(fam), "noise_type": fam.noise_type}
-        own.update({"levels": list(fam.levels)} if record.group.name == "noise_levels" else
-                   {"diffpath_steps": fam.diffpath_steps, "diffpath_clip": fam.diffpath_clip})
+        columns = record.columns(fam[family])
+        own = {"family": family, "features": columns, "nfe": record.nfe(fam[family]),
+               "noise_type": run_noise_type(settings), "settings": record.settings_record(fam[family])}
         path = features_path(job.output_dir, job.model_name, family, name)
         check_output_dir(path.parent, "--output_dir/--model_name")
         writers[family] = ResumableResults(path, {**common, **own}, 1, columns=[*FEATURE_KEY_COLUMNS, *columns])
@@ -262,8 +269,13 @@ def _settings(job: ReconstructionJob, run: TrainedRun, plan: ReconstructionPlan,
         num_inference_steps=plan.num_inference_steps, inference_skip_factor=job.inference_skip_factor,
         recon_steps=plan.recon_steps, start_timesteps=plan.start_ts, use_ema=job.use_ema, precision=precision,
         noise_key=NOISE_KEY_RULE, autoencoder=None if latent is None else latent.weights_sha256,
-        noise_type=run.config.schedule.noise_type,
+        noise_type=run.config.schedule.noise_type, recon_noise=plan.noise,
     )
+
+
+def run_noise_type(settings: dict) -> str:
+    """The noise type recorded in a results sidecar (absent = Gaussian, ``reconstruction_settings``)."""
+    return settings.get("noise_type", "gaussian")
 
 
 def _run_set(job: ReconstructionJob, ctx: DistContext, writers: dict[str, ResumableResults], dataset: ImageDataset,
@@ -333,7 +345,7 @@ def _batches_with_noise(loader: DataLoader, plan: ReconstructionPlan, device: to
         keys = [noise_key(p) for p in batch["path"]]
         if not with_noise:
             return keys, None
-        noise = row_noise_batch(noise_type, plan.seed, keys, plan.start_ts, model.model_shape, device)
+        noise = row_noise_batch(noise_type, plan.seed, plan.noise_keys(keys), plan.start_ts, model.model_shape, device)
         return keys, noise.pin_memory() if noise.device.type == "cpu" and device.type == "cuda" else noise
 
     def as_set_batch(batch: dict, keys: list[str], noise: torch.Tensor | None) -> SetBatch:

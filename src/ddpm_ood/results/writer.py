@@ -168,10 +168,12 @@ def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: 
                             first_n: int | None, seed: int, num_inference_steps: int, inference_skip_factor: int,
                             recon_steps: int | None, start_timesteps: Sequence[int], use_ema: bool, precision: str,
                             noise_key: str, autoencoder: str | None = None,
-                            noise_type: str = "gaussian") -> dict[str, Any]:
+                            noise_type: str = "gaussian", recon_noise: str = "per_image") -> dict[str, Any]:
     """The sidecar content of one results file (``results_<set>.json``): every setting its numbers depend on.
     ``noise_type``: the checkpoint's (``ScheduleConfig.noise_type``), recorded unless Gaussian (key absent, as in
     sidecars written before noise types existed), so a file made with the other type is recomputed.
+    ``recon_noise``: the start-noise protocol (``seeding.NOISE_PROTOCOLS``), recorded unless per_image (the
+    paper's, and that of sidecars written before the protocol was a setting).
     ``autoencoder``: the weights hash of a latent model's VQ-VAE (key absent in pixel space, as in older sidecars)."""
     settings = {
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -189,6 +191,8 @@ def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: 
     }
     if noise_type != "gaussian":
         settings["noise_type"] = noise_type
+    if recon_noise != "per_image":
+        settings["recon_noise"] = recon_noise
     if autoencoder is not None:
         settings["autoencoder"] = autoencoder
     return settings
@@ -210,6 +214,7 @@ class ReconSettings:
     noise_key: str
     noise_type: str = "gaussian"  # absent from a sidecar = Gaussian (``reconstruction_settings``)
     autoencoder: str | None = None  # a latent model's VQ-VAE weights hash; absent = pixel space
+    recon_noise: str = "per_image"  # the start-noise protocol; absent = per_image
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> ReconSettings:
@@ -250,6 +255,7 @@ class ReconSettings:
             noise_key=str(d["noise_key"]),
             noise_type=str(d.get("noise_type", "gaussian")),
             autoencoder=d.get("autoencoder"),
+            recon_noise=str(d.get("recon_noise", "per_image")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,7 +267,8 @@ class ReconSettings:
 @dataclass(frozen=True)
 class FeatureSettings:
     """The settings that produced a feature family's ``features_val.csv`` (its sidecar ``features_val.json``):
-    the run (as ``ReconSettings``) and the family's own (levels, DiffPath steps and clip, nfe)."""
+    the run (as ``ReconSettings``), the family's network evaluations per image and its own settings as stored
+    (``ScoreFamily.settings_record``; ``ScoreFamily.settings_from`` reads them back)."""
 
     family: str
     checkpoint: str
@@ -272,9 +279,7 @@ class FeatureSettings:
     noise_key: str
     noise_type: str
     nfe: int
-    levels: tuple[int, ...] | None = None
-    diffpath_steps: int | None = None
-    diffpath_clip: tuple[float, float] | None = None
+    settings: dict[str, Any]
     autoencoder: str | None = None
 
     @classmethod
@@ -287,7 +292,7 @@ class FeatureSettings:
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{path}: cannot be read as JSON ({one_line(exc)}); {rerun}") from None
         keys = ("family", "checkpoint", "checkpoint_epoch", "seed", "use_ema", "precision", "noise_key", "noise_type",
-                "nfe")
+                "nfe", "settings")
         missing = [k for k in keys if not isinstance(d, dict) or k not in d]
         if missing:
             raise UserError(f"{path}: {'not found' if d is None else 'missing setting(s) ' + ', '.join(missing)}; "
@@ -297,13 +302,10 @@ class FeatureSettings:
         if d["noise_key"] != NOISE_KEY_RULE:
             raise UserError(f"{path}: noise keyed by {d['noise_key']!r}, this version keys it by {NOISE_KEY_RULE!r}; "
                             f"{rerun}")
-        clip = d.get("diffpath_clip")
         return cls(family=str(d["family"]), checkpoint=str(d["checkpoint"]), checkpoint_epoch=d["checkpoint_epoch"],
                    seed=int(d["seed"]), use_ema=bool(d["use_ema"]), precision=str(d["precision"]),
                    noise_key=str(d["noise_key"]), noise_type=str(d["noise_type"]), nfe=int(d["nfe"]),
-                   levels=None if d.get("levels") is None else tuple(int(t) for t in d["levels"]),
-                   diffpath_steps=d.get("diffpath_steps"), diffpath_clip=None if clip is None else tuple(clip),
-                   autoencoder=d.get("autoencoder"))
+                   settings=dict(d["settings"]), autoencoder=d.get("autoencoder"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from ddpm_ood.cli.options import (
     add_data_options,
     add_max_batch_option,
     add_model_options,
+    add_pretrained_options,
     add_run_options,
     add_schedule_options,
     boolish,
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched: all start points of a batch share network calls (fast, default); reference: one "
                    "start point after another (the oracle; same numbers)")
     add_max_batch_option(g)
+    add_pretrained_options(p.add_argument_group("published models (docs/pretrained-models.md)"))
     f = p.add_argument_group("score families (docs/score-families.md)")
     f.add_argument("--scores", type=str, default="reconstruction",
                    help="comma list of score families to compute: reconstruction (the paper's, default), eps_norm, "
@@ -95,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vqvae_checkpoint=args.vqvae_checkpoint, latent_pad=args.latent_pad,
         scores=tuple(parse_families(args.scores)), score_levels=_levels(args.score_levels),
         diffpath_steps=args.diffpath_steps, dist_timeout=args.dist_timeout,
+        pretrained=args.pretrained, pretrained_flags=args.pretrained_flags, resize=args.resize,
     ))
     return 0
 

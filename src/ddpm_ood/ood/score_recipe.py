@@ -28,7 +28,7 @@ from ddpm_ood.results.writer import FeatureSettings, ReconSettings
 
 SCORABLE = (*SCORE_NAMES, *FEATURE_FAMILIES, ENSEMBLE)
 # The settings every part of a score must share (its numbers would not be comparable otherwise).
-RUN_KEYS = ("checkpoint", "checkpoint_epoch", "use_ema", "precision", "noise_type", "autoencoder")
+RUN_KEYS = ("checkpoint", "checkpoint_epoch", "use_ema", "precision", "noise_type", "autoencoder", "pretrained")
 
 
 @dataclass(frozen=True)

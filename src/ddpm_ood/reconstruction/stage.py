@@ -37,7 +37,6 @@ from ddpm_ood.distributed import (
 from ddpm_ood.errors import UserError
 from ddpm_ood.families import FamilySettings, feature_families, get_family
 from ddpm_ood.families.base import DEFAULT_DIFFPATH_STEPS, DEFAULT_LEVELS
-from ddpm_ood.families.diffpath import diffpath_clip_range
 from ddpm_ood.families.registry import RECONSTRUCTION
 from ddpm_ood.fileio import check_output_dir, image_stem, run_lock
 from ddpm_ood.preemption import (
@@ -66,7 +65,15 @@ from ddpm_ood.results.schema import (
 )
 from ddpm_ood.results.writer import ResumableResults, reconstruction_settings
 from ddpm_ood.run_flags import RunFlags
-from ddpm_ood.runs import RunModel, TrainedRun, check_image_shape, load_run_model, open_run, with_image_shape
+from ddpm_ood.runs import (
+    RunModel,
+    TrainedRun,
+    check_image_shape,
+    load_run_model,
+    open_pretrained_run,
+    open_run,
+    with_image_shape,
+)
 from ddpm_ood.seeding import NOISE_KEY_RULE, noise_key
 from ddpm_ood.upstream.flags import given_path
 
@@ -109,6 +116,11 @@ class ReconstructionJob:
     score_levels: tuple[int, ...] = DEFAULT_LEVELS
     diffpath_steps: int = DEFAULT_DIFFPATH_STEPS
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # seconds any torchrun rank waits for the others
+    # A published model (docs/pretrained-models.md) instead of a checkpoint of the run: a diffusers folder or an
+    # openai .pt with its flags; ``resize``: resize every set's images to the model's size (never silently).
+    pretrained: str | None = None
+    pretrained_flags: str | None = None
+    resize: bool = False
 
     def __post_init__(self) -> None:
         if not self.scores:
@@ -169,7 +181,7 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
         raise UserError("--recon_steps needs the batched engine (the reference loop walks the full grid)")
     sets = planned_sets(job)
     # The checkpoint first: a typo'd --model_name must not leave an empty folder behind.
-    run = open_run(checkpoint_path(job), job.flags, vqvae_checkpoint=job.vqvae_checkpoint, latent_pad=job.latent_pad)
+    run = _open_model(job)
     results_dir = check_output_dir(ood_dir(job.output_dir, job.model_name), "--output_dir/--model_name")
     # Every dataset opened before any work, so a bad CSV fails with nothing written.
     datasets = {name: dataset_from_csv(csv, run.data, first_n=first_n, cache=job.cache_data)
@@ -218,6 +230,26 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
         cleanup_distributed()
 
 
+def _open_model(job: ReconstructionJob) -> TrainedRun:
+    """The run's checkpoint, or the published model of ``--pretrained`` (the flags of the other source refused)."""
+    if job.pretrained is None:
+        if job.resize or job.pretrained_flags is not None:
+            raise UserError(f"--{'resize' if job.resize else 'pretrained_flags'} applies to --pretrained models "
+                            "only (our checkpoints resize with --image_size, as they were trained)")
+        return open_run(checkpoint_path(job), job.flags, vqvae_checkpoint=job.vqvae_checkpoint,
+                        latent_pad=job.latent_pad)
+    other = [name for name, value in (("eval_checkpoint", given_path(job.eval_checkpoint)),
+                                      ("vqvae_checkpoint", job.vqvae_checkpoint), ("latent_pad", job.latent_pad))
+             if value is not None]
+    if other:
+        raise UserError(f"--{other[0]}: not with --pretrained (a published pixel-space model)")
+    run = open_pretrained_run(job.pretrained, job.pretrained_flags, resize=job.resize, flags=job.flags)
+    model = run.pretrained
+    print(f"{model.path}: {model.format} model, images {model.image_shape} in {list(model.data_range)}, "
+          f"predicts {model.prediction_type}" + (f"; respaced {model.respacing}" if model.respacing else ""))
+    return run
+
+
 def _as_family_rows(family: str, rows_of: Callable[[Iterator[SetBatch], str], Iterator[pd.DataFrame]]):
     """``rows_of`` (one frame per batch) as ``_run_set`` takes it: one {family: frame} per batch."""
     def by_family(batches: Iterator[SetBatch], row_type: str) -> Iterator[dict[str, pd.DataFrame]]:
@@ -228,10 +260,10 @@ def _as_family_rows(family: str, rows_of: Callable[[Iterator[SetBatch], str], It
 
 def _family_settings(job: ReconstructionJob, run: TrainedRun) -> FamilySettings:
     """What the feature families need besides the model: the levels, DiffPath's steps, the per-row noise, and
-    DiffPath's clip to the data range (pixel space; latents have none)."""
+    DiffPath's clip to the model's data range (``TrainedRun.data_range``: (0, b_scale) for our pixel models,
+    [-1, 1] for published ones, as DiffPath's authors clip; latents have none)."""
     return FamilySettings(levels=job.score_levels, diffpath_steps=job.diffpath_steps, seed=job.seed,
-                          noise_type=run.config.schedule.noise_type,
-                          diffpath_clip=diffpath_clip_range(run.config.schedule.b_scale, run.config.latent is not None))
+                          noise_type=run.config.schedule.noise_type, diffpath_clip=run.data_range)
 
 
 def _feature_writers(job: ReconstructionJob, families: list[str], fam: FamilySettings, name: str,
@@ -262,7 +294,7 @@ def _settings(job: ReconstructionJob, run: TrainedRun, plan: ReconstructionPlan,
         num_inference_steps=plan.num_inference_steps, inference_skip_factor=job.inference_skip_factor,
         recon_steps=plan.recon_steps, start_timesteps=plan.start_ts, use_ema=job.use_ema, precision=precision,
         noise_key=NOISE_KEY_RULE, autoencoder=None if latent is None else latent.weights_sha256,
-        noise_type=run.config.schedule.noise_type,
+        noise_type=run.config.schedule.noise_type, pretrained=run.identity,
     )
 
 

@@ -168,11 +168,12 @@ def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: 
                             first_n: int | None, seed: int, num_inference_steps: int, inference_skip_factor: int,
                             recon_steps: int | None, start_timesteps: Sequence[int], use_ema: bool, precision: str,
                             noise_key: str, autoencoder: str | None = None,
-                            noise_type: str = "gaussian") -> dict[str, Any]:
+                            noise_type: str = "gaussian", pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sidecar content of one results file (``results_<set>.json``): every setting its numbers depend on.
     ``noise_type``: the checkpoint's (``ScheduleConfig.noise_type``), recorded unless Gaussian (key absent, as in
     sidecars written before noise types existed), so a file made with the other type is recomputed.
-    ``autoencoder``: the weights hash of a latent model's VQ-VAE (key absent in pixel space, as in older sidecars)."""
+    ``autoencoder``: the weights hash of a latent model's VQ-VAE (key absent in pixel space, as in older sidecars).
+    ``pretrained``: a published model's identity (``runs.TrainedRun.identity``; key absent for our checkpoints)."""
     settings = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_epoch": checkpoint_epoch,
@@ -191,6 +192,8 @@ def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: 
         settings["noise_type"] = noise_type
     if autoencoder is not None:
         settings["autoencoder"] = autoencoder
+    if pretrained is not None:
+        settings["pretrained"] = pretrained
     return settings
 
 
@@ -210,6 +213,7 @@ class ReconSettings:
     noise_key: str
     noise_type: str = "gaussian"  # absent from a sidecar = Gaussian (``reconstruction_settings``)
     autoencoder: str | None = None  # a latent model's VQ-VAE weights hash; absent = pixel space
+    pretrained: dict[str, Any] | None = None  # a published model's identity; absent = our checkpoint
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> ReconSettings:
@@ -250,6 +254,7 @@ class ReconSettings:
             noise_key=str(d["noise_key"]),
             noise_type=str(d.get("noise_type", "gaussian")),
             autoencoder=d.get("autoencoder"),
+            pretrained=d.get("pretrained"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,6 +281,7 @@ class FeatureSettings:
     diffpath_steps: int | None = None
     diffpath_clip: tuple[float, float] | None = None
     autoencoder: str | None = None
+    pretrained: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> FeatureSettings:
@@ -303,7 +309,7 @@ class FeatureSettings:
                    noise_key=str(d["noise_key"]), noise_type=str(d["noise_type"]), nfe=int(d["nfe"]),
                    levels=None if d.get("levels") is None else tuple(int(t) for t in d["levels"]),
                    diffpath_steps=d.get("diffpath_steps"), diffpath_clip=None if clip is None else tuple(clip),
-                   autoencoder=d.get("autoencoder"))
+                   autoencoder=d.get("autoencoder"), pretrained=d.get("pretrained"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -185,7 +185,10 @@ def read_openai(path: str | Path, flags_text: str | Mapping[str, Any] | None) ->
     if "label_emb.weight" in state:
         raise UserError(f"{path}: a class-conditional model (it has label_emb.weight); only unconditional models "
                         "are supported")
-    network = OpenAIUNet(unet_config(flags))
+    try:
+        network = OpenAIUNet(unet_config(flags))
+    except ValueError as exc:  # e.g. channels that GroupNorm(32) or the attention heads cannot split
+        raise UserError(f"--pretrained_flags: these flags give no valid network ({exc})") from None
     load_strict(network, state, str(path), "the architecture of the flags given")
     network.eval()
     betas = model_betas(flags)

@@ -25,6 +25,9 @@ DEFAULT_BETA_START = 1e-4
 DEFAULT_BETA_END = 2e-2
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 NUM_TRAIN_TIMESTEPS = 1000
+# The schedule of a published model (``ddpm_ood.pretrained``): its betas given explicitly (``trained_betas``, as
+# diffusers names them), not a named formula. Not a --beta_schedule choice: only model readers build it.
+EXPLICIT_BETAS = "trained_betas"
 
 
 def canonical_schedule_name(name: str) -> str:
@@ -67,8 +70,15 @@ class ScheduleConfig:
     # "simplex"). Checkpoints written before it existed have none: Gaussian.
     noise_type: str = DEFAULT_NOISE_TYPE
 
+    # EXPLICIT_BETAS only: the (num_train_timesteps,) betas in [0, 1) (a published model's, possibly respaced onto
+    # the 1000-step grid, where a repeated step has beta 0). None for the named schedules.
+    trained_betas: tuple[float, ...] | None = None
+
     def __post_init__(self) -> None:
-        object.__setattr__(self, "beta_schedule", canonical_schedule_name(self.beta_schedule))
+        if self.trained_betas is not None or self.beta_schedule == EXPLICIT_BETAS:
+            self._check_trained_betas()
+        else:
+            object.__setattr__(self, "beta_schedule", canonical_schedule_name(self.beta_schedule))
         check_noise_type(self.noise_type)
         if self.prediction_type not in PREDICTION_TYPES:
             raise UserError(
@@ -91,17 +101,39 @@ class ScheduleConfig:
         if self.b_scale <= 0 or self.snr_shift <= 0:
             raise UserError(f"b_scale and snr_shift must be > 0, got {self.b_scale}, {self.snr_shift}")
 
+    def _check_trained_betas(self) -> None:
+        betas = self.trained_betas
+        if self.beta_schedule != EXPLICIT_BETAS or betas is None:
+            raise UserError(f"explicit betas need beta_schedule={EXPLICIT_BETAS!r} and trained_betas, got "
+                            f"{self.beta_schedule!r} and {'none' if betas is None else f'{len(betas)} betas'}")
+        betas = tuple(float(b) for b in betas)
+        object.__setattr__(self, "trained_betas", betas)
+        if len(betas) != self.num_train_timesteps:
+            raise UserError(f"trained_betas: {len(betas)} values for {self.num_train_timesteps} timesteps")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise UserError("trained_betas must lie in [0, 1)")
+        if self.beta_start is not None or self.beta_end is not None:
+            object.__setattr__(self, "beta_start", None)
+            object.__setattr__(self, "beta_end", None)
+
     def schedule_args(self) -> dict:
         if self.beta_schedule in SCHEDULES_WITH_BETA_RANGE:
             return {"beta_start": self.beta_start, "beta_end": self.beta_end}
         return {}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.trained_betas is None:  # named schedules keep exactly their earlier stored content
+            del d["trained_betas"]
+        else:
+            d["trained_betas"] = list(self.trained_betas)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ScheduleConfig:
         return cls(**d)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """MONAI DiffusionModelUNet arguments (see diffusion.unet.MODEL_PRESETS). in_channels == out_channels."""

@@ -8,6 +8,12 @@ Two steps, because an upstream checkpoint (no stored configuration) is only comp
    (``upstream.flags``) once ``with_image_shape`` names its image shape. ``TrainedRun.data`` says how to read images.
 2. ``load_run_model(run, device, precision=...)``: the UNet (EMA weights by default) and the autoencoder on the
    device, as a ``RunModel`` whose ``eps_fn`` every sampler, inversion and score family calls.
+
+The model-source seam: a published model (diffusers, improved-diffusion, guided-diffusion; ``ddpm_ood.pretrained``)
+is opened with ``open_pretrained_run`` into the same ``TrainedRun`` (its configuration describes it: the 1000-step
+grid schedule, its image shape, how images are read) and loaded by the same ``load_run_model`` into the same
+``RunModel``: the noise estimate on the grid, the schedule, the autoencoder that maps images in [0, 1] to the
+model's data range, the sample shape. Only this module asks which source a run has.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ from typing import Any
 
 import torch
 
-from ddpm_ood.autoencoder.base import Autoencoder, autoencoder_for
+from ddpm_ood.autoencoder.base import Autoencoder, RangeAutoencoder, autoencoder_for
 from ddpm_ood.autoencoder.vqvae import LoadedVQVAE, load_vqvae, with_latent
 from ddpm_ood.checkpoint import inference_state_dict, load_checkpoint, run_config_of
-from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig
+from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
 from ddpm_ood.devices import autocast_context
 from ddpm_ood.diffusion.eps import EpsFn, model_eps_fn
 from ddpm_ood.diffusion.unet import build_unet, wants_fused_attention
 from ddpm_ood.errors import UserError
+from ddpm_ood.pretrained import PretrainedModel, open_pretrained
 from ddpm_ood.run_flags import RunFlags, check_flags
 from ddpm_ood.upstream.flags import data_config_for_upstream, given_path, run_config_from_flags
 from ddpm_ood.upstream.weights import is_upstream_checkpoint, load_unet_state
@@ -56,11 +63,32 @@ class TrainedRun:
     vqvae_checkpoint: str | None = None
     latent_pad: tuple[int, ...] | None = None
     vqvae: LoadedVQVAE | None = None
+    # A published model (``open_pretrained_run``): ``ckpt`` is then empty and ``config`` describes the model.
+    pretrained: PretrainedModel | None = None
 
     @property
     def upstream(self) -> bool:
         """True for a checkpoint written by the reference code (it stores no configuration)."""
-        return is_upstream_checkpoint(self.ckpt)
+        return self.pretrained is None and is_upstream_checkpoint(self.ckpt)
+
+    @property
+    def data_range(self) -> tuple[float, float] | None:
+        """(low, high) of clean model-space samples, images in [0, 1] mapped there: (0, b_scale) for our pixel
+        models, the published model's own ([-1, 1]), None for latents (no range). DiffPath clips its x0
+        predictions to it."""
+        if self.pretrained is not None:
+            return self.pretrained.data_range
+        if self.config is None or self.config.latent is not None:
+            return None
+        return (0.0, float(self.config.schedule.b_scale))
+
+    @property
+    def identity(self) -> dict[str, Any] | None:
+        """A published model's identity for the sidecars (format, weights hash, flags, respacing, prediction type,
+        data range, and whether images are resized to it); None for our checkpoints (their path and epoch say it)."""
+        if self.pretrained is None:
+            return None
+        return {**self.pretrained.identity(), "resize": self.config.data.image_size is not None}
 
     @property
     def epoch(self) -> int | None:
@@ -92,6 +120,34 @@ def open_run(checkpoint: str | os.PathLike, flags: RunFlags | None = None, *,
     return TrainedRun(path, ckpt, flags, config, given_path(vqvae_checkpoint), pad)
 
 
+PRETRAINED_PRESET = "pretrained"
+
+
+def open_pretrained_run(path: str | os.PathLike, pretrained_flags: str | dict | None = None, *, resize: bool = False,
+                        flags: RunFlags | None = None) -> TrainedRun:
+    """A published model (``ddpm_ood.pretrained.open_pretrained``) as a ``TrainedRun``. Its configuration holds
+    the grid schedule and the image shape; images are read with the model's channels and, only with ``resize``,
+    resized to its size (never silently: one-sided resizing inflates AUROC). ``flags``: model, schedule and data
+    flags, which a published model defines itself: any given is refused (UserError)."""
+    given = [f.name for f in dataclasses.fields(RunFlags) if getattr(flags or RunFlags(), f.name) is not None]
+    if given:
+        raise UserError(f"--{given[0]}: --pretrained={path} defines its own model, schedule and image settings; "
+                        "drop the flag (images of another size: --resize=1)")
+    model = open_pretrained(path, pretrained_flags)
+    channels, *spatial = model.image_shape
+    if resize and len(set(spatial)) != 1:
+        raise UserError(f"--resize: {path} takes non-square images {tuple(spatial)}; resize them beforehand")
+    config = RunConfig(
+        # Never built (load_run_model opens the published network): it names the source in the stored config.
+        model=ModelConfig(preset=f"{PRETRAINED_PRESET}:{model.format}", spatial_dims=2, in_channels=channels,
+                          channels=(), attention_levels=(), num_res_blocks=0, num_head_channels=0),
+        schedule=model.schedule,
+        data=DataConfig(is_grayscale=channels == 1, spatial_dims=2, image_size=spatial[0] if resize else None),
+        image_shape=model.image_shape,
+    )
+    return TrainedRun(Path(path), {}, RunFlags(), config, pretrained=model)
+
+
 def with_image_shape(run: TrainedRun, image_shape: Sequence[int], source: str) -> TrainedRun:
     """``run`` with its configuration complete, for images of ``image_shape`` (C, *spatial) read from ``source``.
 
@@ -113,6 +169,10 @@ def with_image_shape(run: TrainedRun, image_shape: Sequence[int], source: str) -
 def check_image_shape(config: RunConfig, image_shape: Sequence[int], source: str) -> None:
     """UserError naming ``source`` when its images (``image_shape``) are not the ones the model was trained on."""
     if tuple(image_shape) != tuple(config.image_shape):
+        if config.model.preset.startswith(PRETRAINED_PRESET + ":"):
+            raise UserError(f"{source}: images load as {tuple(image_shape)} but the pretrained model takes "
+                            f"{tuple(config.image_shape)}; --resize=1 resizes them (the in- and out-distribution "
+                            "sets alike: one-sided resizing inflates AUROC)")
         raise UserError(f"{source}: images load as {tuple(image_shape)} but the model was trained on "
                         f"{tuple(config.image_shape)} (check --is_grayscale / --image_size)")
 
@@ -141,15 +201,21 @@ def load_run_model(run: TrainedRun, device: torch.device, *, precision: str = "f
     if run.config is None:
         raise ValueError("an upstream checkpoint's configuration needs its image shape first (with_image_shape)")
     config = run.config
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return autocast_context(device, precision)
+
+    if run.pretrained is not None:
+        network = run.pretrained.network.to(device).eval()
+        if device.type == "cuda" and max_batch is None:
+            max_batch = memory_sized_max_batch(network, config.model_shape, device, autocast)
+        eps_fn = model_eps_fn(network, config.schedule, max_batch=max_batch, autocast=autocast)
+        return RunModel(eps_fn, config.schedule, RangeAutoencoder(*run.pretrained.data_range), config.model_shape)
     autoencoder = autoencoder_for(config, device, vqvae_checkpoint=run.vqvae_checkpoint, loaded=run.vqvae,
                                   source=str(run.path))
     model = build_unet(config.model, fused_attention=wants_fused_attention(device))
     load_unet_state(model, inference_state_dict(run.ckpt, use_ema=use_ema), str(run.path))
     model.to(device).eval()
-
-    def autocast() -> contextlib.AbstractContextManager:
-        return autocast_context(device, precision)
-
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # tick shapes repeat from batch to batch: autotune the convolutions
         if max_batch is None:

@@ -58,6 +58,30 @@ class IdentityAutoencoder:
         return f"IdentityAutoencoder(b_scale={self.b_scale:g})"
 
 
+class RangeAutoencoder:
+    """Pixel space of a published model (``ddpm_ood.pretrained``) that expects its data in [low, high] ([-1, 1] for
+    diffusers and openai models): ``encode(x) = low + (high - low) x`` maps images in [0, 1] onto that range,
+    ``decode`` inverts it. ``IdentityAutoencoder(b)`` is the same map for the range [0, b]."""
+
+    def __init__(self, low: float, high: float) -> None:
+        if not low < high:
+            raise ValueError(f"a data range needs low < high, got ({low}, {high})")
+        self.low, self.high = float(low), float(high)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.low + (self.high - self.low) * images
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        return (samples - self.low) / (self.high - self.low)
+
+    @property
+    def sample_range(self) -> tuple[float, float]:
+        return (self.low, self.high)
+
+    def __repr__(self) -> str:
+        return f"RangeAutoencoder([{self.low:g}, {self.high:g}])"
+
+
 def to_image(decoded: torch.Tensor) -> torch.Tensor:
     """Decoded samples clamped to the image range [0, 1] (where reconstructions are measured)."""
     return decoded.clamp(0.0, 1.0)

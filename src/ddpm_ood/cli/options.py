@@ -228,6 +228,27 @@ def add_max_batch_option(group: argparse._ActionsContainer) -> None:
                        "batch) / (the longest trajectory's) samples at a time; on CUDA sized from the free GPU memory)")
 
 
+def add_pretrained_options(group: argparse._ActionsContainer, *, scoring: bool = False) -> None:
+    """--pretrained and --pretrained_flags (docs/pretrained-models.md); reconstruct.py also --resize."""
+    if scoring:
+        group.add_argument("--pretrained", type=optional_path, default=None,
+                           help="a published model the validation results were made with, where it is now "
+                           "(default: the path recorded in results_val.json; it must be the same model)")
+        group.add_argument("--pretrained_flags", type=str, default=None,
+                           help="openai models: their flags (default: the ones recorded in results_val.json)")
+        return
+    group.add_argument("--pretrained", type=optional_path, default=None,
+                       help="score with a published diffusion model instead of the run's checkpoint: a diffusers "
+                       "folder (UNet2DModel + scheduler_config.json, or a pipeline folder) or an improved-/guided-"
+                       "diffusion .pt state dict (with --pretrained_flags); results go to <output_dir>/<model_name>/")
+    group.add_argument("--pretrained_flags", type=str, default=None,
+                       help="openai .pt models: the model and diffusion flags their README prints, as one string "
+                       "(\"--image_size 32 --num_channels 128 ...\") or a JSON file")
+    group.add_argument("--resize", type=boolish, default=False,
+                       help="with --pretrained: resize every set's images to the model's size (default 0: images of "
+                       "another size are refused; resizing only one side inflates AUROC)")
+
+
 def refuse_unsupported(args: argparse.Namespace) -> None:
     """Flags that upstream has but ddpm-ood does not implement: refused loudly instead of ignored."""
     from ddpm_ood.errors import UserError

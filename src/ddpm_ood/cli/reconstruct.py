@@ -12,6 +12,7 @@ from ddpm_ood.cli.options import (
     add_data_options,
     add_max_batch_option,
     add_model_options,
+    add_pretrained_options,
     add_run_options,
     add_schedule_options,
     boolish,
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched: all start points of a batch share network calls (fast, default); reference: one "
                    "start point after another (the oracle; same numbers)")
     add_max_batch_option(g)
+    add_pretrained_options(p.add_argument_group("published models (docs/pretrained-models.md)"))
     _add_score_options(p.add_argument_group("score families (docs/score-families.md)"))
     # Not given = the checkpoint's value (None); argparse resolves abbreviations (--chan=2), so a flag is "given"
     # exactly when it is not None.
@@ -116,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_options=ScoreOptions(score_levels=_levels(args.score_levels), score_noise=args.score_noise,
                                    score_noise_draws=args.score_noise_draws, diffpath_steps=args.diffpath_steps,
                                    diffpath_clip=args.diffpath_clip),
+        pretrained=args.pretrained, pretrained_flags=args.pretrained_flags, resize=args.resize,
     ))
     return 0
 

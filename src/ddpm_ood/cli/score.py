@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from ddpm_ood.cli.options import (
     add_max_batch_option,
     add_precision_options,
+    add_pretrained_options,
     checked_number,
     optional_path,
     positive_int,
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "its weights must be the recorded ones)")
     add_precision_options(p, amp_default=None)
     add_max_batch_option(p)
+    add_pretrained_options(p, scoring=True)
     return p
 
 
@@ -68,5 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_scoring(ScoringJob(output_dir=args.output_dir, model_name=args.model_name, inputs=args.inputs,
                            out_csv=args.out_csv, score=args.score, val_keep=args.val_keep, batch_size=args.batch_size,
                            device=args.device, vqvae_checkpoint=args.vqvae_checkpoint, amp=args.amp,
-                           precision=args.precision, max_batch=args.max_batch))
+                           precision=args.precision, max_batch=args.max_batch, pretrained=args.pretrained,
+                           pretrained_flags=args.pretrained_flags))
     return 0

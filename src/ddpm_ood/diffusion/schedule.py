@@ -16,6 +16,27 @@ if TYPE_CHECKING:
 
     from ddpm_ood.config import ScheduleConfig
 
+def _apply_trained_betas(scheduler, config: ScheduleConfig) -> None:
+    """A published model's explicit betas (``config.EXPLICIT_BETAS``) replace the placeholder schedule the MONAI
+    scheduler was built with, derived as MONAI and diffusers derive theirs (float32: alphas = 1 - betas, cumprod)."""
+    if config.trained_betas is None:
+        return
+    import torch
+
+    betas = torch.tensor(config.trained_betas, dtype=torch.float32)
+    scheduler.betas = betas
+    scheduler.alphas = 1.0 - betas
+    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+
+
+def _monai_schedule(config: ScheduleConfig) -> dict:
+    """The MONAI scheduler arguments of ``config``'s schedule (a placeholder linear one for explicit betas, which
+    ``_apply_trained_betas`` then replaces)."""
+    if config.trained_betas is not None:
+        return {"schedule": "linear_beta"}
+    return {"schedule": config.beta_schedule, **config.schedule_args()}
+
+
 def _apply_snr_shift(scheduler, snr_shift: float) -> None:
     """Upstream's SNR shift: a' = 1 / (1 / (k * SNR) + 1) with SNR = a / (1 - a); alphas/betas re-derived."""
     if snr_shift == 1.0:
@@ -36,10 +57,10 @@ def make_ddpm_scheduler(config: ScheduleConfig):
 
     scheduler = DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
-        schedule=config.beta_schedule,
         prediction_type=config.prediction_type,
-        **config.schedule_args(),
+        **_monai_schedule(config),
     )
+    _apply_trained_betas(scheduler, config)
     _apply_snr_shift(scheduler, config.snr_shift)
     return scheduler
 
@@ -55,13 +76,13 @@ def make_pndm_scheduler(config: ScheduleConfig, num_inference_steps: int):
 
     scheduler = PNDMScheduler(
         num_train_timesteps=config.num_train_timesteps,
-        schedule=config.beta_schedule,
         skip_prk_steps=True,
         set_alpha_to_one=True,
         prediction_type="epsilon",
         steps_offset=1,
-        **config.schedule_args(),
+        **_monai_schedule(config),
     )
+    _apply_trained_betas(scheduler, config)
     _apply_snr_shift(scheduler, config.snr_shift)
     scheduler.set_timesteps(num_inference_steps)
     return scheduler
@@ -104,10 +125,10 @@ def make_ddim_scheduler(config: ScheduleConfig, num_inference_steps: int):
 
     scheduler = DDIMScheduler(
         num_train_timesteps=config.num_train_timesteps,
-        schedule=config.beta_schedule,
         prediction_type=config.prediction_type,
-        **config.schedule_args(),
+        **_monai_schedule(config),
     )
+    _apply_trained_betas(scheduler, config)
     _apply_snr_shift(scheduler, config.snr_shift)
     scheduler.set_timesteps(num_inference_steps)
     return scheduler

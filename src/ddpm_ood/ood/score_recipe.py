@@ -30,7 +30,7 @@ from ddpm_ood.results.schema import read_features, read_results
 from ddpm_ood.results.writer import FeatureSettings, ReconSettings
 
 # The settings every part of a score must share (its numbers would not be comparable otherwise).
-RUN_KEYS = ("checkpoint", "checkpoint_epoch", "use_ema", "precision", "noise_type", "autoencoder")
+RUN_KEYS = ("checkpoint", "checkpoint_epoch", "use_ema", "precision", "noise_type", "autoencoder", "pretrained")
 
 
 @dataclass(frozen=True)

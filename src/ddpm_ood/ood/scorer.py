@@ -42,7 +42,7 @@ from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
 from ddpm_ood.reconstruction.pipeline import ReconstructionPlan, SetBatch, feature_rows, measured_rows
 from ddpm_ood.results.schema import VAL_NAME, ood_dir, results_path
 from ddpm_ood.results.writer import FeatureSettings, ReconSettings
-from ddpm_ood.runs import RunModel, TrainedRun, load_run_model, open_run
+from ddpm_ood.runs import RunModel, TrainedRun, load_run_model, open_pretrained_run, open_run
 
 if TYPE_CHECKING:
     import torch
@@ -160,10 +160,35 @@ def _scoring_precision(settings: ReconSettings, device: torch.device, val_path: 
                         "rerun reconstruct.py --run_val=1 here") from None
 
 
+def _open_scored_pretrained(settings: ReconSettings | FeatureSettings, val_path: Path,
+                            pretrained: str | os.PathLike | None, pretrained_flags: str | None) -> TrainedRun:
+    """The published model that made the validation results: at ``pretrained`` or where the sidecar recorded it,
+    with the recorded flags unless others are given; refused unless its identity (format, weights hash, flags,
+    respacing, ...) is the recorded one."""
+    recorded = settings.pretrained
+    flags = pretrained_flags
+    if flags is None and recorded["format"] != "diffusers":
+        flags = {**recorded["flags"], "codebase": recorded["format"]}
+    path = pretrained if pretrained is not None else settings.checkpoint
+    run = open_pretrained_run(path, flags, resize=bool(recorded.get("resize")))
+    if run.identity != recorded:
+        changed = sorted(k for k in set(run.identity) | set(recorded) if run.identity.get(k) != recorded.get(k))
+        raise UserError(f"{path}: not the model {val_path.name} was made with (differs in {', '.join(changed)}); "
+                        "give that model with --pretrained, or rerun reconstruct.py --run_val=1 with this one")
+    return run
+
+
 def _open_scored_run(settings: ReconSettings, val_path: Path,
-                     vqvae_checkpoint: str | os.PathLike | None) -> TrainedRun:
+                     vqvae_checkpoint: str | os.PathLike | None, pretrained: str | os.PathLike | None = None,
+                     pretrained_flags: str | None = None) -> TrainedRun:
     """The run that made the validation results, opened as reconstruct.py opens it; refused when the checkpoint
-    has changed since (another epoch, noise type or autoencoder) or is an upstream one (no stored configuration)."""
+    has changed since (another epoch, noise type or autoencoder) or is an upstream one (no stored configuration).
+    A published model's (``settings.pretrained``) is reopened and checked by ``_open_scored_pretrained``."""
+    if settings.pretrained is not None:
+        return _open_scored_pretrained(settings, val_path, pretrained, pretrained_flags)
+    if pretrained is not None or pretrained_flags is not None:
+        raise UserError(f"--pretrained: {val_path.name} was made with the checkpoint {settings.checkpoint}, not a "
+                        "published model; drop the flag")
     run = open_run(settings.checkpoint, vqvae_checkpoint=vqvae_checkpoint)
     if run.epoch != settings.checkpoint_epoch:
         raise UserError(
@@ -310,6 +335,8 @@ class OODScorer:
         precision: str | None = None,
         max_batch: int | None = None,
         vqvae_checkpoint: str | os.PathLike | None = None,
+        pretrained: str | os.PathLike | None = None,
+        pretrained_flags: str | None = None,
     ) -> OODScorer:
         """Load the run ``<output_dir>/<model_name>``: the validation files ``score`` needs, their settings, the
         checkpoint.
@@ -320,15 +347,17 @@ class OODScorer:
         Precision is always the one the validation files were made with (scores would not be comparable
         otherwise): ``precision`` or ``amp``, if given, must resolve to it on this device, else UserError.
         max_batch: most samples per network call (memory budget; no effect on the numbers). vqvae_checkpoint: a
-        latent model's VQ-VAE, if it has moved since training (its weights must hash to the recorded ones). Bad or
-        missing files raise UserError.
+        latent model's VQ-VAE, if it has moved since training (its weights must hash to the recorded ones).
+        pretrained, pretrained_flags: a published model's location now and, for openai models, its flags (default:
+        those recorded with the validation results; the model must be the recorded one). Bad or missing files
+        raise UserError.
         """
         val_keep = check_val_keep(val_keep)
         val_path = results_path(output_dir, model_name, VAL_NAME)
         recipe = read_recipe(ood_dir(output_dir, model_name), score, val_path)
         calibration = calibrate_threshold(recipe.val_scores, val_keep)
         settings = recipe.run_settings
-        run = _open_scored_run(settings, val_path, vqvae_checkpoint)
+        run = _open_scored_run(settings, val_path, vqvae_checkpoint, pretrained, pretrained_flags)
         dev = resolve_device(device)
         model = load_run_model(run, dev, precision=_scoring_precision(settings, dev, val_path, precision=precision,
                                                                          amp=amp),

@@ -36,6 +36,8 @@ class ScoringJob:
     amp: bool | None = None
     precision: str | None = None
     max_batch: int | None = None
+    pretrained: str | None = None  # a published model's location now (default: recorded in results_val.json)
+    pretrained_flags: str | None = None
 
 
 def run_scoring(job: ScoringJob) -> pd.DataFrame:
@@ -48,6 +50,7 @@ def run_scoring(job: ScoringJob) -> pd.DataFrame:
     scorer = OODScorer.from_run(
         job.output_dir, job.model_name, device=job.device, score=job.score, val_keep=job.val_keep, batch_size=job.batch_size,
         amp=job.amp, precision=job.precision, max_batch=job.max_batch, vqvae_checkpoint=job.vqvae_checkpoint,
+        pretrained=job.pretrained, pretrained_flags=job.pretrained_flags,
     )
     cal = scorer.calibration
     val_path = results_path(job.output_dir, job.model_name, VAL_NAME)

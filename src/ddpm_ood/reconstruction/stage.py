@@ -71,7 +71,15 @@ from ddpm_ood.results.schema import (
 )
 from ddpm_ood.results.writer import ResumableResults, reconstruction_settings
 from ddpm_ood.run_flags import RunFlags
-from ddpm_ood.runs import RunModel, TrainedRun, check_image_shape, load_run_model, open_run, with_image_shape
+from ddpm_ood.runs import (
+    RunModel,
+    TrainedRun,
+    check_image_shape,
+    load_run_model,
+    open_pretrained_run,
+    open_run,
+    with_image_shape,
+)
 from ddpm_ood.seeding import NOISE_KEY_RULE, noise_key
 from ddpm_ood.upstream.flags import given_path
 
@@ -114,6 +122,11 @@ class ReconstructionJob:
     score_options: ScoreOptions = ScoreOptions()
     recon_noise: str = "per_image"  # the reconstruction's start-noise protocol (seeding.NOISE_PROTOCOLS)
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # seconds any torchrun rank waits for the others
+    # A published model (docs/pretrained-models.md) instead of a checkpoint of the run: a diffusers folder or an
+    # openai .pt with its flags; ``resize``: resize every set's images to the model's size (never silently).
+    pretrained: str | None = None
+    pretrained_flags: str | None = None
+    resize: bool = False
 
     def __post_init__(self) -> None:
         if not self.scores:
@@ -174,7 +187,7 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
         raise UserError("--recon_steps needs the batched engine (the reference loop walks the full grid)")
     sets = planned_sets(job)
     # The checkpoint first: a typo'd --model_name must not leave an empty folder behind.
-    run = open_run(checkpoint_path(job), job.flags, vqvae_checkpoint=job.vqvae_checkpoint, latent_pad=job.latent_pad)
+    run = _open_model(job)
     results_dir = check_output_dir(ood_dir(job.output_dir, job.model_name), "--output_dir/--model_name")
     # Every dataset opened before any work, so a bad CSV fails with nothing written.
     datasets = {name: dataset_from_csv(csv, run.data, first_n=first_n, cache=job.cache_data)
@@ -223,6 +236,26 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
         cleanup_distributed()
 
 
+def _open_model(job: ReconstructionJob) -> TrainedRun:
+    """The run's checkpoint, or the published model of ``--pretrained`` (the flags of the other source refused)."""
+    if job.pretrained is None:
+        if job.resize or job.pretrained_flags is not None:
+            raise UserError(f"--{'resize' if job.resize else 'pretrained_flags'} applies to --pretrained models "
+                            "only (our checkpoints resize with --image_size, as they were trained)")
+        return open_run(checkpoint_path(job), job.flags, vqvae_checkpoint=job.vqvae_checkpoint,
+                        latent_pad=job.latent_pad)
+    other = [name for name, value in (("eval_checkpoint", given_path(job.eval_checkpoint)),
+                                      ("vqvae_checkpoint", job.vqvae_checkpoint), ("latent_pad", job.latent_pad))
+             if value is not None]
+    if other:
+        raise UserError(f"--{other[0]}: not with --pretrained (a published pixel-space model)")
+    run = open_pretrained_run(job.pretrained, job.pretrained_flags, resize=job.resize, flags=job.flags)
+    model = run.pretrained
+    print(f"{model.path}: {model.format} model, images {model.image_shape} in {list(model.data_range)}, "
+          f"predicts {model.prediction_type}" + (f"; respaced {model.respacing}" if model.respacing else ""))
+    return run
+
+
 def _as_family_rows(family: str, rows_of: Callable[[Iterator[SetBatch], str], Iterator[pd.DataFrame]]):
     """``rows_of`` (one frame per batch) as ``_run_set`` takes it: one {family: frame} per batch."""
     def by_family(batches: Iterator[SetBatch], row_type: str) -> Iterator[dict[str, pd.DataFrame]]:
@@ -233,12 +266,14 @@ def _as_family_rows(family: str, rows_of: Callable[[Iterator[SetBatch], str], It
 
 def score_context(run: TrainedRun, seed: int) -> ScoreContext:
     """What the feature families are given besides the user's options: the seed, the model's noise type and
-    alphas_cumprod, and its data range and scale (pixel space: [0, b_scale]; latents: no range, latent units)."""
+    alphas_cumprod, and its data range (``TrainedRun.data_range``: [0, b_scale] for our pixel models, a published
+    model's [-1, 1], none for latents) with the model-space units per unit of [0, 1] image intensity (the range's
+    width; latents: 1, so their scales are in latent units)."""
     schedule = run.config.schedule
-    latent = run.config.latent is not None
+    data_range = run.data_range
     return ScoreContext(seed=seed, noise_type=schedule.noise_type, acp=alphas_cumprod(schedule),
-                        data_range=None if latent else (0.0, float(schedule.b_scale)),
-                        data_scale=1.0 if latent else float(schedule.b_scale))
+                        data_range=data_range,
+                        data_scale=1.0 if data_range is None else float(data_range[1] - data_range[0]))
 
 
 def _feature_writers(job: ReconstructionJob, families: list[str], fam: dict, name: str,
@@ -269,7 +304,7 @@ def _settings(job: ReconstructionJob, run: TrainedRun, plan: ReconstructionPlan,
         num_inference_steps=plan.num_inference_steps, inference_skip_factor=job.inference_skip_factor,
         recon_steps=plan.recon_steps, start_timesteps=plan.start_ts, use_ema=job.use_ema, precision=precision,
         noise_key=NOISE_KEY_RULE, autoencoder=None if latent is None else latent.weights_sha256,
-        noise_type=run.config.schedule.noise_type, recon_noise=plan.noise,
+        noise_type=run.config.schedule.noise_type, recon_noise=plan.noise, pretrained=run.identity,
     )
 
 

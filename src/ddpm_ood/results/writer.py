@@ -168,13 +168,15 @@ def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: 
                             first_n: int | None, seed: int, num_inference_steps: int, inference_skip_factor: int,
                             recon_steps: int | None, start_timesteps: Sequence[int], use_ema: bool, precision: str,
                             noise_key: str, autoencoder: str | None = None,
-                            noise_type: str = "gaussian", recon_noise: str = "per_image") -> dict[str, Any]:
+                            noise_type: str = "gaussian", recon_noise: str = "per_image",
+                            pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sidecar content of one results file (``results_<set>.json``): every setting its numbers depend on.
     ``noise_type``: the checkpoint's (``ScheduleConfig.noise_type``), recorded unless Gaussian (key absent, as in
     sidecars written before noise types existed), so a file made with the other type is recomputed.
     ``recon_noise``: the start-noise protocol (``seeding.NOISE_PROTOCOLS``), recorded unless per_image (the
     paper's, and that of sidecars written before the protocol was a setting).
-    ``autoencoder``: the weights hash of a latent model's VQ-VAE (key absent in pixel space, as in older sidecars)."""
+    ``autoencoder``: the weights hash of a latent model's VQ-VAE (key absent in pixel space, as in older sidecars).
+    ``pretrained``: a published model's identity (``runs.TrainedRun.identity``; key absent for our checkpoints)."""
     settings = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_epoch": checkpoint_epoch,
@@ -195,6 +197,8 @@ def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: 
         settings["recon_noise"] = recon_noise
     if autoencoder is not None:
         settings["autoencoder"] = autoencoder
+    if pretrained is not None:
+        settings["pretrained"] = pretrained
     return settings
 
 
@@ -215,6 +219,7 @@ class ReconSettings:
     noise_type: str = "gaussian"  # absent from a sidecar = Gaussian (``reconstruction_settings``)
     autoencoder: str | None = None  # a latent model's VQ-VAE weights hash; absent = pixel space
     recon_noise: str = "per_image"  # the start-noise protocol; absent = per_image
+    pretrained: dict[str, Any] | None = None  # a published model's identity; absent = our checkpoint
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> ReconSettings:
@@ -256,6 +261,7 @@ class ReconSettings:
             noise_type=str(d.get("noise_type", "gaussian")),
             autoencoder=d.get("autoencoder"),
             recon_noise=str(d.get("recon_noise", "per_image")),
+            pretrained=d.get("pretrained"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,6 +287,7 @@ class FeatureSettings:
     nfe: int
     settings: dict[str, Any]
     autoencoder: str | None = None
+    pretrained: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> FeatureSettings:
@@ -305,7 +312,7 @@ class FeatureSettings:
         return cls(family=str(d["family"]), checkpoint=str(d["checkpoint"]), checkpoint_epoch=d["checkpoint_epoch"],
                    seed=int(d["seed"]), use_ema=bool(d["use_ema"]), precision=str(d["precision"]),
                    noise_key=str(d["noise_key"]), noise_type=str(d["noise_type"]), nfe=int(d["nfe"]),
-                   settings=dict(d["settings"]), autoencoder=d.get("autoencoder"))
+                   settings=dict(d["settings"]), autoencoder=d.get("autoencoder"), pretrained=d.get("pretrained"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -227,7 +227,8 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
                              _as_family_rows(RECONSTRUCTION, partial(measured_rows, model, metrics, plan)))
                     written.append(writer.path)
                 if families:
-                    writers = _feature_writers(job, families, family_settings, name, settings)
+                    writers = _feature_writers(job, families, family_settings, name, settings,
+                                               run.config.schedule.noise_type)
                     _run_set(job, ctx, writers, datasets[name], row_type, plan, model, name,
                              partial(feature_rows, model, families, family_settings))
                     written.extend(w.path for w in writers.values())
@@ -277,7 +278,7 @@ def score_context(run: TrainedRun, seed: int) -> ScoreContext:
 
 
 def _feature_writers(job: ReconstructionJob, families: list[str], fam: dict, name: str,
-                     settings: dict) -> dict[str, ResumableResults]:
+                     settings: dict, noise_type: str) -> dict[str, ResumableResults]:
     """One resumable feature file per family for set ``name``; its sidecar holds the set's settings (less the
     reconstruction grid and protocol), the family's network evaluations per image and its own settings as stored
     (``ScoreFamily.settings_record``)."""
@@ -288,7 +289,7 @@ def _feature_writers(job: ReconstructionJob, families: list[str], fam: dict, nam
         record = get_family(family)
         columns = record.columns(fam[family])
         own = {"family": family, "features": columns, "nfe": record.nfe(fam[family]),
-               "noise_type": run_noise_type(settings), "settings": record.settings_record(fam[family])}
+               "noise_type": noise_type, "settings": record.settings_record(fam[family])}
         path = features_path(job.output_dir, job.model_name, family, name)
         check_output_dir(path.parent, "--output_dir/--model_name")
         writers[family] = ResumableResults(path, {**common, **own}, 1, columns=[*FEATURE_KEY_COLUMNS, *columns])
@@ -307,10 +308,6 @@ def _settings(job: ReconstructionJob, run: TrainedRun, plan: ReconstructionPlan,
         noise_type=run.config.schedule.noise_type, recon_noise=plan.noise, pretrained=run.identity,
     )
 
-
-def run_noise_type(settings: dict) -> str:
-    """The noise type recorded in a results sidecar (absent = Gaussian, ``reconstruction_settings``)."""
-    return settings.get("noise_type", "gaussian")
 
 
 def _run_set(job: ReconstructionJob, ctx: DistContext, writers: dict[str, ResumableResults], dataset: ImageDataset,

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny_run import one_torch_thread, save_tiny_checkpoint, write_npy_images
+from tiny_run import needs_lpips, one_torch_thread, save_tiny_checkpoint, write_npy_images
 
 from ddpm_ood.cli import ood_detection, reconstruct
 from ddpm_ood.cli.runner import run_cli
@@ -441,3 +441,37 @@ def test_reconstruction_with_shared_noise_is_recorded_and_batch_invariant(toy, t
     sidecar = json.loads((per_image / "toy" / "ood" / "results_in.json").read_text())
     assert "recon_noise" not in sidecar  # per_image, the paper's, is recorded as before: no key
     assert not np.allclose(pd.read_csv(per_image / "toy" / "ood" / "results_in.csv")["mse"], rows[7]["mse"])
+
+
+@needs_lpips
+def test_the_ensemble_with_the_paper_score_scores_a_file_as_detection_does(toy, tmp_path):
+    """With reconstruction results present the ensemble's members include mse+perceptual: the scorer reconstructs
+    the inputs and combines them with the feature scores exactly as ood_detection.py did."""
+    from ddpm_ood import OODScorer
+    from ddpm_ood.data.splits import read_split_csv
+    from ddpm_ood.families.ensemble import PAPER_SCORE
+    from ddpm_ood.ood.family_scores import all_family_scores
+    from ddpm_ood.ood.zscore import ValidationReference, image_scores, select_timesteps
+    from ddpm_ood.results.schema import read_results
+
+    _, splits, _ = toy
+    out = _copy_run(toy, tmp_path)
+    assert _run(reconstruct.main, _argv(splits, out, "--scores=reconstruction,eps_norm,msma",
+                                        "--inference_skip_factor=34", "--batch_size=4")) == 0
+    assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=toy"]) == 0
+    summary = pd.read_csv(out / "toy" / "ood" / "summary.csv")
+    ensemble_nfe = int(summary.loc[summary["score"] == "ensemble", "nfe"].iloc[0])
+    parts = summary.drop_duplicates("score").set_index("score")["nfe"]
+    assert ensemble_nfe == parts[PAPER_SCORE] + parts["eps_norm"] + parts["msma"]
+    with one_torch_thread():
+        scorer = OODScorer.from_run(out, "toy", device="cpu", score="ensemble", batch_size=3)
+        got = scorer.score(read_split_csv(str(splits / "Other_test.csv")), progress=False)
+    assert scorer.recipe.ensemble.members == (PAPER_SCORE, "eps_norm", "msma")
+    assert got["mse_score"].notna().all()  # reconstructed for the paper's member
+    val = read_results(out / "toy" / "ood" / "results_val.csv")
+    ref = ValidationReference.fit(val, select_timesteps(val["t"]))
+    paper = {s: image_scores(read_results(out / "toy" / "ood" / f"results_{s}.csv"), ref)[PAPER_SCORE]
+             for s in ("val", "in", "Other")}
+    expected = {f.family: f for f in all_family_scores(out / "toy" / "ood", None, paper)}["ensemble"]
+    want = expected.sets["Other"].to_numpy()
+    np.testing.assert_allclose(got["score"].to_numpy(), want, rtol=1e-3, atol=1e-3 * np.abs(want).max())

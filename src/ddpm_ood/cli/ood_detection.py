@@ -13,6 +13,7 @@ from ddpm_ood.cli.options import positive_int
 from ddpm_ood.families import score_names
 from ddpm_ood.ood import detection
 from ddpm_ood.ood.detection import OUTPUT_FILES, DetectionJob, run_detection
+from ddpm_ood.seeding import DEFAULT_SEED
 
 __all__ = ["OUTPUT_FILES", "build_parser", "main"]
 
@@ -30,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(__doc__.split("\n\n")[0] + "\n\n" + detection.__doc__.split("\n\n", 1)[1]).replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--seed", type=int, default=2,
-                   help="seeds the only random draw here, the image sample of zscore_vs_t.png (default 2)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seeds the only random draw here, the image sample of zscore_vs_t.png (default {DEFAULT_SEED})")
     p.add_argument("--output_dir", type=str, required=True, help="root of all runs (as for reconstruct.py)")
     p.add_argument("--model_name", type=_name_list, required=True,
                    help="run name(s); a comma list is processed one after the other")

@@ -92,7 +92,10 @@ non_negative_float = checked_number(float, lambda v: 0 <= v < math.inf, "a numbe
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=2, help="seeds every random draw (default 2, as upstream)")
+    from ddpm_ood.seeding import DEFAULT_SEED
+
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seeds every random draw (default {DEFAULT_SEED}, as upstream)")
     g.add_argument("--output_dir", type=str, required=True, help="root of all runs")
     g.add_argument("--model_name", type=str, required=True, help="run name: files go to <output_dir>/<model_name>/")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

@@ -48,6 +48,7 @@ from ddpm_ood.ood.zscore import (
 from ddpm_ood.reconstruction.engine import evaluations_per_image
 from ddpm_ood.results.schema import IN_NAME, VAL_NAME, ood_dir, out_set_names, read_results, results_path
 from ddpm_ood.results.writer import read_settings
+from ddpm_ood.seeding import DEFAULT_SEED
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
@@ -75,7 +76,7 @@ class DetectionJob:
     t_skip: int = 1
     out_sets: list[str] | None = None
     score: str | None = None
-    seed: int = 2
+    seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
         if self.min_t >= self.max_t:

@@ -80,7 +80,7 @@ from ddpm_ood.runs import (
     open_run,
     with_image_shape,
 )
-from ddpm_ood.seeding import NOISE_KEY_RULE, noise_key
+from ddpm_ood.seeding import DEFAULT_SEED, NOISE_KEY_RULE, noise_key
 from ddpm_ood.upstream.flags import given_path
 
 
@@ -104,7 +104,7 @@ class ReconstructionJob:
     batch_size: int = 256
     num_workers: int = 0
     cache_data: bool = False
-    seed: int = 2
+    seed: int = DEFAULT_SEED
     num_inference_steps: int = 100
     inference_skip_factor: int = 1
     recon_steps: int | None = None

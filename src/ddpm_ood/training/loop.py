@@ -45,7 +45,7 @@ from ddpm_ood.distributed import DistContext, all_reduce_sum, any_rank, barrier
 from ddpm_ood.errors import UserError
 from ddpm_ood.preemption import Preempted, iterate_loader, loader_worker_init, stop_requested
 from ddpm_ood.run_flags import config_conflicts
-from ddpm_ood.seeding import capture_rng_state, derive_generator, derive_seed
+from ddpm_ood.seeding import DEFAULT_SEED, capture_rng_state, derive_generator, derive_seed
 from ddpm_ood.upstream.weights import is_upstream_checkpoint
 
 # Independent random streams (first key after the seed).
@@ -100,7 +100,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     batch_size: int = 512
     num_workers: int = 8
-    seed: int = 2
+    seed: int = DEFAULT_SEED
     precision: str = "fp32"
     sample_steps: int = 50
     checkpoint_every_minutes: float = DEFAULT_CHECKPOINT_MINUTES

@@ -86,8 +86,10 @@ from ddpm_ood.upstream.flags import given_path
 
 @dataclass(frozen=True)
 class ReconstructionJob:
-    """Everything reconstruct.py does, as one frozen value (the flags of the same names; ``flags``: the model flags
-    given explicitly, checked against the checkpoint's configuration or defining an upstream checkpoint's model)."""
+    """Everything reconstruct.py does, as one frozen value (the flags of the same names, whose defaults are these
+    fields'; ``flags``: the model flags given explicitly, checked against the checkpoint's configuration or defining
+    an upstream checkpoint's model). ``num_workers``: reconstruct.py's default is upstream's 8 capped at this
+    machine's cores (``devices.default_num_workers``), not this field's."""
 
     output_dir: str
     model_name: str
@@ -103,7 +105,7 @@ class ReconstructionJob:
     use_ema: bool = True
     batch_size: int = 256
     num_workers: int = 0
-    cache_data: bool = False
+    cache_data: bool = True
     seed: int = DEFAULT_SEED
     num_inference_steps: int = 100
     inference_skip_factor: int = 1

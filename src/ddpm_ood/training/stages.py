@@ -188,6 +188,13 @@ def _resumed_settings(job: DDPMTrainingJob, resume: ResumePoint | None, vqvae: L
 
 
 # ----------------------------------------------------------------------------------------------------------- VQ-VAE
+# Upstream's train_vqvae.py defaults where they are not the DDPM's (TrainConfig's batch_size and lr, DataConfig's
+# spatial_dims); train_vqvae.py's flags read them here.
+VQVAE_BATCH_SIZE = 4
+VQVAE_LEARNING_RATE = 3e-4
+VQVAE_SPATIAL_DIMS = 3
+
+
 @dataclass(frozen=True)
 class VQVAETrainingJob:
     """Everything train_vqvae.py does: the VQ-VAE ``vqvae`` (MONAI core arguments) trained with ``losses`` on the

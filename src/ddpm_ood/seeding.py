@@ -23,6 +23,9 @@ import torch
 
 from ddpm_ood.fileio import image_stem
 
+# The seed every stage uses unless told otherwise (upstream's --seed default); written here only.
+DEFAULT_SEED = 2
+
 
 def derive_seed(seed: int, *keys: int) -> int:
     """A 64-bit seed mixed from ``seed`` and integer ``keys`` (numpy SeedSequence: nearby keys give unrelated

@@ -284,7 +284,7 @@ def test_resume_from_periodic_checkpoint_and_missing_one(tmp_path, tiny_model_co
     _train(run_config, _cfg(tmp_path, n_epochs=2, checkpoint_every=1))
     summary = _train(run_config, _cfg(tmp_path, n_epochs=3, checkpoint_every=1, resume_epoch=1))
     assert summary.start_epoch == 1 and summary.epochs_completed == 3
-    with pytest.raises(UserError, match=r"--ddpm_checkpoint_epoch=7: .*checkpoint_7\.pth not found"):
+    with pytest.raises(UserError, match=r"^resume_epoch=7: .*checkpoint_7\.pth not found"):
         find_resume_point(tmp_path / "run", 7)
 
 

@@ -15,10 +15,9 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 
-from ddpm_ood.cli.options import boolish, positive_float
+from ddpm_ood.cli.options import boolish, field_default, positive_float
 from ddpm_ood.data.prepare import (
     DATASETS,
-    DOWNLOAD_TIMEOUT_S,
     GROUPS,
     PreparationJob,
     run_preparation,
@@ -53,10 +52,11 @@ dataset_list = dataset_list_type(DATASETS, GROUPS)
 
 
 def add_download_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--download", type=boolish, default=True,
-                   help="1/0: allow downloading files that are not present (default 1; 0 = offline only)")
-    p.add_argument("--download_timeout", type=positive_float, default=DOWNLOAD_TIMEOUT_S,
-                   help=f"network timeout in seconds for each download request (default {DOWNLOAD_TIMEOUT_S:g})")
+    download, timeout = field_default(PreparationJob, "allow_download"), field_default(PreparationJob, "timeout_s")
+    p.add_argument("--download", type=boolish, default=download,
+                   help=f"1/0: allow downloading files that are not present (default {int(download)}; 0 = offline only)")
+    p.add_argument("--download_timeout", type=positive_float, default=timeout,
+                   help=f"network timeout in seconds for each download request (default {timeout:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:

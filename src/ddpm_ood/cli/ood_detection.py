@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ddpm_ood.cli.options import positive_int
+from ddpm_ood.cli.options import field_default, positive_int
 from ddpm_ood.families import score_names
 from ddpm_ood.ood import detection
 from ddpm_ood.ood.detection import OUTPUT_FILES, DetectionJob, run_detection
@@ -30,21 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
         description=(__doc__.split("\n\n")[0] + "\n\n" + detection.__doc__.split("\n\n", 1)[1]).replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--seed", type=int, default=2,
-                   help="seeds the only random draw here, the image sample of zscore_vs_t.png (default 2)")
+    def default(name: str):
+        return field_default(DetectionJob, name)
+
+    p.add_argument("--seed", type=int, default=default("seed"),
+                   help=f"seeds the only random draw here, the image sample of zscore_vs_t.png (default "
+                   f"{default('seed')})")
     p.add_argument("--output_dir", type=str, required=True, help="root of all runs (as for reconstruct.py)")
     p.add_argument("--model_name", type=_name_list, required=True,
                    help="run name(s); a comma list is processed one after the other")
-    p.add_argument("--max_t", type=int, default=1000,
-                   help="use start points t < max_t only (strict; default 1000 = all)")
-    p.add_argument("--min_t", type=int, default=0,
-                   help="use start points t > min_t only (strict; default 0 = all)")
-    p.add_argument("--t_skip", type=positive_int, default=1,
+    p.add_argument("--max_t", type=int, default=default("max_t"),
+                   help=f"use start points t < max_t only (strict; default {default('max_t')} = all)")
+    p.add_argument("--min_t", type=int, default=default("min_t"),
+                   help=f"use start points t > min_t only (strict; default {default('min_t')} = all)")
+    p.add_argument("--t_skip", type=positive_int, default=default("t_skip"),
                    help="use every k-th validation start point, ascending from the first, before the t window "
-                        "(as reconstruct.py --inference_skip_factor=k would have run; default 1 = all)")
-    p.add_argument("--out_sets", type=_name_list, default=None,
+                        f"(as reconstruct.py --inference_skip_factor=k would have run; default {default('t_skip')} = "
+                        "all)")
+    p.add_argument("--out_sets", type=_name_list, default=default("out_sets"),
                    help="comma list of out sets to evaluate (names of results_<Name>.csv); default: all present")
-    p.add_argument("--score", choices=score_names(), default=None,
+    p.add_argument("--score", choices=score_names(), default=default("score"),
                    help="score for the printed AUC lines and the ROC plot (every score found goes to summary.csv): "
                         f"{', '.join(score_names())} (default: the first of these present, the paper's "
                         "mse+perceptual when reconstruct.py computed it)")

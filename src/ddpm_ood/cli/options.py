@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 from ddpm_ood.config import PREDICTION_TYPES, SCHEDULE_ALIASES
 
 _TRUE = {"1", "true", "yes", "y", "on"}
+
+
+def field_default(job: type, name: str) -> Any:
+    """The default of field ``name`` of the dataclass ``job``: every flag that feeds a job field takes its default
+    from there, so the default is written once (tests/cli/test_flag_defaults.py checks every parser)."""
+    for f in dataclasses.fields(job):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise TypeError(f"{job.__name__}.{name} has no default")
+    raise TypeError(f"{job.__name__} has no field {name!r}")
+
+
+def scientific(value: float) -> str:
+    """``2.5e-05`` -> ``"2.5e-5"``, ``0.0003`` -> ``"3e-4"``: a learning rate as help texts write it."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 _FALSE = {"0", "false", "no", "n", "off"}
 
 
@@ -90,20 +111,22 @@ positive_float = checked_number(float, lambda v: 0 < v < math.inf, "a positive n
 non_negative_float = checked_number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
+def add_run_options(parser: argparse.ArgumentParser, job: type, *, seed_from: type | None = None) -> None:
+    """--seed, --output_dir, --model_name, --device, --amp/--precision, --dist_timeout; defaults from the fields of
+    ``job`` (the stage's job dataclass), --seed's from ``seed_from`` where the seed lives elsewhere (TrainConfig)."""
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=2, help="seeds every random draw (default 2, as upstream)")
+    seed = field_default(seed_from or job, "seed")
+    g.add_argument("--seed", type=int, default=seed, help=f"seeds every random draw (default {seed}, as upstream)")
     g.add_argument("--output_dir", type=str, required=True, help="root of all runs")
     g.add_argument("--model_name", type=str, required=True, help="run name: files go to <output_dir>/<model_name>/")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=field_default(job, "device"),
                    help="auto = cuda if available, else cpu")
-    add_precision_options(g, amp_default=False)
-    from ddpm_ood.distributed import DEFAULT_DIST_TIMEOUT_S
-
-    g.add_argument("--dist_timeout", type=positive_float, default=DEFAULT_DIST_TIMEOUT_S,
+    add_precision_options(g, amp_default=field_default(job, "amp"))
+    timeout = field_default(job, "dist_timeout")
+    g.add_argument("--dist_timeout", type=positive_float, default=timeout,
                    help="under torchrun: seconds any rank waits for the others (start-up, every collective) before "
                    "it fails, so that a hang becomes a failure torchrun restarts (--max_restarts); longer than "
-                   f"anything rank 0 does alone (default {DEFAULT_DIST_TIMEOUT_S:g})")
+                   f"anything rank 0 does alone (default {timeout:g})")
 
 
 def add_precision_options(group: argparse._ActionsContainer, *, amp_default: bool | None) -> None:
@@ -119,32 +142,41 @@ def add_precision_options(group: argparse._ActionsContainer, *, amp_default: boo
                        "tf32 (CUDA), bf16, fp16 (CUDA); recorded in checkpoints and results sidecars")
 
 
-def add_data_options(parser: argparse.ArgumentParser, *, batch_size: int, num_workers: int = 8,
-                     spatial_dimension: int = 2) -> None:
-    """Data flags; ``num_workers`` is upstream's default, capped at the cores this process has (an explicit
-    --num_workers is obeyed); ``spatial_dimension``: the script's default (upstream's train_vqvae.py: 3)."""
+def add_data_options(parser: argparse.ArgumentParser, *, batch_size: int, cache_data: bool,
+                     spatial_dimension: int | None = None) -> None:
+    """Data flags; ``batch_size``, ``cache_data``: the defaults of the job fields they feed; ``spatial_dimension``:
+    the script's default where it is not DataConfig's (upstream's train_vqvae.py: 3). The image flags' defaults are
+    DataConfig's; ``num_workers`` is upstream's default (TrainConfig's), capped at the cores this process has (an
+    explicit --num_workers is obeyed)."""
     import os
 
+    from ddpm_ood.config import DataConfig
     from ddpm_ood.devices import default_num_workers
+    from ddpm_ood.training.loop import TrainConfig
 
+    num_workers = field_default(TrainConfig, "num_workers")
+    if spatial_dimension is None:
+        spatial_dimension = field_default(DataConfig, "spatial_dims")
     workers = default_num_workers(num_workers, processes_sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    channel = field_default(DataConfig, "channel")
     g = parser.add_argument_group("data")
     g.add_argument("--spatial_dimension", type=int, choices=(2, 3), default=spatial_dimension,
                    help=f"2D images or 3D volumes (default {spatial_dimension})")
-    g.add_argument("--image_size", type=optional_int, default=None,
+    g.add_argument("--image_size", type=optional_int, default=field_default(DataConfig, "image_size"),
                    help="resize every image to this size per spatial dim (MONAI 'area'); default: keep")
-    g.add_argument("--image_roi", type=int_list, default=None,
+    g.add_argument("--image_roi", type=int_list, default=field_default(DataConfig, "image_roi"),
                    help="centre-crop to this ROI before resizing, e.g. 160,160,128 (-1 keeps a dim)")
-    g.add_argument("--is_grayscale", type=boolish, default=False,
+    g.add_argument("--is_grayscale", type=boolish, default=field_default(DataConfig, "is_grayscale"),
                    help="1 = single-channel images (keeps channel 0), 0 = 3-channel RGB")
-    g.add_argument("--channel", type=non_negative_int, default=0,
+    g.add_argument("--channel", type=non_negative_int, default=channel,
                    help="with --is_grayscale=1: the channel kept of multi-channel NIfTI volumes (BraTS: 0 FLAIR, "
-                   "1 T1w, 2 t1gd, 3 T2w); single-channel images are used as they are (default 0, as upstream)")
+                   f"1 T1w, 2 t1gd, 3 T2w); single-channel images are used as they are (default {channel}, as "
+                   "upstream)")
     g.add_argument("--batch_size", type=positive_int, default=batch_size, help=f"default {batch_size}")
     g.add_argument("--num_workers", type=non_negative_int, default=workers,
                    help=f"data-loading worker processes (default: upstream's {num_workers}, capped at this "
                    f"machine's cores minus one: {workers} here)")
-    g.add_argument("--cache_data", type=boolish, default=True, help="keep decoded images in memory")
+    g.add_argument("--cache_data", type=boolish, default=cache_data, help="keep decoded images in memory")
     g.add_argument("--augmentation", type=boolish, default=False,
                    help="accepted for compatibility; only 0 is supported (upstream's flag was a no-op)")
 
@@ -152,21 +184,27 @@ def add_data_options(parser: argparse.ArgumentParser, *, batch_size: int, num_wo
 def add_schedule_options(parser: argparse.ArgumentParser, *, from_checkpoint: bool) -> None:
     """Noise-schedule flags. With ``from_checkpoint`` every default is None: the checkpoint's config decides,
     and a flag given explicitly must agree with it."""
+    from ddpm_ood.config import ScheduleConfig
+
+    def default(name: str) -> Any:
+        return None if from_checkpoint else field_default(ScheduleConfig, name)
+
+    d = ScheduleConfig()
     g = parser.add_argument_group("noise schedule")
     note = " (default: from the checkpoint)" if from_checkpoint else ""
     g.add_argument("--beta_schedule", choices=tuple(SCHEDULE_ALIASES), metavar="NAME",
-                   default=None if from_checkpoint else "linear_beta",
-                   help=f"one of {', '.join(SCHEDULE_ALIASES)}{note or ' (default linear_beta)'}")
+                   default=default("beta_schedule"),
+                   help=f"one of {', '.join(SCHEDULE_ALIASES)}{note or f' (default {d.beta_schedule})'}")
     g.add_argument("--beta_start", type=float, default=None,
                    help=f"first beta of linear/scaled_linear/sigmoid schedules{note or ' (default 1e-4)'}")
     g.add_argument("--beta_end", type=float, default=None,
                    help=f"last beta of linear/scaled_linear/sigmoid schedules{note or ' (default 2e-2)'}")
-    g.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None if from_checkpoint else "epsilon",
-                   help=f"what the network predicts{note or ' (default epsilon)'}")
-    g.add_argument("--b_scale", type=float, default=None if from_checkpoint else 1.0,
-                   help=f"multiply images by this before noising{note or ' (default 1)'}")
-    g.add_argument("--snr_shift", type=float, default=None if from_checkpoint else 1.0,
-                   help=f"scale the signal-to-noise ratio of every t{note or ' (default 1)'}")
+    g.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=default("prediction_type"),
+                   help=f"what the network predicts{note or f' (default {d.prediction_type})'}")
+    g.add_argument("--b_scale", type=float, default=default("b_scale"),
+                   help=f"multiply images by this before noising{note or f' (default {d.b_scale:g})'}")
+    g.add_argument("--snr_shift", type=float, default=default("snr_shift"),
+                   help=f"scale the signal-to-noise ratio of every t{note or f' (default {d.snr_shift:g})'}")
     g.add_argument("--simplex_noise", type=boolish, default=None if from_checkpoint else False,
                    help="1 = AnoDDPM's simplex noise (6 octaves, persistence 0.8, frequency 64, unit variance; "
                    "for checkpoints of upstream ddpm-ood its unscaled sum, as it trained) instead of Gaussian noise, "
@@ -203,48 +241,53 @@ def add_training_loop_options(parser: argparse.ArgumentParser, *, validation: st
     g.add_argument("--training_ids", type=str, required=True, help="split CSV of the training images")
     g.add_argument("--validation_ids", type=str, required=True,
                    help=f"split CSV of the validation images (their {validation} picks checkpoint.pth)")
-    g.add_argument("--n_epochs", type=positive_int, default=300, help="total number of epochs (default 300)")
-    g.add_argument("--eval_freq", type=positive_int, default=10,
-                   help=f"validate (loss, {evaluation}, best checkpoint) every N epochs and at the last (default 10)")
-    g.add_argument("--checkpoint_every", type=non_negative_int, default=100,
-                   help="also keep checkpoint_<epoch>.pth every N epochs; 0 = never (default 100)")
-    from ddpm_ood.training.loop import DEFAULT_CHECKPOINT_MINUTES
+    from ddpm_ood.training.loop import TrainConfig
 
-    g.add_argument("--checkpoint_every_minutes", type=non_negative_float, default=DEFAULT_CHECKPOINT_MINUTES,
+    d = {name: field_default(TrainConfig, name)
+         for name in ("n_epochs", "eval_freq", "checkpoint_every", "checkpoint_every_minutes", "quick_test")}
+    g.add_argument("--n_epochs", type=positive_int, default=d["n_epochs"],
+                   help=f"total number of epochs (default {d['n_epochs']})")
+    g.add_argument("--eval_freq", type=positive_int, default=d["eval_freq"],
+                   help=f"validate (loss, {evaluation}, best checkpoint) every N epochs and at the last (default "
+                   f"{d['eval_freq']})")
+    g.add_argument("--checkpoint_every", type=non_negative_int, default=d["checkpoint_every"],
+                   help=f"also keep checkpoint_<epoch>.pth every N epochs; 0 = never (default {d['checkpoint_every']})")
+    g.add_argument("--checkpoint_every_minutes", type=non_negative_float, default=d["checkpoint_every_minutes"],
                    help="inside an epoch, write checkpoint_mid_epoch.pth when this many minutes have passed since the "
                    "last checkpoint, so that a killed run loses at most that much; a stop signal (SIGTERM, SIGUSR1) "
-                   f"always writes one; 0 = only at stop signals (default {DEFAULT_CHECKPOINT_MINUTES:g})")
-    g.add_argument("--quick_test", type=boolish, default=False,
+                   f"always writes one; 0 = only at stop signals (default {d['checkpoint_every_minutes']:g})")
+    g.add_argument("--quick_test", type=boolish, default=d["quick_test"],
                    help="1 = one training batch and one validation batch per epoch (smoke test)")
     return g
 
 
-def add_max_batch_option(group: argparse._ActionsContainer) -> None:
-    """--max_batch, shared by reconstruct.py and score.py."""
-    group.add_argument("--max_batch", type=optional_int, default=None,
+def add_max_batch_option(group: argparse._ActionsContainer, job: type) -> None:
+    """--max_batch, shared by reconstruct.py and score.py (default: ``job``'s field, None = sized automatically)."""
+    group.add_argument("--max_batch", type=optional_int, default=field_default(job, "max_batch"),
                        help="most samples per network call (memory budget; numbers move by float rounding only; "
                        "default: on a "
                        "CPU no limit - the batched engine calls the network with about (all network calls of a "
                        "batch) / (the longest trajectory's) samples at a time; on CUDA sized from the free GPU memory)")
 
 
-def add_pretrained_options(group: argparse._ActionsContainer, *, scoring: bool = False) -> None:
-    """--pretrained and --pretrained_flags (docs/pretrained-models.md); reconstruct.py also --resize."""
+def add_pretrained_options(group: argparse._ActionsContainer, job: type, *, scoring: bool = False) -> None:
+    """--pretrained and --pretrained_flags (docs/pretrained-models.md); reconstruct.py also --resize. Defaults:
+    the fields of ``job``."""
     if scoring:
-        group.add_argument("--pretrained", type=optional_path, default=None,
+        group.add_argument("--pretrained", type=optional_path, default=field_default(job, "pretrained"),
                            help="a published model the validation results were made with, where it is now "
                            "(default: the path recorded in results_val.json; it must be the same model)")
-        group.add_argument("--pretrained_flags", type=str, default=None,
+        group.add_argument("--pretrained_flags", type=str, default=field_default(job, "pretrained_flags"),
                            help="openai models: their flags (default: the ones recorded in results_val.json)")
         return
-    group.add_argument("--pretrained", type=optional_path, default=None,
+    group.add_argument("--pretrained", type=optional_path, default=field_default(job, "pretrained"),
                        help="score with a published diffusion model instead of the run's checkpoint: a diffusers "
                        "folder (UNet2DModel + scheduler_config.json, or a pipeline folder) or an improved-/guided-"
                        "diffusion .pt state dict (with --pretrained_flags); results go to <output_dir>/<model_name>/")
-    group.add_argument("--pretrained_flags", type=str, default=None,
+    group.add_argument("--pretrained_flags", type=str, default=field_default(job, "pretrained_flags"),
                        help="openai .pt models: the model and diffusion flags their README prints, as one string "
                        "(\"--image_size 32 --num_channels 128 ...\") or a JSON file")
-    group.add_argument("--resize", type=boolish, default=False,
+    group.add_argument("--resize", type=boolish, default=field_default(job, "resize"),
                        help="with --pretrained: resize every set's images to the model's size (default 0: images of "
                        "another size are refused; resizing only one side inflates AUROC)")
 

@@ -16,6 +16,7 @@ from ddpm_ood.cli.options import (
     add_run_options,
     add_schedule_options,
     boolish,
+    field_default,
     optional_int,
     positive_int,
     refuse_unsupported,
@@ -23,6 +24,7 @@ from ddpm_ood.cli.options import (
 from ddpm_ood.errors import UserError
 from ddpm_ood.families import RECONSTRUCTION, ScoreOptions, family_names, parse_families
 from ddpm_ood.families.base import even_levels
+from ddpm_ood.reconstruction.pipeline import ENGINES
 from ddpm_ood.reconstruction.stage import ReconstructionJob, run_reconstruction
 from ddpm_ood.run_flags import RunFlags
 from ddpm_ood.seeding import NOISE_PROTOCOLS
@@ -34,37 +36,48 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Model, schedule and image flags default to the configuration stored in the checkpoint; given "
         "explicitly they must agree with it. Upstream checkpoints (no stored config) need them.",
     )
-    add_run_options(p)
-    add_data_options(p, batch_size=256)
+    add_run_options(p, ReconstructionJob)
+    add_data_options(p, batch_size=field_default(ReconstructionJob, "batch_size"),
+                     cache_data=field_default(ReconstructionJob, "cache_data"))
     add_schedule_options(p, from_checkpoint=True)
     add_model_options(p, from_checkpoint=True)
     g = p.add_argument_group("reconstruction")
-    g.add_argument("--validation_ids", type=str, default=None, help="split CSV of the validation set")
-    g.add_argument("--in_ids", type=str, default=None, help="split CSV of the in-distribution test set")
-    g.add_argument("--out_ids", type=str, default=None,
+
+    def default(name: str):
+        return field_default(ReconstructionJob, name)
+
+    g.add_argument("--validation_ids", type=str, default=default("validation_ids"),
+                   help="split CSV of the validation set")
+    g.add_argument("--in_ids", type=str, default=default("in_ids"), help="split CSV of the in-distribution test set")
+    g.add_argument("--out_ids", type=str, default=",".join(default("out_ids")) or None,
                    help="comma-separated split CSVs of the out sets; X_vflip_test.csv / X_hflip_test.csv mean the "
                    "flipped images of X_test.csv")
-    g.add_argument("--run_val", type=boolish, default=True, help="reconstruct the validation set (default 1)")
-    g.add_argument("--run_in", type=boolish, default=True, help="reconstruct the in set (default 1)")
-    g.add_argument("--run_out", type=boolish, default=True, help="reconstruct the out sets (default 1)")
-    g.add_argument("--first_n_val", type=optional_int, default=None, help="only the first n validation images")
-    g.add_argument("--first_n", type=optional_int, default=None, help="only the first n images of in and out sets")
-    g.add_argument("--eval_checkpoint", type=str, default=None,
+    for name, what in (("val", "the validation set"), ("in", "the in set"), ("out", "the out sets")):
+        g.add_argument(f"--run_{name}", type=boolish, default=default(f"run_{name}"),
+                       help=f"reconstruct {what} (default {int(default(f'run_{name}'))})")
+    g.add_argument("--first_n_val", type=optional_int, default=default("first_n_val"),
+                   help="only the first n validation images")
+    g.add_argument("--first_n", type=optional_int, default=default("first_n"),
+                   help="only the first n images of in and out sets")
+    g.add_argument("--eval_checkpoint", type=str, default=default("eval_checkpoint"),
                    help="checkpoint file (default <output_dir>/<model_name>/checkpoint.pth, the best)")
-    g.add_argument("--use_ema", type=boolish, default=True, help="use the EMA weights when the checkpoint has them")
+    g.add_argument("--use_ema", type=boolish, default=default("use_ema"),
+                   help="use the EMA weights when the checkpoint has them")
     g.add_argument("--drop_last", type=boolish, default=False,
                    help="accepted for compatibility; reconstruction never drops images from scoring")
-    g.add_argument("--num_inference_steps", type=positive_int, default=100,
-                   help="PLMS grid size: t = 1, 1+r, ..., r = 1000 // N (default 100)")
-    g.add_argument("--inference_skip_factor", type=positive_int, default=1,
-                   help="start points = every k-th grid point from t=1: ceil(N/k) of them (default 1)")
-    g.add_argument("--recon_steps", type=optional_int, default=None,
+    g.add_argument("--num_inference_steps", type=positive_int, default=default("num_inference_steps"),
+                   help="PLMS grid size: t = 1, 1+r, ..., r = 1000 // N (default "
+                   f"{default('num_inference_steps')})")
+    g.add_argument("--inference_skip_factor", type=positive_int, default=default("inference_skip_factor"),
+                   help="start points = every k-th grid point from t=1: ceil(N/k) of them (default "
+                   f"{default('inference_skip_factor')})")
+    g.add_argument("--recon_steps", type=optional_int, default=default("recon_steps"),
                    help="denoise from each start t in at most N PLMS steps (default: the full path, as the paper)")
-    g.add_argument("--engine", choices=("batched", "reference"), default="batched",
+    g.add_argument("--engine", choices=ENGINES, default=default("engine"),
                    help="batched: all start points of a batch share network calls (fast, default); reference: one "
                    "start point after another (the oracle; same numbers)")
-    add_max_batch_option(g)
-    add_pretrained_options(p.add_argument_group("published models (docs/pretrained-models.md)"))
+    add_max_batch_option(g, ReconstructionJob)
+    add_pretrained_options(p.add_argument_group("published models (docs/pretrained-models.md)"), ReconstructionJob)
     _add_score_options(p.add_argument_group("score families (docs/score-families.md)"))
     # Not given = the checkpoint's value (None); argparse resolves abbreviations (--chan=2), so a flag is "given"
     # exactly when it is not None.
@@ -76,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_score_options(f: argparse._ArgumentGroup) -> None:
-    """--scores and the feature families' options (defaults: ``ScoreOptions``'s)."""
-    options = ScoreOptions()
-    f.add_argument("--scores", type=str, default=RECONSTRUCTION,
+    """--scores and the feature families' options (defaults: ``ReconstructionJob.score_options``'s)."""
+    options = field_default(ReconstructionJob, "score_options")
+    f.add_argument("--scores", type=str, default=",".join(field_default(ReconstructionJob, "scores")),
                    help=f"comma list of score families to compute: {', '.join(family_names())}, diffpath "
                    f"(diffpath6d and diffpath1d) or all (default {RECONSTRUCTION}, the paper's)")
     f.add_argument("--score_levels", type=str, default=str(len(options.score_levels)),
@@ -96,7 +109,7 @@ def _add_score_options(f: argparse._ArgumentGroup) -> None:
     f.add_argument("--diffpath_clip", type=boolish, default=options.diffpath_clip,
                    help="clip DiffPath's x0 predictions to the model's data range, as its authors do (default "
                    f"{int(options.diffpath_clip)}; latent models have no range and never clip)")
-    f.add_argument("--recon_noise", choices=NOISE_PROTOCOLS, default="per_image",
+    f.add_argument("--recon_noise", choices=NOISE_PROTOCOLS, default=field_default(ReconstructionJob, "recon_noise"),
                    help="start noise of the reconstruction score: per_image = every image its own draw (the "
                    "paper's, default); shared = one draw per start t for every image, seeded by (seed, t)")
 

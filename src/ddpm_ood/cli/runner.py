@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -10,11 +11,33 @@ from typing import NoReturn
 # Exit status of a file-system fault (sysexits' EX_IOERR), so scripts can tell it from bad input (2).
 EXIT_IO_ERROR = 74
 
+# The flags that set library parameters of other names (every other parameter ``name`` is set by ``--name``).
+PARAMETER_FLAGS = {
+    "resume_epoch": "--ddpm_checkpoint_epoch",
+    "spatial_dims": "--spatial_dimension",
+    "data.is_grayscale": "--is_grayscale",
+    "vqvae.in_channels": "--vqvae_in_channels",
+    "vqvae.out_channels": "--vqvae_out_channels",
+}
+
+
+def flag_message(exc: BaseException) -> str:
+    """The message of ``exc`` in the command line's words: a ``ParameterError`` names library parameters, and the
+    first whole-word mention of each of its ``params`` becomes the flag that sets it (``PARAMETER_FLAGS``, else
+    ``--<name>``): ``"val_keep must be in (0, 1], got 2"`` -> ``"--val_keep must be in (0, 1], got 2"``. Later
+    mentions (``"min_t=5 must be below max_t=3 (the window is min_t < t < max_t)"``) are left as they are."""
+    text = str(exc)
+    for param in getattr(exc, "params", ()):
+        flag = PARAMETER_FLAGS.get(param, f"--{param}")
+        text = re.sub(rf"(?<![\w.-]){re.escape(param)}(?!\w)", lambda _match, flag=flag: flag, text, count=1)
+    return text
+
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)``; no traceback for what the user can fix:
 
-    - a UserError (bad input) prints ``error: <message>`` and returns 2;
+    - a UserError (bad input) prints ``error: <message>`` and returns 2 (a ``ParameterError``'s parameters named
+      as their flags: ``flag_message``);
     - an OSError (a full disk, a read-only or vanished folder, permissions, an I/O error) prints
       ``error: <file>: <cause> (<ERRNO>)`` and returns 74. Every stage writes through ``fileio``'s atomic writers, so
       the previous complete version of that file is still in place, and running the same command again resumes;
@@ -29,7 +52,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     try:
         return main(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {flag_message(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: {describe_os_error(exc)}; nothing complete was lost, fix it and run the same command again",

@@ -19,12 +19,12 @@ from ddpm_ood.cli.options import (
     add_precision_options,
     add_pretrained_options,
     checked_number,
+    field_default,
     optional_path,
     positive_int,
 )
 from ddpm_ood.families import score_names
 from ddpm_ood.ood.scoring import ScoringJob, run_scoring
-from ddpm_ood.ood.zscore import DEFAULT_SCORE
 
 _val_keep = checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(<output_dir>/<model_name>/ood/results_val.json, <family>/features_val.json, written by reconstruct.py "
         "--run_val=1), so the scores are comparable with the validation results.",
     )
+
+    def default(name: str):
+        return field_default(ScoringJob, name)
+
     p.add_argument("--output_dir", type=str, required=True, help="root of all runs")
     p.add_argument("--model_name", type=str, required=True, help="run name: reads <output_dir>/<model_name>/")
     p.add_argument("--inputs", type=str, required=True,
@@ -45,23 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "files separated by commas")
     p.add_argument("--out_csv", type=str, required=True,
                    help="where to write the scores; the threshold goes to <out_csv>.json")
-    p.add_argument("--score", choices=score_names(), default=DEFAULT_SCORE,
+    p.add_argument("--score", choices=score_names(), default=default("score"),
                    help="the score that flags inputs: the paper's reconstruction scores, a score family (needs "
                    "reconstruct.py --run_val=1 --scores=<family> first) or ensemble (default "
-                   f"{DEFAULT_SCORE})")
-    p.add_argument("--val_keep", type=_val_keep, default=0.95,
+                   f"{default('score')})")
+    p.add_argument("--val_keep", type=_val_keep, default=default("val_keep"),
                    help="flag inputs scoring above this quantile of the validation scores: about 1 - val_keep of "
-                   "in-distribution inputs are flagged (default 0.95)")
-    p.add_argument("--batch_size", type=positive_int, default=64,
-                   help="images reconstructed together (default 64)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   f"in-distribution inputs are flagged (default {default('val_keep')})")
+    p.add_argument("--batch_size", type=positive_int, default=default("batch_size"),
+                   help=f"images reconstructed together (default {default('batch_size')})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=default("device"),
                    help="auto = cuda if available, else cpu")
-    p.add_argument("--vqvae_checkpoint", type=optional_path, default=None,
+    p.add_argument("--vqvae_checkpoint", type=optional_path, default=default("vqvae_checkpoint"),
                    help="latent models: where their VQ-VAE is now (default: the path recorded in the checkpoint; "
                    "its weights must be the recorded ones)")
-    add_precision_options(p, amp_default=None)
-    add_max_batch_option(p)
-    add_pretrained_options(p, scoring=True)
+    add_precision_options(p, amp_default=default("amp"))
+    add_max_batch_option(p, ScoringJob)
+    add_pretrained_options(p, ScoringJob, scoring=True)
     return p
 
 

@@ -20,10 +20,12 @@ from ddpm_ood.cli.options import (
     add_schedule_options,
     add_training_loop_options,
     checked_number,
+    field_default,
     non_negative_int,
     optional_int,
     positive_float,
     refuse_unsupported,
+    scientific,
 )
 from ddpm_ood.config import DataConfig, ScheduleConfig
 from ddpm_ood.diffusion.unet import model_config_from_preset
@@ -40,20 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a denoising diffusion model on the images listed in a split CSV. Running the same "
         "command again resumes from <output_dir>/<model_name>/checkpoint_last.pth.",
     )
-    add_run_options(parser)
-    add_data_options(parser, batch_size=512)
+    add_run_options(parser, DDPMTrainingJob, seed_from=TrainConfig)
+    add_data_options(parser, batch_size=field_default(TrainConfig, "batch_size"),
+                     cache_data=field_default(DDPMTrainingJob, "cache_data"))
     add_schedule_options(parser, from_checkpoint=False)
     add_model_options(parser, from_checkpoint=False)
     g = add_training_loop_options(parser, validation="loss", evaluation="sample grid")
-    g.add_argument("--ddpm_checkpoint_epoch", type=optional_int, default=None,
+    d = {name: field_default(TrainConfig, name) for name in ("resume_epoch", "lr", "ema_decay", "sample_steps")}
+    g.add_argument("--ddpm_checkpoint_epoch", type=optional_int, default=d["resume_epoch"],
                    help="resume from checkpoint_<N>.pth instead of checkpoint_last.pth (must exist)")
-    g.add_argument("--lr", type=positive_float, default=2.5e-5, help="Adam learning rate (default 2.5e-5)")
-    g.add_argument("--ema_decay", type=_decay, default=0.0,
+    g.add_argument("--lr", type=positive_float, default=d["lr"],
+                   help=f"Adam learning rate (default {scientific(d['lr'])})")
+    g.add_argument("--ema_decay", type=_decay, default=d["ema_decay"],
                    help="EMA of the weights with this decay, e.g. 0.999, used for validation, samples and "
                         "reconstruction; 0 = off (default)")
-    g.add_argument("--sample_steps", type=non_negative_int, default=50,
+    g.add_argument("--sample_steps", type=non_negative_int, default=d["sample_steps"],
                    help="DDIM steps of the sample grid logged to TensorBoard at each evaluation; 0 = no grid "
-                        "(default 50)")
+                        f"(default {d['sample_steps']})")
     return parser
 
 

@@ -19,16 +19,24 @@ from ddpm_ood.cli.options import (
     add_training_loop_options,
     boolish,
     checked_number,
+    field_default,
     int_list,
     nested_int_list,
     positive_float,
     positive_int,
     refuse_unsupported,
+    scientific,
 )
 from ddpm_ood.config import DataConfig, VQVAEConfig
 from ddpm_ood.errors import UserError
 from ddpm_ood.training.loop import TrainConfig
-from ddpm_ood.training.stages import VQVAETrainingJob, train_vqvae_stage
+from ddpm_ood.training.stages import (
+    VQVAE_BATCH_SIZE,
+    VQVAE_LEARNING_RATE,
+    VQVAE_SPATIAL_DIMS,
+    VQVAETrainingJob,
+    train_vqvae_stage,
+)
 from ddpm_ood.training.vqvae import VQVAELossConfig
 
 _non_negative_float = checked_number(float, lambda v: v >= 0, "a number >= 0")
@@ -47,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = VQVAEConfig()
     p = argparse.ArgumentParser(prog="train_vqvae.py", description=__doc__.split("\n\n")[0])
-    add_run_options(p)
-    add_data_options(p, batch_size=4, spatial_dimension=3)
+    add_run_options(p, VQVAETrainingJob, seed_from=TrainConfig)
+    add_data_options(p, batch_size=VQVAE_BATCH_SIZE, cache_data=field_default(VQVAETrainingJob, "cache_data"),
+                     spatial_dimension=VQVAE_SPATIAL_DIMS)
     g = p.add_argument_group("VQ-VAE (MONAI core VQVAE arguments)")
     g.add_argument("--vqvae_in_channels", type=positive_int, default=d.in_channels,
                    help=f"image channels (1 with --is_grayscale=1; default {d.in_channels})")
@@ -76,15 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vqvae_dropout", type=_fraction, default=d.dropout, help=f"dropout (default {d.dropout})")
     g.add_argument("--vqvae_ddp_sync", type=boolish, default=d.ddp_sync,
                    help="1/0: synchronise the codebook EMA across DDP ranks (default 1)")
-    g.add_argument("--vqvae_learning_rate", type=positive_float, default=3e-4,
-                   help="Adam learning rate of the VQ-VAE (default 3e-4)")
+    g.add_argument("--vqvae_learning_rate", type=positive_float, default=VQVAE_LEARNING_RATE,
+                   help=f"Adam learning rate of the VQ-VAE (default {scientific(VQVAE_LEARNING_RATE)})")
     t = add_training_loop_options(p, validation="L1 reconstruction loss", evaluation="reconstruction figure")
-    t.add_argument("--adversarial_weight", type=_non_negative_float, default=0.01,
-                   help="weight of the patch-adversarial loss; 0 = no discriminator (default 0.01)")
-    t.add_argument("--adversarial_warmup", type=boolish, default=False,
-                   help="1 = ramp the adversarial weight linearly from 0 over the first 50 epochs (default 0)")
-    t.add_argument("--perceptual_weight", type=_non_negative_float, default=0.001,
-                   help="weight of the LPIPS loss (2.5D for volumes; upstream's 0.001); 0 = none (default 0.001)")
+    losses = VQVAELossConfig()
+    t.add_argument("--adversarial_weight", type=_non_negative_float, default=losses.adversarial_weight,
+                   help=f"weight of the patch-adversarial loss; 0 = no discriminator (default {losses.adversarial_weight})")
+    t.add_argument("--adversarial_warmup", type=boolish, default=losses.adversarial_warmup,
+                   help="1 = ramp the adversarial weight linearly from 0 over the first 50 epochs (default "
+                   f"{int(losses.adversarial_warmup)})")
+    t.add_argument("--perceptual_weight", type=_non_negative_float, default=losses.perceptual_weight,
+                   help="weight of the LPIPS loss (2.5D for volumes; upstream's 0.001); 0 = none (default "
+                   f"{losses.perceptual_weight})")
     return p
 
 

@@ -34,7 +34,7 @@ import torch
 from ddpm_ood.config import DEFAULT_NOISE_TYPE, NUM_TRAIN_TIMESTEPS
 from ddpm_ood.diffusion.eps import EpsFn
 from ddpm_ood.errors import UserError
-from ddpm_ood.seeding import NOISE_PROTOCOLS
+from ddpm_ood.seeding import DEFAULT_SEED, NOISE_PROTOCOLS
 
 
 def even_levels(count: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[int, ...]:
@@ -88,7 +88,7 @@ class ScoreContext:
     (b_scale in pixel space; 1 for latents, whose sigmas are then in latent units).
     """
 
-    seed: int = 2
+    seed: int = DEFAULT_SEED
     noise_type: str = DEFAULT_NOISE_TYPE
     acp: torch.Tensor | None = None
     data_range: tuple[float, float] | None = (0.0, 1.0)

@@ -43,7 +43,7 @@ from ddpm_ood.families.base import (
     check_levels,
     per_image,
 )
-from ddpm_ood.seeding import NOISE_PROTOCOLS, protocol_keys
+from ddpm_ood.seeding import DEFAULT_SEED, NOISE_PROTOCOLS, protocol_keys
 
 EPS_NORM = "eps_norm"
 DENOISING_ERROR = "denoising_error"
@@ -57,7 +57,7 @@ class NoiseLevelSettings:
     levels: tuple[int, ...]
     noise: str = "shared"
     draws: int = 1
-    seed: int = 2
+    seed: int = DEFAULT_SEED
     noise_type: str = "gaussian"
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.families import score_names
 from ddpm_ood.families.ensemble import PAPER_SCORE
 from ddpm_ood.families.registry import check_score_name
@@ -48,6 +48,7 @@ from ddpm_ood.ood.zscore import (
 from ddpm_ood.reconstruction.engine import evaluations_per_image
 from ddpm_ood.results.schema import IN_NAME, VAL_NAME, ood_dir, out_set_names, read_results, results_path
 from ddpm_ood.results.writer import read_settings
+from ddpm_ood.seeding import DEFAULT_SEED
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
@@ -75,12 +76,12 @@ class DetectionJob:
     t_skip: int = 1
     out_sets: list[str] | None = None
     score: str | None = None
-    seed: int = 2
+    seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
         if self.min_t >= self.max_t:
-            raise UserError(f"--min_t={self.min_t} must be below --max_t={self.max_t} (the window is min_t < t < "
-                            "max_t)")
+            raise ParameterError(f"min_t={self.min_t} must be below max_t={self.max_t} (the window is min_t < t < "
+                                 "max_t)", "min_t", "max_t")
         if self.score is not None:
             check_score_name(self.score)
 
@@ -93,7 +94,8 @@ def _choose_out_sets(directory: Path, requested: list[str] | None) -> list[str]:
         return present
     unknown = [n for n in requested if n not in present]
     if unknown:
-        raise UserError(f"--out_sets: no results for {', '.join(unknown)} in {directory}; present: {', '.join(present)}")
+        raise ParameterError(f"out_sets: no results for {', '.join(unknown)} in {directory}; present: "
+                             f"{', '.join(present)}", "out_sets")
     return list(dict.fromkeys(requested))
 
 

@@ -22,6 +22,7 @@ from sklearn.metrics import roc_curve
 from ddpm_ood.fileio import atomic_path
 from ddpm_ood.ood.metrics import labels_and_scores
 from ddpm_ood.ood.zscore import DEFAULT_SCORE
+from ddpm_ood.seeding import DEFAULT_SEED
 
 IN_COLOR = "tab:blue"
 OUT_COLOR = "tab:red"
@@ -116,7 +117,7 @@ def plot_zscore_vs_t(
     path: str | os.PathLike,
     score: str = DEFAULT_SCORE,
     n_per_set: int = 50,
-    seed: int = 2,
+    seed: int = DEFAULT_SEED,
     title: str = "",
 ) -> Path:
     """Upstream's diagnostic: per-t score vs start t for up to ``n_per_set`` in (blue) and out (red) images.

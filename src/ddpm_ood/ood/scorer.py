@@ -35,7 +35,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ddpm_ood.devices import resolve_device, resolve_precision
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.ood.score_recipe import ScoreRecipe, read_recipe
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference
 from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
@@ -98,10 +98,11 @@ class Calibration:
 
 
 def check_val_keep(val_keep: float) -> float:
-    """``val_keep`` as a float in (0, 1]; anything else is a UserError naming --val_keep."""
+    """``val_keep`` as a float in (0, 1]; anything else is a ParameterError naming val_keep."""
     v = float(val_keep)
     if not 0.0 < v <= 1.0:
-        raise UserError(f"--val_keep must be in (0, 1] (the fraction of validation images kept), got {val_keep}")
+        raise ParameterError(f"val_keep must be in (0, 1] (the fraction of validation images kept), got {val_keep}",
+                             "val_keep")
     return v
 
 
@@ -187,8 +188,9 @@ def _open_scored_run(settings: ReconSettings, val_path: Path,
     if settings.pretrained is not None:
         return _open_scored_pretrained(settings, val_path, pretrained, pretrained_flags)
     if pretrained is not None or pretrained_flags is not None:
-        raise UserError(f"--pretrained: {val_path.name} was made with the checkpoint {settings.checkpoint}, not a "
-                        "published model; drop the flag")
+        given = "pretrained" if pretrained is not None else "pretrained_flags"
+        raise ParameterError(f"{given}: {val_path.name} was made with the checkpoint {settings.checkpoint}, not a "
+                             "published model; drop it", given)
     run = open_run(settings.checkpoint, vqvae_checkpoint=vqvae_checkpoint)
     if run.epoch != settings.checkpoint_epoch:
         raise UserError(
@@ -290,7 +292,7 @@ class OODScorer:
         metrics: ReconstructionMetrics | None = None,
     ) -> None:
         if batch_size < 1:
-            raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+            raise ParameterError(f"batch_size must be >= 1, got {batch_size}", "batch_size")
         if recipe.recon is not None and metrics is None:
             raise ValueError("a score that needs reconstruction needs its ReconstructionMetrics")
         self.run = run

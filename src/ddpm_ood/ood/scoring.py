@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from ddpm_ood.devices import describe_device
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import ParameterError
 from ddpm_ood.fileio import atomic_write_csv, atomic_write_text, check_output_dir
 from ddpm_ood.ood.scorer import DEFAULT_VAL_KEEP, OODScorer, collect_inputs
 from ddpm_ood.ood.zscore import DEFAULT_SCORE
@@ -44,7 +44,8 @@ def run_scoring(job: ScoringJob) -> pd.DataFrame:
     """Score the inputs of ``job``, write both files atomically, and return the scores."""
     out_csv = Path(job.out_csv)
     if out_csv.is_dir():
-        raise UserError(f"--out_csv: {out_csv} is a folder; give a file name such as {out_csv / 'scores.csv'}")
+        raise ParameterError(f"out_csv: {out_csv} is a folder; give a file name such as {out_csv / 'scores.csv'}",
+                             "out_csv")
     check_output_dir(out_csv.parent, "--out_csv")  # created if missing, as every stage's output folder
     inputs = collect_inputs(job.inputs)
     scorer = OODScorer.from_run(

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.families.registry import RECONSTRUCTION_SCORES
 from ddpm_ood.results.schema import METRIC_COLUMNS
 
@@ -61,13 +61,13 @@ def select_timesteps(val_t_values: Iterable[int], min_t: int = 0, max_t: int = 1
     ``min_t < t < max_t`` (both strict, as upstream). Raises UserError if none is left.
     """
     if t_skip < 1:
-        raise UserError(f"--t_skip must be >= 1, got {t_skip}")
+        raise ParameterError(f"t_skip must be >= 1, got {t_skip}", "t_skip")
     available = sorted({int(t) for t in val_t_values})
     kept = [t for t in available[::t_skip] if min_t < t < max_t]
     if not kept:
-        raise UserError(
-            f"no start t left: validation has t={_fmt_ts(available)}, and --t_skip={t_skip} with "
-            f"--min_t={min_t} < t < --max_t={max_t} keeps none"
+        raise ParameterError(
+            f"no start t left: validation has t={_fmt_ts(available)}, and t_skip={t_skip} with "
+            f"min_t={min_t} < t < max_t={max_t} keeps none", "t_skip", "min_t", "max_t"
         )
     return kept
 

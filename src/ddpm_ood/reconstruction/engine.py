@@ -30,7 +30,7 @@ from ddpm_ood.diffusion.eps import EpsFn
 from ddpm_ood.diffusion.noise import row_noise_batch
 from ddpm_ood.diffusion.schedule import alphas_cumprod, make_pndm_scheduler
 from ddpm_ood.diffusion.timesteps import denoising_timesteps
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import ParameterError
 
 
 def trajectory_timesteps(
@@ -42,7 +42,7 @@ def trajectory_timesteps(
     if recon_steps is None or len(full) <= recon_steps:
         return full
     if recon_steps < 1:
-        raise UserError(f"--recon_steps must be >= 1, got {recon_steps}")
+        raise ParameterError(f"recon_steps must be >= 1, got {recon_steps}", "recon_steps")
     keep = np.unique(np.linspace(0, len(full) - 1, recon_steps).round().astype(int))
     return [full[i] for i in keep]
 

@@ -35,7 +35,7 @@ from ddpm_ood.distributed import (
     gather_objects,
     init_distributed,
 )
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import ParameterError
 from ddpm_ood.families import (
     RECONSTRUCTION,
     ScoreContext,
@@ -80,14 +80,16 @@ from ddpm_ood.runs import (
     open_run,
     with_image_shape,
 )
-from ddpm_ood.seeding import NOISE_KEY_RULE, noise_key
+from ddpm_ood.seeding import DEFAULT_SEED, NOISE_KEY_RULE, noise_key
 from ddpm_ood.upstream.flags import given_path
 
 
 @dataclass(frozen=True)
 class ReconstructionJob:
-    """Everything reconstruct.py does, as one frozen value (the flags of the same names; ``flags``: the model flags
-    given explicitly, checked against the checkpoint's configuration or defining an upstream checkpoint's model)."""
+    """Everything reconstruct.py does, as one frozen value (the flags of the same names, whose defaults are these
+    fields'; ``flags``: the model flags given explicitly, checked against the checkpoint's configuration or defining
+    an upstream checkpoint's model). ``num_workers``: reconstruct.py's default is upstream's 8 capped at this
+    machine's cores (``devices.default_num_workers``), not this field's."""
 
     output_dir: str
     model_name: str
@@ -103,8 +105,8 @@ class ReconstructionJob:
     use_ema: bool = True
     batch_size: int = 256
     num_workers: int = 0
-    cache_data: bool = False
-    seed: int = 2
+    cache_data: bool = True
+    seed: int = DEFAULT_SEED
     num_inference_steps: int = 100
     inference_skip_factor: int = 1
     recon_steps: int | None = None
@@ -130,7 +132,7 @@ class ReconstructionJob:
 
     def __post_init__(self) -> None:
         if not self.scores:
-            raise UserError("--scores: give at least one score family")
+            raise ParameterError("scores: give at least one score family", "scores")
         for name in self.scores:
             if name != RECONSTRUCTION:
                 get_family(name)  # an unknown name lists the accepted ones
@@ -151,25 +153,26 @@ def planned_sets(job: ReconstructionJob) -> list[tuple[str, str, str, int | None
     sets: list[tuple[str, str, str, int | None]] = []
     if job.run_val:
         if not job.validation_ids:
-            raise UserError("--run_val=1 needs --validation_ids")
+            raise ParameterError("run_val=1 needs validation_ids", "run_val", "validation_ids")
         sets.append((VAL_NAME, job.validation_ids, "val", job.first_n_val))
     if job.run_in:
         if not job.in_ids:
-            raise UserError("--run_in=1 needs --in_ids")
+            raise ParameterError("run_in=1 needs in_ids", "run_in", "in_ids")
         sets.append((IN_NAME, job.in_ids, "in", job.first_n))
     if job.run_out:
         if not job.out_ids:
-            raise UserError("--run_out=1 needs --out_ids")
+            raise ParameterError("run_out=1 needs out_ids", "run_out", "out_ids")
         seen: dict[str, str] = {}
         for csv in job.out_ids:
             name = out_set_name(csv)
             if name in (VAL_NAME, IN_NAME) or name in seen:
                 other = seen.get(name, f"the {name} set")
-                raise UserError(f"--out_ids: {csv} and {other} would both write results_{name}.csv; rename one CSV")
+                raise ParameterError(f"out_ids: {csv} and {other} would both write results_{name}.csv; rename one CSV",
+                                     "out_ids")
             seen[name] = csv
             sets.append((name, csv, "out", job.first_n))
     if not sets:
-        raise UserError("nothing to do: --run_val, --run_in and --run_out are all 0")
+        raise ParameterError("nothing to do: run_val, run_in and run_out are all 0", "run_val", "run_in", "run_out")
     return sets
 
 
@@ -182,9 +185,10 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
 
 def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
     if job.engine not in ENGINES:
-        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {job.engine!r}")
+        raise ParameterError(f"engine must be one of {', '.join(ENGINES)}, got {job.engine!r}", "engine")
     if job.engine == "reference" and job.recon_steps is not None:
-        raise UserError("--recon_steps needs the batched engine (the reference loop walks the full grid)")
+        raise ParameterError("recon_steps needs the batched engine (the reference loop walks the full grid)",
+                             "recon_steps")
     sets = planned_sets(job)
     # The checkpoint first: a typo'd --model_name must not leave an empty folder behind.
     run = _open_model(job)
@@ -241,15 +245,16 @@ def _open_model(job: ReconstructionJob) -> TrainedRun:
     """The run's checkpoint, or the published model of ``--pretrained`` (the flags of the other source refused)."""
     if job.pretrained is None:
         if job.resize or job.pretrained_flags is not None:
-            raise UserError(f"--{'resize' if job.resize else 'pretrained_flags'} applies to --pretrained models "
-                            "only (our checkpoints resize with --image_size, as they were trained)")
+            given = "resize" if job.resize else "pretrained_flags"
+            raise ParameterError(f"{given} applies to pretrained models only (our checkpoints resize with "
+                                 "image_size, as they were trained)", given, "pretrained", "image_size")
         return open_run(checkpoint_path(job), job.flags, vqvae_checkpoint=job.vqvae_checkpoint,
                         latent_pad=job.latent_pad)
     other = [name for name, value in (("eval_checkpoint", given_path(job.eval_checkpoint)),
                                       ("vqvae_checkpoint", job.vqvae_checkpoint), ("latent_pad", job.latent_pad))
              if value is not None]
     if other:
-        raise UserError(f"--{other[0]}: not with --pretrained (a published pixel-space model)")
+        raise ParameterError(f"{other[0]}: not with pretrained (a published pixel-space model)", other[0], "pretrained")
     run = open_pretrained_run(job.pretrained, job.pretrained_flags, resize=job.resize, flags=job.flags)
     model = run.pretrained
     print(f"{model.path}: {model.format} model, images {model.image_shape} in {list(model.data_range)}, "

@@ -42,10 +42,10 @@ from ddpm_ood.checkpoint import (
 from ddpm_ood.config import RunConfig
 from ddpm_ood.devices import PRECISIONS
 from ddpm_ood.distributed import DistContext, all_reduce_sum, any_rank, barrier
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.preemption import Preempted, iterate_loader, loader_worker_init, stop_requested
 from ddpm_ood.run_flags import config_conflicts
-from ddpm_ood.seeding import capture_rng_state, derive_generator, derive_seed
+from ddpm_ood.seeding import DEFAULT_SEED, capture_rng_state, derive_generator, derive_seed
 from ddpm_ood.upstream.weights import is_upstream_checkpoint
 
 # Independent random streams (first key after the seed).
@@ -100,27 +100,29 @@ class TrainConfig:
     ema_decay: float = 0.0
     batch_size: int = 512
     num_workers: int = 8
-    seed: int = 2
+    seed: int = DEFAULT_SEED
     precision: str = "fp32"
     sample_steps: int = 50
     checkpoint_every_minutes: float = DEFAULT_CHECKPOINT_MINUTES
 
     def __post_init__(self) -> None:
         if self.n_epochs < 1 or self.eval_freq < 1 or self.batch_size < 1:
-            raise UserError("--n_epochs, --eval_freq and --batch_size must be >= 1")
+            raise ParameterError("n_epochs, eval_freq and batch_size must be >= 1", "n_epochs", "eval_freq",
+                                 "batch_size")
         if self.checkpoint_every < 0 or self.num_workers < 0 or self.sample_steps < 0:
-            raise UserError("--checkpoint_every, --num_workers and --sample_steps must be >= 0")
+            raise ParameterError("checkpoint_every, num_workers and sample_steps must be >= 0", "checkpoint_every",
+                                 "num_workers", "sample_steps")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
+            raise ParameterError(f"lr must be a positive number, got {self.lr}", "lr")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"--ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+            raise ParameterError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}", "ema_decay")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not (self.checkpoint_every_minutes >= 0 and math.isfinite(self.checkpoint_every_minutes)):
-            raise UserError(f"--checkpoint_every_minutes must be a number >= 0 (0 = off), got "
-                            f"{self.checkpoint_every_minutes}")
+            raise ParameterError(f"checkpoint_every_minutes must be a number >= 0 (0 = off), got "
+                                 f"{self.checkpoint_every_minutes}", "checkpoint_every_minutes")
         if self.resume_epoch is not None and self.resume_epoch < 1:
-            raise UserError(f"--ddpm_checkpoint_epoch must be >= 1, got {self.resume_epoch}")
+            raise ParameterError(f"resume_epoch must be >= 1, got {self.resume_epoch}", "resume_epoch")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,8 +204,8 @@ def find_resume_point(run_dir: str | Path, resume_epoch: int | None, kind: str =
         if not path.is_file():
             present = sorted(p.name for p in run_dir.glob("checkpoint_*.pth")
                              if p.name not in (LAST_CHECKPOINT, MID_EPOCH_CHECKPOINT))
-            raise UserError(f"--ddpm_checkpoint_epoch={resume_epoch}: {path} not found "
-                            f"(periodic checkpoints present: {', '.join(present) or 'none'})")
+            raise ParameterError(f"resume_epoch={resume_epoch}: {path} not found "
+                                 f"(periodic checkpoints present: {', '.join(present) or 'none'})", "resume_epoch")
         return ResumePoint(path, load_checkpoint(path, kind))
     mid = _mid_epoch_point(run_dir, kind, ctx or DistContext(), batch_size)
     if mid is not None:

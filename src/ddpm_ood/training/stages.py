@@ -37,7 +37,7 @@ from ddpm_ood.distributed import (
     init_distributed,
     multi_node_restart_note,
 )
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.fileio import atomic_write_text, check_output_dir, run_lock
 from ddpm_ood.preemption import stop_on_signals
 from ddpm_ood.training.ddpm import train
@@ -123,7 +123,8 @@ class DDPMTrainingJob:
 
     def __post_init__(self) -> None:
         if self.latent_pad is not None and self.vqvae_checkpoint is None:
-            raise UserError("--latent_pad only applies to latent diffusion: give --vqvae_checkpoint too")
+            raise ParameterError("latent_pad only applies to latent diffusion: give vqvae_checkpoint too", "latent_pad",
+                                 "vqvae_checkpoint")
 
 
 def train_ddpm_stage(job: DDPMTrainingJob) -> int:
@@ -188,6 +189,13 @@ def _resumed_settings(job: DDPMTrainingJob, resume: ResumePoint | None, vqvae: L
 
 
 # ----------------------------------------------------------------------------------------------------------- VQ-VAE
+# Upstream's train_vqvae.py defaults where they are not the DDPM's (TrainConfig's batch_size and lr, DataConfig's
+# spatial_dims); train_vqvae.py's flags read them here.
+VQVAE_BATCH_SIZE = 4
+VQVAE_LEARNING_RATE = 3e-4
+VQVAE_SPATIAL_DIMS = 3
+
+
 @dataclass(frozen=True)
 class VQVAETrainingJob:
     """Everything train_vqvae.py does: the VQ-VAE ``vqvae`` (MONAI core arguments) trained with ``losses`` on the
@@ -207,9 +215,10 @@ class VQVAETrainingJob:
 
     def __post_init__(self) -> None:
         if self.vqvae.in_channels != self.data.channels or self.vqvae.out_channels != self.data.channels:
-            raise UserError(f"--vqvae_in_channels={self.vqvae.in_channels} --vqvae_out_channels="
-                            f"{self.vqvae.out_channels} but --is_grayscale={int(self.data.is_grayscale)} images have "
-                            f"{self.data.channels} channel(s)")
+            raise ParameterError(f"vqvae.in_channels={self.vqvae.in_channels} vqvae.out_channels="
+                                 f"{self.vqvae.out_channels} but data.is_grayscale={int(self.data.is_grayscale)} images "
+                                 f"have {self.data.channels} channel(s)", "vqvae.in_channels", "vqvae.out_channels",
+                                 "data.is_grayscale")
 
 
 def train_vqvae_stage(job: VQVAETrainingJob) -> int:

@@ -25,7 +25,7 @@ from ddpm_ood.autoencoder.vqvae import build_vqvae
 from ddpm_ood.config import DataConfig, VQVAEConfig
 from ddpm_ood.devices import autocast_context, configure_precision, make_grad_scaler
 from ddpm_ood.distributed import DistContext, all_reduce_sum
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.seeding import seed_everything
 from ddpm_ood.training.loop import (
     ResumePoint,
@@ -54,7 +54,8 @@ class VQVAELossConfig:
 
     def __post_init__(self) -> None:
         if self.adversarial_weight < 0 or self.perceptual_weight < 0:
-            raise UserError("--adversarial_weight and --perceptual_weight must be >= 0")
+            raise ParameterError("adversarial_weight and perceptual_weight must be >= 0", "adversarial_weight",
+                                 "perceptual_weight")
 
     def adversarial_weight_at(self, epoch: int) -> float:
         """w_adv of 0-based ``epoch``: ramped from 0 over the first 50 epochs with warm-up."""

@@ -102,10 +102,11 @@ def density_scores(family: str, frames: Mapping[str, pd.DataFrame], nfe: int) ->
     return FamilyScores(family, nfe, fitted.summary(), sets)
 
 
-def ensemble(members: Mapping[str, Mapping[str, pd.Series]], nfe: int) -> FamilyScores:
-    """The ensemble score (module doc) from its members' image scores ({member: {set: scores by filename}}, "val"
-    in every member); ``nfe``: its network evaluations per image. Sets missing from some member are left out;
-    only images in every member's file of a set are scored."""
+def fit_ensemble(members: Mapping[str, Mapping[str, pd.Series]]) -> tuple[Ensemble, dict[str, pd.Series]]:
+    """The ensemble (module doc) fitted on its members' validation scores, and its scores of every set:
+    ``members`` {member: {set: image scores by filename}}, "val" in every member, in member order. Sets missing from
+    some member are left out; only images in every member's file of a set are scored. The one fit of the ensemble,
+    for ood_detection.py and score.py alike."""
     fitted = Ensemble.fit({m: sets[VAL_NAME].to_numpy() for m, sets in members.items()})
     names = list(members)
     sets = [s for s in members[names[0]] if all(s in members[m] for m in names)]
@@ -116,6 +117,12 @@ def ensemble(members: Mapping[str, Mapping[str, pd.Series]], nfe: int) -> Family
             raise UserError("the ensemble's members share no validation image; compute them from the same CSVs")
         values = fitted.score({m: members[m][s].loc[images].to_numpy() for m in names})
         scored[s] = pd.Series(values, index=pd.Index(images, name="filename"), name=ENSEMBLE)
+    return fitted, scored
+
+
+def ensemble(members: Mapping[str, Mapping[str, pd.Series]], nfe: int) -> FamilyScores:
+    """The ensemble's ``FamilyScores`` (``fit_ensemble``); ``nfe``: its network evaluations per image."""
+    fitted, scored = fit_ensemble(members)
     return FamilyScores(ENSEMBLE, nfe, fitted.summary(), scored)
 
 
@@ -135,9 +142,9 @@ def all_family_scores(directory: Path, out_sets: list[str] | None,
         out.append(density_scores(family, frames, nfe))
     members = ensemble_members([f.family for f in out], paper_score is not None)
     if len(members) >= 2:
-        scores = {f.family: f.sets for f in out if f.family in members}
-        if paper_score is not None:
-            scores = {members[0]: paper_score, **scores}
-        included = [f for f in out if f.family in members]
-        out.append(ensemble(scores, ensemble_nfe(included, recon_nfe if paper_score is not None else 0)))
+        by_family = {f.family: f for f in out}
+        scores = {m: by_family[m].sets if m in by_family else paper_score for m in members}
+        nfe = ensemble_nfe([by_family[m] for m in members if m in by_family],
+                           recon_nfe if paper_score is not None else 0)
+        out.append(ensemble(scores, nfe))
     return out

@@ -24,9 +24,9 @@ from ddpm_ood.families import ENSEMBLE, RECONSTRUCTION_SCORES, feature_family_na
 from ddpm_ood.families.base import FittedScore
 from ddpm_ood.families.ensemble import Ensemble, ensemble_members
 from ddpm_ood.families.registry import check_score_name
-from ddpm_ood.ood.family_scores import families_present, fit_family
+from ddpm_ood.ood.family_scores import families_present, fit_ensemble, fit_family
 from ddpm_ood.ood.zscore import ValidationReference, image_scores, select_timesteps
-from ddpm_ood.results.schema import read_features, read_results
+from ddpm_ood.results.schema import VAL_NAME, read_features, read_results
 from ddpm_ood.results.writer import FeatureSettings, ReconSettings
 
 # The settings every part of a score must share (its numbers would not be comparable otherwise).
@@ -94,10 +94,8 @@ def read_recipe(directory: Path, score: str, val_results: Path) -> ScoreRecipe:
         val_members.update({name: recon_scores[name] for name in RECONSTRUCTION_SCORES})
     ensemble = None
     if score == ENSEMBLE:
-        ordered = {m: val_members[m] for m in members}
-        ensemble = Ensemble.fit({m: s.to_numpy() for m, s in ordered.items()})
-        images = sorted(set.intersection(*(set(s.index) for s in ordered.values())))
-        val_scores = ensemble.score({m: s.loc[images].to_numpy() for m, s in ordered.items()})
+        ensemble, scored = fit_ensemble({m: {VAL_NAME: val_members[m]} for m in members})
+        val_scores = scored[VAL_NAME].to_numpy()
     else:
         val_scores = val_members[score].to_numpy()
     family_settings = {f: get_family(f).settings_from(stored[f].settings) for f in families}

@@ -35,8 +35,9 @@ from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
 from ddpm_ood.devices import autocast_context
 from ddpm_ood.diffusion.eps import EpsFn, model_eps_fn
 from ddpm_ood.diffusion.unet import build_unet, wants_fused_attention
-from ddpm_ood.errors import UserError
+from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.pretrained import PretrainedModel, open_pretrained
+from ddpm_ood.results.run_dir import RunDir
 from ddpm_ood.run_flags import RunFlags, check_flags
 from ddpm_ood.upstream.flags import data_config_for_upstream, given_path, run_config_from_flags
 from ddpm_ood.upstream.weights import is_upstream_checkpoint, load_unet_state
@@ -146,6 +147,56 @@ def open_pretrained_run(path: str | os.PathLike, pretrained_flags: str | dict | 
         image_shape=model.image_shape,
     )
     return TrainedRun(Path(path), {}, RunFlags(), config, pretrained=model)
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """Which trained model a stage uses: the run ``run_dir``'s checkpoint (``eval_checkpoint``: another checkpoint
+    file, absolute, relative to the working directory or inside the run folder; ``flags``: the model flags given,
+    checked against its stored configuration or defining an upstream checkpoint's model; ``vqvae_checkpoint`` /
+    ``latent_pad``: a latent model's VQ-VAE where it has moved, and its padding), or the published model at
+    ``pretrained`` (``pretrained_flags``: an openai model's flags; ``resize``: resize every set's images to its size).
+    ``use_ema``: the EMA weights when the checkpoint has them. Either way the outputs go to ``run_dir``."""
+
+    run_dir: RunDir
+    eval_checkpoint: str | None = None
+    use_ema: bool = True
+    flags: RunFlags = RunFlags()
+    vqvae_checkpoint: str | None = None
+    latent_pad: tuple[int, ...] | None = None
+    pretrained: str | None = None
+    pretrained_flags: str | None = None
+    resize: bool = False
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint file: ``eval_checkpoint`` where given, else the run's best."""
+        if given_path(self.eval_checkpoint) is None:
+            return self.run_dir.checkpoint
+        given = Path(self.eval_checkpoint)
+        return given if given.is_absolute() or given.exists() else self.run_dir.path / given
+
+    def open(self) -> TrainedRun:
+        """The run's checkpoint (``open_run``), or the published model (``open_pretrained_run``, said in one line);
+        the flags of the other source are refused (ParameterError)."""
+        if self.pretrained is None:
+            if self.resize or self.pretrained_flags is not None:
+                given = "resize" if self.resize else "pretrained_flags"
+                raise ParameterError(f"{given} applies to pretrained models only (our checkpoints resize with "
+                                     "image_size, as they were trained)", given, "pretrained", "image_size")
+            return open_run(self.checkpoint, self.flags, vqvae_checkpoint=self.vqvae_checkpoint,
+                            latent_pad=self.latent_pad)
+        other = [name for name, value in (("eval_checkpoint", given_path(self.eval_checkpoint)),
+                                          ("vqvae_checkpoint", self.vqvae_checkpoint), ("latent_pad", self.latent_pad))
+                 if value is not None]
+        if other:
+            raise ParameterError(f"{other[0]}: not with pretrained (a published pixel-space model)", other[0],
+                                 "pretrained")
+        run = open_pretrained_run(self.pretrained, self.pretrained_flags, resize=self.resize, flags=self.flags)
+        model = run.pretrained
+        print(f"{model.path}: {model.format} model, images {model.image_shape} in {list(model.data_range)}, "
+              f"predicts {model.prediction_type}" + (f"; respaced {model.respacing}" if model.respacing else ""))
+        return run
 
 
 def with_image_shape(run: TrainedRun, image_shape: Sequence[int], source: str) -> TrainedRun:

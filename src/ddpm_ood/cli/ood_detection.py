@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from ddpm_ood.cli.options import field_default, positive_int
 from ddpm_ood.families import score_names
-from ddpm_ood.ood import detection
-from ddpm_ood.ood.detection import OUTPUT_FILES, DetectionJob, run_detection
+from ddpm_ood.ood import stage
+from ddpm_ood.ood.stage import OUTPUT_FILES, DetectionJob, run_detection
 
 __all__ = ["OUTPUT_FILES", "build_parser", "main"]
 
@@ -27,7 +27,7 @@ def _name_list(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ood_detection.py",
-        description=(__doc__.split("\n\n")[0] + "\n\n" + detection.__doc__.split("\n\n", 1)[1]).replace("``", ""),
+        description=(__doc__.split("\n\n")[0] + "\n\n" + stage.__doc__.split("\n\n", 1)[1]).replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     def default(name: str):

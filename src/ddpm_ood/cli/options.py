@@ -14,16 +14,22 @@ _TRUE = {"1", "true", "yes", "y", "on"}
 
 
 def field_default(job: type, name: str) -> Any:
-    """The default of field ``name`` of the dataclass ``job``: every flag that feeds a job field takes its default
-    from there, so the default is written once (tests/cli/test_flag_defaults.py checks every parser)."""
+    """The default of field ``name`` of the dataclass ``job`` (``part.field`` for a field of a nested part, read from
+    the part's default instance: ``compute.batch_size``): every flag that feeds a job field takes its default from
+    there, so the default is written once (tests/cli/test_flag_defaults.py checks every parser)."""
+    head, _, rest = name.partition(".")
     for f in dataclasses.fields(job):
-        if f.name == name:
+        if f.name == head:
             if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-            raise TypeError(f"{job.__name__}.{name} has no default")
-    raise TypeError(f"{job.__name__} has no field {name!r}")
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                raise TypeError(f"{job.__name__}.{head} has no default")
+            for part in rest.split(".") if rest else ():
+                value = getattr(value, part)
+            return value
+    raise TypeError(f"{job.__name__} has no field {head!r}")
 
 
 def scientific(value: float) -> str:
@@ -111,18 +117,17 @@ positive_float = checked_number(float, lambda v: 0 < v < math.inf, "a positive n
 non_negative_float = checked_number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 
 
-def add_run_options(parser: argparse.ArgumentParser, job: type, *, seed_from: type | None = None) -> None:
-    """--seed, --output_dir, --model_name, --device, --amp/--precision, --dist_timeout; defaults from the fields of
-    ``job`` (the stage's job dataclass), --seed's from ``seed_from`` where the seed lives elsewhere (TrainConfig)."""
+def add_run_options(parser: argparse.ArgumentParser, compute: Any, seed: int) -> None:
+    """--seed, --output_dir, --model_name, --device, --amp/--precision, --dist_timeout; defaults: ``seed`` and the
+    stage's default ``compute.ComputeOptions`` (its job's ``compute`` field)."""
     g = parser.add_argument_group("run")
-    seed = field_default(seed_from or job, "seed")
     g.add_argument("--seed", type=int, default=seed, help=f"seeds every random draw (default {seed}, as upstream)")
     g.add_argument("--output_dir", type=str, required=True, help="root of all runs")
     g.add_argument("--model_name", type=str, required=True, help="run name: files go to <output_dir>/<model_name>/")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=field_default(job, "device"),
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=compute.device,
                    help="auto = cuda if available, else cpu")
-    add_precision_options(g, amp_default=field_default(job, "amp"))
-    timeout = field_default(job, "dist_timeout")
+    add_precision_options(g, amp_default=compute.amp)
+    timeout = compute.dist_timeout
     g.add_argument("--dist_timeout", type=positive_float, default=timeout,
                    help="under torchrun: seconds any rank waits for the others (start-up, every collective) before "
                    "it fails, so that a hang becomes a failure torchrun restarts (--max_restarts); longer than "
@@ -261,9 +266,10 @@ def add_training_loop_options(parser: argparse.ArgumentParser, *, validation: st
     return g
 
 
-def add_max_batch_option(group: argparse._ActionsContainer, job: type) -> None:
-    """--max_batch, shared by reconstruct.py and score.py (default: ``job``'s field, None = sized automatically)."""
-    group.add_argument("--max_batch", type=optional_int, default=field_default(job, "max_batch"),
+def add_max_batch_option(group: argparse._ActionsContainer, compute: Any) -> None:
+    """--max_batch, shared by reconstruct.py and score.py (default: the stage's ``compute.max_batch``, None = sized
+    automatically)."""
+    group.add_argument("--max_batch", type=optional_int, default=compute.max_batch,
                        help="most samples per network call (memory budget; numbers move by float rounding only; "
                        "default: on a "
                        "CPU no limit - the batched engine calls the network with about (all network calls of a "

@@ -21,13 +21,19 @@ from ddpm_ood.cli.options import (
     positive_int,
     refuse_unsupported,
 )
+from ddpm_ood.compute import ComputeOptions
 from ddpm_ood.errors import UserError
 from ddpm_ood.families import RECONSTRUCTION, ScoreOptions, family_names, parse_families
 from ddpm_ood.families.base import even_levels
-from ddpm_ood.reconstruction.pipeline import ENGINES
-from ddpm_ood.reconstruction.stage import ReconstructionJob, run_reconstruction
+from ddpm_ood.reconstruction.plan import ENGINES, ReconstructionPlan
+from ddpm_ood.reconstruction.stage import ReconstructionJob, SetSelection, run_reconstruction
+from ddpm_ood.results.run_dir import RunDir
 from ddpm_ood.run_flags import RunFlags
+from ddpm_ood.runs import RunSource
 from ddpm_ood.seeding import NOISE_PROTOCOLS
+
+# reconstruct.py flags that feed ReconstructionJob.plan
+PLAN_FLAGS = ("num_inference_steps", "inference_skip_factor", "recon_steps", "engine")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,15 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Model, schedule and image flags default to the configuration stored in the checkpoint; given "
         "explicitly they must agree with it. Upstream checkpoints (no stored config) need them.",
     )
-    add_run_options(p, ReconstructionJob)
-    add_data_options(p, batch_size=field_default(ReconstructionJob, "batch_size"),
-                     cache_data=field_default(ReconstructionJob, "cache_data"))
+    compute = field_default(ReconstructionJob, "compute")
+    add_run_options(p, compute, seed=field_default(ReconstructionJob, "plan.seed"))
+    add_data_options(p, batch_size=compute.batch_size, cache_data=compute.cache_data)
     add_schedule_options(p, from_checkpoint=True)
     add_model_options(p, from_checkpoint=True)
     g = p.add_argument_group("reconstruction")
 
     def default(name: str):
-        return field_default(ReconstructionJob, name)
+        part = "run" if name in ("eval_checkpoint", "use_ema") else "plan" if name in PLAN_FLAGS else "sets"
+        return field_default(RunSource if part == "run" else ReconstructionJob, name if part == "run" else
+                             f"{part}.{name}")
 
     g.add_argument("--validation_ids", type=str, default=default("validation_ids"),
                    help="split CSV of the validation set")
@@ -76,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=ENGINES, default=default("engine"),
                    help="batched: all start points of a batch share network calls (fast, default); reference: one "
                    "start point after another (the oracle; same numbers)")
-    add_max_batch_option(g, ReconstructionJob)
-    add_pretrained_options(p.add_argument_group("published models (docs/pretrained-models.md)"), ReconstructionJob)
+    add_max_batch_option(g, compute)
+    add_pretrained_options(p.add_argument_group("published models (docs/pretrained-models.md)"), RunSource)
     _add_score_options(p.add_argument_group("score families (docs/score-families.md)"))
     # Not given = the checkpoint's value (None); argparse resolves abbreviations (--chan=2), so a flag is "given"
     # exactly when it is not None.
@@ -109,7 +117,7 @@ def _add_score_options(f: argparse._ArgumentGroup) -> None:
     f.add_argument("--diffpath_clip", type=boolish, default=options.diffpath_clip,
                    help="clip DiffPath's x0 predictions to the model's data range, as its authors do (default "
                    f"{int(options.diffpath_clip)}; latent models have no range and never clip)")
-    f.add_argument("--recon_noise", choices=NOISE_PROTOCOLS, default=field_default(ReconstructionJob, "recon_noise"),
+    f.add_argument("--recon_noise", choices=NOISE_PROTOCOLS, default=field_default(ReconstructionJob, "plan.noise"),
                    help="start noise of the reconstruction score: per_image = every image its own draw (the "
                    "paper's, default); shared = one draw per start t for every image, seeded by (seed, t)")
 
@@ -117,22 +125,23 @@ def _add_score_options(f: argparse._ArgumentGroup) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     refuse_unsupported(args)
-    run_reconstruction(ReconstructionJob(
-        output_dir=args.output_dir, model_name=args.model_name, validation_ids=args.validation_ids,
-        in_ids=args.in_ids, out_ids=tuple(s for s in (args.out_ids or "").split(",") if s.strip()),
-        run_val=args.run_val, run_in=args.run_in, run_out=args.run_out, first_n_val=args.first_n_val,
-        first_n=args.first_n, eval_checkpoint=args.eval_checkpoint, use_ema=args.use_ema,
-        batch_size=args.batch_size, num_workers=args.num_workers, cache_data=args.cache_data, seed=args.seed,
-        num_inference_steps=args.num_inference_steps, inference_skip_factor=args.inference_skip_factor,
-        recon_steps=args.recon_steps, engine=args.engine, max_batch=args.max_batch, amp=args.amp,
-        precision=args.precision, device=args.device, flags=_run_flags(args),
-        vqvae_checkpoint=args.vqvae_checkpoint, latent_pad=args.latent_pad,
-        scores=tuple(parse_families(args.scores)), recon_noise=args.recon_noise, dist_timeout=args.dist_timeout,
-        score_options=ScoreOptions(score_levels=_levels(args.score_levels), score_noise=args.score_noise,
-                                   score_noise_draws=args.score_noise_draws, diffpath_steps=args.diffpath_steps,
-                                   diffpath_clip=args.diffpath_clip),
-        pretrained=args.pretrained, pretrained_flags=args.pretrained_flags, resize=args.resize,
-    ))
+    run = RunSource(RunDir(args.output_dir, args.model_name), eval_checkpoint=args.eval_checkpoint,
+                    use_ema=args.use_ema, flags=_run_flags(args), vqvae_checkpoint=args.vqvae_checkpoint,
+                    latent_pad=args.latent_pad, pretrained=args.pretrained, pretrained_flags=args.pretrained_flags,
+                    resize=args.resize)
+    sets = SetSelection(validation_ids=args.validation_ids, in_ids=args.in_ids,
+                        out_ids=tuple(s for s in (args.out_ids or "").split(",") if s.strip()), run_val=args.run_val,
+                        run_in=args.run_in, run_out=args.run_out, first_n_val=args.first_n_val, first_n=args.first_n)
+    plan = ReconstructionPlan(num_inference_steps=args.num_inference_steps,
+                              inference_skip_factor=args.inference_skip_factor, recon_steps=args.recon_steps,
+                              engine=args.engine, seed=args.seed, noise=args.recon_noise)
+    options = ScoreOptions(score_levels=_levels(args.score_levels), score_noise=args.score_noise,
+                           score_noise_draws=args.score_noise_draws, diffpath_steps=args.diffpath_steps,
+                           diffpath_clip=args.diffpath_clip)
+    compute = ComputeOptions(device=args.device, precision=args.precision, amp=args.amp, batch_size=args.batch_size,
+                             max_batch=args.max_batch, num_workers=args.num_workers, cache_data=args.cache_data,
+                             dist_timeout=args.dist_timeout)
+    run_reconstruction(ReconstructionJob(run, sets, plan, tuple(parse_families(args.scores)), options, compute))
     return 0
 
 

@@ -23,8 +23,9 @@ from ddpm_ood.cli.options import (
     optional_path,
     positive_int,
 )
+from ddpm_ood.compute import ComputeOptions
 from ddpm_ood.families import score_names
-from ddpm_ood.ood.scoring import ScoringJob, run_scoring
+from ddpm_ood.ood.stage import ScoringJob, run_scoring
 
 _val_keep = checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     def default(name: str):
         return field_default(ScoringJob, name)
 
+    compute = default("compute")
+
     p.add_argument("--output_dir", type=str, required=True, help="root of all runs")
     p.add_argument("--model_name", type=str, required=True, help="run name: reads <output_dir>/<model_name>/")
     p.add_argument("--inputs", type=str, required=True,
@@ -56,24 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_keep", type=_val_keep, default=default("val_keep"),
                    help="flag inputs scoring above this quantile of the validation scores: about 1 - val_keep of "
                    f"in-distribution inputs are flagged (default {default('val_keep')})")
-    p.add_argument("--batch_size", type=positive_int, default=default("batch_size"),
-                   help=f"images reconstructed together (default {default('batch_size')})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=default("device"),
+    p.add_argument("--batch_size", type=positive_int, default=compute.batch_size,
+                   help=f"images reconstructed together (default {compute.batch_size})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=compute.device,
                    help="auto = cuda if available, else cpu")
     p.add_argument("--vqvae_checkpoint", type=optional_path, default=default("vqvae_checkpoint"),
                    help="latent models: where their VQ-VAE is now (default: the path recorded in the checkpoint; "
                    "its weights must be the recorded ones)")
-    add_precision_options(p, amp_default=default("amp"))
-    add_max_batch_option(p, ScoringJob)
+    add_precision_options(p, amp_default=compute.amp)
+    add_max_batch_option(p, compute)
     add_pretrained_options(p, ScoringJob, scoring=True)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    compute = ComputeOptions(device=args.device, precision=args.precision, amp=args.amp, batch_size=args.batch_size,
+                             max_batch=args.max_batch)
     run_scoring(ScoringJob(output_dir=args.output_dir, model_name=args.model_name, inputs=args.inputs,
-                           out_csv=args.out_csv, score=args.score, val_keep=args.val_keep, batch_size=args.batch_size,
-                           device=args.device, vqvae_checkpoint=args.vqvae_checkpoint, amp=args.amp,
-                           precision=args.precision, max_batch=args.max_batch, pretrained=args.pretrained,
-                           pretrained_flags=args.pretrained_flags))
+                           out_csv=args.out_csv, score=args.score, val_keep=args.val_keep,
+                           vqvae_checkpoint=args.vqvae_checkpoint, pretrained=args.pretrained,
+                           pretrained_flags=args.pretrained_flags, compute=compute))
     return 0

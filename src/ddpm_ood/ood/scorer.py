@@ -6,13 +6,11 @@ from every start t exactly as reconstruct.py reconstructs a results set (same ch
 protocol, PLMS grid, start points and ``recon_steps``, all read from ``results_val.json``, the settings that produced
 ``results_val.csv``) and measured with the same metric set. With a feature family, only that family's features are
 computed (no reconstruction), with the settings stored in its ``features_val.json``; the ensemble computes what its
-members need (``ood.score_recipe``). So an image's score equals what reconstruct.py + ood_detection.py give for
+members need (``ood.calibration.read_recipe``). So an image's score equals what reconstruct.py + ood_detection.py give for
 the same file.
 
-Threshold: ``calibrate_threshold`` takes the ``val_keep`` quantile (numpy's linear interpolation) of the validation
-images' own scores (against the same ``ValidationReference``). An input is flagged (``is_ood``) when its score is
-strictly above it, so about ``1 - val_keep`` of in-distribution inputs are flagged (the expected false-positive
-rate); on the validation images themselves the flagged count is within one image of ``(1 - val_keep) * n_val``.
+Threshold: ``ood.calibration.calibrate_threshold``, the ``val_keep`` quantile of the validation images' own scores;
+an input is flagged (``is_ood``) when its score is strictly above it.
 
 Noise keys (``seeding.row_seed``): a file is keyed by its stem (``seeding.noise_key``, as reconstruct.py
 does), so a file listed in a split CSV scores exactly as in ``results_<set>.csv``, wherever the data sits. An
@@ -26,7 +24,6 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -36,11 +33,20 @@ from tqdm import tqdm
 
 from ddpm_ood.devices import resolve_device, resolve_precision
 from ddpm_ood.errors import ParameterError, UserError
-from ddpm_ood.ood.score_recipe import ScoreRecipe, read_recipe
+from ddpm_ood.ood.calibration import (
+    DEFAULT_VAL_KEEP,
+    Calibration,
+    ScoreRecipe,
+    calibrate_threshold,
+    check_val_keep,
+    read_recipe,
+)
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference
 from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-from ddpm_ood.reconstruction.pipeline import ReconstructionPlan, SetBatch, feature_rows, measured_rows
-from ddpm_ood.results.schema import VAL_NAME, ood_dir, results_path
+from ddpm_ood.reconstruction.pipeline import SetBatch, feature_rows, measured_rows
+from ddpm_ood.reconstruction.plan import ReconstructionPlan
+from ddpm_ood.results.provenance import require_same
+from ddpm_ood.results.run_dir import RunDir
 from ddpm_ood.results.writer import FeatureSettings, ReconSettings
 from ddpm_ood.runs import RunModel, TrainedRun, load_run_model, open_pretrained_run, open_run
 
@@ -49,7 +55,6 @@ if TYPE_CHECKING:
 
     from ddpm_ood.config import RunConfig
 
-DEFAULT_VAL_KEEP = 0.95
 # Output columns, in order; "error" is empty for a scored input, the one-line reason otherwise (scores NaN).
 OUTPUT_COLUMNS = ["path", "score", "is_ood", "mse_score", "perceptual_score", "error"]
 # Score columns of the output: the chosen score, and the MSE-only and LPIPS-only reconstruction scores (NaN when the
@@ -61,148 +66,55 @@ ARRAY_KEY_PREFIX = "/ddpm-ood-array/sha256/"
 ImageInput = Union[str, os.PathLike, np.ndarray, "torch.Tensor"]
 
 
-# ---------------------------------------------------------------------------------------------------- calibration
-@dataclass(frozen=True)
-class Calibration:
-    """The decision threshold and what it means on the validation set.
-
-    threshold: the ``val_keep`` quantile of the validation scores; an input is OOD when its score > threshold.
-    val_keep: fraction of in-distribution inputs meant to be kept, in (0, 1]. n_val: validation images.
-    val_flagged: validation images scoring above the threshold.
-    """
-
-    threshold: float
-    val_keep: float
-    n_val: int
-    val_flagged: int
-
-    @property
-    def expected_fpr(self) -> float:
-        """1 - val_keep: the fraction of in-distribution inputs expected to be flagged."""
-        return 1.0 - self.val_keep
-
-    @property
-    def val_fpr(self) -> float:
-        """The fraction of validation images above the threshold (the empirical false-positive rate)."""
-        return self.val_flagged / self.n_val
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "threshold": self.threshold,
-            "val_keep": self.val_keep,
-            "expected_false_positive_rate": self.expected_fpr,
-            "validation_false_positive_rate": self.val_fpr,
-            "n_validation": self.n_val,
-            "n_validation_flagged": self.val_flagged,
-        }
-
-
-def check_val_keep(val_keep: float) -> float:
-    """``val_keep`` as a float in (0, 1]; anything else is a ParameterError naming val_keep."""
-    v = float(val_keep)
-    if not 0.0 < v <= 1.0:
-        raise ParameterError(f"val_keep must be in (0, 1] (the fraction of validation images kept), got {val_keep}",
-                             "val_keep")
-    return v
-
-
-def calibrate_threshold(val_scores: Sequence[float] | np.ndarray, val_keep: float = DEFAULT_VAL_KEEP) -> Calibration:
-    """Threshold = the ``val_keep`` quantile (linear interpolation) of the validation images' scores.
-
-    ``val_scores``: one finite score per validation image, higher = more OOD. With n scores, the number strictly
-    above the threshold is within one of ``(1 - val_keep) * n`` (for distinct scores). ``val_keep = 1`` puts the
-    threshold at the highest validation score (no validation image flagged).
-    """
-    val_keep = check_val_keep(val_keep)
-    scores = np.asarray(val_scores, dtype=float).ravel()
-    if scores.size == 0:
-        raise UserError("no validation scores to calibrate the threshold on")
-    if not np.isfinite(scores).all():
-        raise UserError("validation scores contain NaN or infinite values; cannot calibrate the threshold")
-    threshold = float(np.quantile(scores, val_keep))
-    return Calibration(threshold, val_keep, int(scores.size), int((scores > threshold).sum()))
-
-
-def _check_model_matches(settings: ReconSettings, run: RunConfig, val_path: Path, ckpt_file: Path) -> None:
-    """Scores are only comparable with validation results made with the checkpoint's noise type and autoencoder (a
-    checkpoint retrained in place with the other ``--simplex_noise`` or another VQ-VAE keeps its path); UserError
-    otherwise."""
-    if settings.noise_type != run.schedule.noise_type:
-        raise UserError(
-            f"{val_path.with_suffix('.json')}: validation results made with {settings.noise_type} noise, but "
-            f"{ckpt_file} was trained with {run.schedule.noise_type} noise; rerun reconstruct.py with --run_val=1"
-        )
-    vqvae = None if run.latent is None else run.latent.weights_sha256
-    if settings.autoencoder != vqvae:
-        def name(h: str | None) -> str:
-            return "pixel space" if h is None else f"the VQ-VAE with weights sha256 {h[:12]}"
-
-        raise UserError(
-            f"{val_path.with_suffix('.json')}: validation results made in {name(settings.autoencoder)}, but "
-            f"{ckpt_file} works in {name(vqvae)}; rerun reconstruct.py with --run_val=1"
-        )
-
-
-def _scoring_precision(settings: ReconSettings, device: torch.device, val_path: Path, *, precision: str | None,
-                       amp: bool | None) -> str:
+# ------------------------------------------------------------------------------------------- the recorded model
+def _scoring_precision(settings: ReconSettings | FeatureSettings, device: torch.device, val_file: str, *,
+                       precision: str | None, amp: bool | None) -> str:
     """The validation results' precision, refused where this device cannot run it or the caller asked for another
     (scores of inputs reconstructed at another precision are not comparable with the validation scores)."""
     wanted = settings.precision
     if precision is not None or amp is not None:
         asked = resolve_precision(device, precision=precision, amp=bool(amp))
         if asked != wanted:
-            raise UserError(f"{val_path.name} was reconstructed in {wanted} but {asked} was asked for; scores would "
+            raise UserError(f"{val_file} was reconstructed in {wanted} but {asked} was asked for; scores would "
                             f"not be comparable: drop --precision/--amp, or rerun reconstruct.py --run_val=1 "
                             f"--precision={asked}")
     try:
         return resolve_precision(device, precision=wanted)
     except UserError as exc:
-        raise UserError(f"{val_path.name} was reconstructed in {wanted}, which this device cannot run ({exc}); "
+        raise UserError(f"{val_file} was reconstructed in {wanted}, which this device cannot run ({exc}); "
                         "rerun reconstruct.py --run_val=1 here") from None
 
 
-def _open_scored_pretrained(settings: ReconSettings | FeatureSettings, val_path: Path,
-                            pretrained: str | os.PathLike | None, pretrained_flags: str | None) -> TrainedRun:
-    """The published model that made the validation results: at ``pretrained`` or where the sidecar recorded it,
-    with the recorded flags unless others are given; refused unless its identity (format, weights hash, flags,
-    respacing, ...) is the recorded one."""
+def open_recorded_run(recipe: ScoreRecipe, vqvae_checkpoint: str | os.PathLike | None = None,
+                      pretrained: str | os.PathLike | None = None, pretrained_flags: str | None = None) -> TrainedRun:
+    """The model that made the recipe's validation files, opened as reconstruct.py opens it: the checkpoint they
+    name (refused when it has changed since: another epoch, noise type or autoencoder; or is an upstream one, which
+    stores no configuration), or the published model, at ``pretrained`` or where they recorded it, with the recorded
+    flags unless others are given (refused unless its identity is the recorded one)."""
+    settings, val_file = recipe.run_settings, recipe.val_file
     recorded = settings.pretrained
-    flags = pretrained_flags
-    if flags is None and recorded["format"] != "diffusers":
-        flags = {**recorded["flags"], "codebase": recorded["format"]}
-    path = pretrained if pretrained is not None else settings.checkpoint
-    run = open_pretrained_run(path, flags, resize=bool(recorded.get("resize")))
-    if run.identity != recorded:
-        changed = sorted(k for k in set(run.identity) | set(recorded) if run.identity.get(k) != recorded.get(k))
-        raise UserError(f"{path}: not the model {val_path.name} was made with (differs in {', '.join(changed)}); "
-                        "give that model with --pretrained, or rerun reconstruct.py --run_val=1 with this one")
-    return run
-
-
-def _open_scored_run(settings: ReconSettings, val_path: Path,
-                     vqvae_checkpoint: str | os.PathLike | None, pretrained: str | os.PathLike | None = None,
-                     pretrained_flags: str | None = None) -> TrainedRun:
-    """The run that made the validation results, opened as reconstruct.py opens it; refused when the checkpoint
-    has changed since (another epoch, noise type or autoencoder) or is an upstream one (no stored configuration).
-    A published model's (``settings.pretrained``) is reopened and checked by ``_open_scored_pretrained``."""
-    if settings.pretrained is not None:
-        return _open_scored_pretrained(settings, val_path, pretrained, pretrained_flags)
-    if pretrained is not None or pretrained_flags is not None:
+    if recorded is None and (pretrained is not None or pretrained_flags is not None):
         given = "pretrained" if pretrained is not None else "pretrained_flags"
-        raise ParameterError(f"{given}: {val_path.name} was made with the checkpoint {settings.checkpoint}, not a "
+        raise ParameterError(f"{given}: {val_file} was made with the checkpoint {settings.checkpoint}, not a "
                              "published model; drop it", given)
+    if recorded is not None:
+        flags = pretrained_flags
+        if flags is None and recorded["format"] != "diffusers":
+            flags = {**recorded["flags"], "codebase": recorded["format"]}
+        path = pretrained if pretrained is not None else settings.checkpoint
+        run = open_pretrained_run(path, flags, resize=bool(recorded.get("resize")))
+        require_same(recorded, run.identity, reference_name=val_file, other_name=str(path),
+                     fix="give that model with --pretrained, or rerun reconstruct.py --run_val=1 with this one")
+        return run
     run = open_run(settings.checkpoint, vqvae_checkpoint=vqvae_checkpoint)
-    if run.epoch != settings.checkpoint_epoch:
-        raise UserError(
-            f"{run.path}: is now epoch {run.epoch} but {val_path.name} was made with epoch "
-            f"{settings.checkpoint_epoch}; rerun reconstruct.py with --run_val=1 so scores stay comparable"
-        )
     if run.upstream:
-        raise UserError(
-            f"{run.path}: has no stored configuration (an upstream checkpoint); score.py needs a checkpoint "
-            "written by ddpm-ood's train_ddpm.py"
-        )
-    _check_model_matches(settings, run.config, val_path, run.path)
+        raise UserError(f"{run.path}: has no stored configuration (an upstream checkpoint); score.py needs a "
+                        "checkpoint written by ddpm-ood's train_ddpm.py")
+    latent = run.config.latent
+    now = {"checkpoint_epoch": run.epoch, "noise_type": run.config.schedule.noise_type,
+           "autoencoder": None if latent is None else latent.weights_sha256}
+    require_same({k: getattr(settings, k) for k in now}, now, reference_name=val_file, other_name=str(run.path),
+                 fix="rerun reconstruct.py with --run_val=1 so scores stay comparable")
     return run
 
 
@@ -355,15 +267,13 @@ class OODScorer:
         raise UserError.
         """
         val_keep = check_val_keep(val_keep)
-        val_path = results_path(output_dir, model_name, VAL_NAME)
-        recipe = read_recipe(ood_dir(output_dir, model_name), score, val_path)
+        recipe = read_recipe(RunDir(output_dir, model_name), score)
         calibration = calibrate_threshold(recipe.val_scores, val_keep)
-        settings = recipe.run_settings
-        run = _open_scored_run(settings, val_path, vqvae_checkpoint, pretrained, pretrained_flags)
+        run = open_recorded_run(recipe, vqvae_checkpoint, pretrained, pretrained_flags)
         dev = resolve_device(device)
-        model = load_run_model(run, dev, precision=_scoring_precision(settings, dev, val_path, precision=precision,
-                                                                         amp=amp),
-                               use_ema=settings.use_ema, max_batch=max_batch)
+        settings = recipe.run_settings
+        precision = _scoring_precision(settings, dev, recipe.val_file, precision=precision, amp=amp)
+        model = load_run_model(run, dev, precision=precision, use_ema=settings.use_ema, max_batch=max_batch)
         metrics = ReconstructionMetrics(dev) if recipe.recon is not None else None
         return cls(run.config, model, recipe, calibration, dev, batch_size, metrics)
 
@@ -413,8 +323,9 @@ class OODScorer:
     def plan(self) -> ReconstructionPlan:
         """How inputs are reconstructed: exactly as the validation results were (their sidecar's settings)."""
         s = self.recipe.recon[0]
-        return ReconstructionPlan(s.start_timesteps, s.num_inference_steps, s.seed, s.recon_steps,
-                                  noise=s.recon_noise)
+        return ReconstructionPlan.at(s.start_timesteps, s.num_inference_steps, s.seed,
+                                     inference_skip_factor=s.inference_skip_factor, recon_steps=s.recon_steps,
+                                     noise=s.recon_noise)
 
     def _prepared_batches(self, items: list[Any], errors: dict[int, str], tmp: str, bar: Any) -> Iterator[SetBatch]:
         """``batch_size`` items at a time, prepared (``_prepare``), as ``SetBatch``es; an item that cannot be

@@ -31,6 +31,7 @@ from ddpm_ood.diffusion.noise import row_noise_batch
 from ddpm_ood.diffusion.schedule import alphas_cumprod, make_pndm_scheduler
 from ddpm_ood.diffusion.timesteps import denoising_timesteps
 from ddpm_ood.errors import ParameterError
+from ddpm_ood.reconstruction.plan import ReconstructionPlan
 
 
 def trajectory_timesteps(
@@ -84,14 +85,14 @@ def reconstruct_reference(
     schedule: ScheduleConfig,
     x0: torch.Tensor,
     keys: Sequence[str],
-    start_ts: Sequence[int],
-    num_inference_steps: int,
-    seed: int,
+    plan: ReconstructionPlan,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One start point after another with a fresh MONAI PNDMScheduler each (history reset). -> (S, B, ...).
-    ``noise``: the (S, B, ...) start noise if already drawn (``diffusion.noise.row_noise_batch``), else drawn here."""
-    noise = _start_noise(noise, schedule.noise_type, seed, keys, start_ts, x0).to(x0.device)
+    ``keys``: the images' noise keys (the plan's protocol applied here). ``noise``: the (S, B, ...) start noise if
+    already drawn (``diffusion.noise.row_noise_batch``), else drawn here. The plan's ``recon_steps`` must be None."""
+    start_ts, num_inference_steps = plan.starts, plan.num_inference_steps
+    noise = _start_noise(noise, schedule.noise_type, plan, keys, x0).to(x0.device)
     recons = []
     for s, start_t in enumerate(start_ts):
         scheduler = make_pndm_scheduler(schedule, num_inference_steps)
@@ -112,10 +113,7 @@ def reconstruct_batched(
     schedule: ScheduleConfig,
     x0: torch.Tensor,
     keys: Sequence[str],
-    start_ts: Sequence[int],
-    num_inference_steps: int,
-    seed: int,
-    recon_steps: int | None = None,
+    plan: ReconstructionPlan,
     *,
     balanced: bool = True,
     noise: torch.Tensor | None = None,
@@ -127,12 +125,13 @@ def reconstruct_batched(
     ceil(all calls / longest trajectory's calls), so every call has about the same number of samples instead of
     S*B at first and a handful at the end: the largest call halves (memory), the speed on a CPU is the same within
     run-to-run noise (benchmarks/README.md); ``balanced=False`` advances every unfinished trajectory at each tick.
-    ``noise``: the (S, B, ...) start noise if already drawn (reconstruct.py draws it one batch ahead with
-    ``diffusion.noise.row_noise_batch``, overlapping the network), else drawn here.
-    A memory budget (``max_batch``) is the eps_fn's business (``model_eps_fn`` chunks each call). Each trajectory's
+    ``keys``: the images' noise keys (the plan's protocol applied here). ``noise``: the (S, B, ...) start noise if
+    already drawn (reconstruct.py draws it one batch ahead with ``diffusion.noise.row_noise_batch``, overlapping
+    the network), else drawn here. A memory budget (``max_batch``) is the eps_fn's business (``model_eps_fn`` chunks each call). Each trajectory's
     steps and PLMS history are its own, so grouping changes results only by the network's float rounding.
     """
     device = x0.device
+    start_ts, num_inference_steps, recon_steps = plan.starts, plan.num_inference_steps, plan.recon_steps
     n_starts, batch = len(start_ts), x0.shape[0]
     n = n_starts * batch
     acp = alphas_cumprod(schedule).to(device)
@@ -155,7 +154,7 @@ def reconstruct_batched(
     def alpha(t_idx: torch.Tensor) -> torch.Tensor:
         return torch.where(t_idx >= 0, acp[t_idx.clamp(min=0)], one).reshape((-1,) + spatial)
 
-    noise = _start_noise(noise, schedule.noise_type, seed, keys, start_ts, x0)
+    noise = _start_noise(noise, schedule.noise_type, plan, keys, x0)
     if device.type == "cuda" and noise.device.type == "cpu" and not noise.is_pinned():
         noise = noise.pin_memory()  # copied without a host wait
     noise = noise.to(device, non_blocking=True).reshape((n,) + x0.shape[1:])
@@ -190,13 +189,13 @@ def reconstruct_batched(
     return x.reshape((n_starts, batch) + x0.shape[1:])
 
 
-def _start_noise(noise: torch.Tensor | None, noise_type: str, seed: int, keys: Sequence[str],
-                 start_ts: Sequence[int], x0: torch.Tensor) -> torch.Tensor:
+def _start_noise(noise: torch.Tensor | None, noise_type: str, plan: ReconstructionPlan, keys: Sequence[str],
+                 x0: torch.Tensor) -> torch.Tensor:
     """The (S, B, *sample shape) start noise: as given (checked), or drawn (``row_noise_batch``: Gaussian on the
-    CPU, the same numbers on every device; simplex on the samples' device)."""
+    CPU, the same numbers on every device; simplex on the samples' device) under the plan's protocol."""
     if noise is None:
-        return row_noise_batch(noise_type, seed, keys, start_ts, x0.shape[1:], x0.device)
-    want = (len(start_ts), x0.shape[0], *x0.shape[1:])
+        return row_noise_batch(noise_type, plan.seed, plan.noise_keys(keys), plan.starts, x0.shape[1:], x0.device)
+    want = (len(plan.starts), x0.shape[0], *x0.shape[1:])
     if tuple(noise.shape) != want:
         raise ValueError(f"start noise has shape {tuple(noise.shape)}, the samples need {want}")
     return noise

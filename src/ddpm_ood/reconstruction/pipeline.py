@@ -8,7 +8,6 @@ samples encoded, decoded and clamped.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,44 +16,14 @@ import torch
 
 from ddpm_ood.autoencoder.base import to_image
 from ddpm_ood.diffusion.schedule import alphas_cumprod
-from ddpm_ood.errors import UserError
 from ddpm_ood.families import compute_features, get_family
 from ddpm_ood.reconstruction.engine import reconstruct_batched, reconstruct_reference
+from ddpm_ood.reconstruction.plan import ReconstructionPlan
 from ddpm_ood.results.schema import METRIC_COLUMNS
 from ddpm_ood.runs import RunModel
-from ddpm_ood.seeding import NOISE_PROTOCOLS, protocol_keys
 
 if TYPE_CHECKING:
     from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-
-ENGINES = ("batched", "reference")
-
-
-@dataclass(frozen=True)
-class ReconstructionPlan:
-    """How every image of a set is reconstructed: from each start t in ``start_ts`` (ascending, on the 1000-step
-    schedule) down the PLMS grid of ``num_inference_steps`` (at most ``recon_steps`` of its points), by the
-    ``engine`` (``ENGINES``), with start noise seeded from (``seed``, the image's noise key, t) under the ``noise``
-    protocol "per_image" (the paper's: every image its own draw), or from (``seed``, t) alone under "shared"
-    (``seeding.NOISE_PROTOCOLS``)."""
-
-    start_ts: tuple[int, ...]
-    num_inference_steps: int
-    seed: int
-    recon_steps: int | None = None
-    engine: str = "batched"
-    noise: str = "per_image"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "start_ts", tuple(int(t) for t in self.start_ts))
-        if self.noise not in NOISE_PROTOCOLS:
-            raise UserError(f"unknown noise protocol {self.noise!r} for reconstruction; accepted: "
-                            f"{', '.join(NOISE_PROTOCOLS)}")
-
-    def noise_keys(self, keys: Sequence[str]) -> list[str]:
-        """The keys the start noise of images keyed ``keys`` is drawn with under this plan's protocol."""
-        return protocol_keys(keys, self.noise)
-
 
 # One batch of a set: (indices in the set, results filenames, images (B, C, *spatial) in [0, 1] on the model's
 # device, noise keys, start noise (S, B, *model_shape) drawn ahead or None).
@@ -66,9 +35,10 @@ def measured_rows(model: RunModel, metrics: ReconstructionMetrics, plan: Reconst
     """The results rows of a set, one frame per batch (``result_rows``): the one set-level path of reconstruct.py's
     stage and of ``OODScorer``, so a file scores exactly as its row in ``results_<set>.csv``."""
     for indices, filenames, images, keys, noise in batches:
-        values = measure_batch(model, metrics, images, plan.noise_keys(keys), plan.start_ts, plan.num_inference_steps, plan.seed,
-                               recon_steps=plan.recon_steps, engine=plan.engine, noise=noise)
-        yield result_rows(indices, filenames, row_type, plan.start_ts, values)
+        values = measure_batch(model, metrics, images, keys, plan, noise=noise)
+        yield result_rows(indices, filenames, row_type, plan.starts, values)
+
+
 # Image voxels (rows x C x spatial) of reconstructions decoded and measured at once (64 MiB in fp32): bounds the
 # memory of a batch of volumes; 2D batches of the usual sizes are one chunk.
 MEASURE_VOXELS = 2**24
@@ -95,43 +65,29 @@ def feature_rows(model: RunModel, families: Sequence[str], settings: Mapping[str
         yield frames
 
 
-def reconstruct_samples(
-    model: RunModel,
-    images: torch.Tensor,
-    keys: Sequence[str],
-    start_ts: Sequence[int],
-    num_inference_steps: int,
-    seed: int,
-    *,
-    recon_steps: int | None = None,
-    engine: str = "batched",
-    noise: torch.Tensor | None = None,
-    balanced: bool = True,
-) -> torch.Tensor:
-    """Model-space reconstructions (S, B, *model.model_shape) of images (B, C, *spatial) in [0, 1] from every start t,
-    not decoded.
+def reconstruct_samples(model: RunModel, images: torch.Tensor, keys: Sequence[str], plan: ReconstructionPlan, *,
+                        noise: torch.Tensor | None = None, balanced: bool = True) -> torch.Tensor:
+    """Model-space reconstructions (S, B, *model.model_shape) of images (B, C, *spatial) in [0, 1] from every start t
+    of the plan, not decoded, by the plan's engine (``batched`` or ``reference``: the plain loop, same numbers).
 
-    keys[b]: the noise key of image b (``seeding.noise_key(path)`` for a file); row s belongs to start_ts[s].
-    ``engine``: ``batched`` (default) or ``reference`` (the plain loop; same numbers, needs ``recon_steps=None``).
+    keys[b]: the noise key of image b (``seeding.noise_key(path)`` for a file); row s belongs to plan.starts[s].
     ``noise``: the (S, B, *model-space shape) start noise when drawn ahead (``noise_batch``), else None.
     ``balanced``: the batched engine's even tick sizes (the default; False only for the benchmark's ablation).
     """
     x0 = model.autoencoder.encode(images)
-    if engine == "reference":
-        return reconstruct_reference(model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed,
-                                     noise=noise)
-    return reconstruct_batched(model.eps_fn, model.schedule, x0, keys, start_ts, num_inference_steps, seed,
-                               recon_steps, balanced=balanced, noise=noise)
+    if plan.engine == "reference":
+        return reconstruct_reference(model.eps_fn, model.schedule, x0, keys, plan, noise=noise)
+    return reconstruct_batched(model.eps_fn, model.schedule, x0, keys, plan, balanced=balanced, noise=noise)
 
 
-def reconstruct_images(model: RunModel, images: torch.Tensor, keys: Sequence[str],
-                       start_ts: Sequence[int], num_inference_steps: int, seed: int, **engine_options) -> torch.Tensor:
+def reconstruct_images(model: RunModel, images: torch.Tensor, keys: Sequence[str], plan: ReconstructionPlan,
+                       **engine_options) -> torch.Tensor:
     """Reconstructions (S, B, C, *spatial) in [0, 1] of images (B, C, *spatial) in [0, 1] from every start t: the
     ``reconstruct_samples`` (same arguments) decoded and clamped, all at once (``measure_batch`` decodes in
     chunks instead)."""
-    samples = reconstruct_samples(model, images, keys, start_ts, num_inference_steps, seed, **engine_options)
+    samples = reconstruct_samples(model, images, keys, plan, **engine_options)
     decoded = model.autoencoder.decode(samples.reshape((-1,) + samples.shape[2:]))
-    return to_image(decoded).reshape((len(start_ts), images.shape[0]) + tuple(images.shape[1:]))
+    return to_image(decoded).reshape((len(plan.starts), images.shape[0]) + tuple(images.shape[1:]))
 
 
 def measure_chunk_rows(image_voxels: int, lpips_batch_size: int) -> int:
@@ -142,28 +98,16 @@ def measure_chunk_rows(image_voxels: int, lpips_batch_size: int) -> int:
     return rows - rows % lpips_batch_size if rows >= lpips_batch_size else rows
 
 
-def measure_batch(
-    model: RunModel,
-    metrics: ReconstructionMetrics,
-    images: torch.Tensor,
-    keys: Sequence[str],
-    start_ts: Sequence[int],
-    num_inference_steps: int,
-    seed: int,
-    *,
-    recon_steps: int | None = None,
-    engine: str = "batched",
-    noise: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
+def measure_batch(model: RunModel, metrics: ReconstructionMetrics, images: torch.Tensor, keys: Sequence[str],
+                  plan: ReconstructionPlan, *, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Reconstruct a batch from every start t and measure it: ``{metric name: (S, B) float32 CPU}``.
 
-    images: (B, C, *spatial) in [0, 1] on the model's device; S = len(start_ts), row s for start_ts[s]. Metric
+    images: (B, C, *spatial) in [0, 1] on the model's device; S = len(plan.starts), row s for plan.starts[s]. Metric
     names: ``METRIC_COLUMNS``. The S x B reconstructions are decoded, clamped and measured ``measure_chunk_rows`` at
     a time: a batch of volumes never holds all its decoded reconstructions (upstream's Decathlon command, 32
     volumes of 128^3 from 50 start points, would hold 12.5 GiB of them, and as much again for their originals).
     """
-    samples = reconstruct_samples(model, images, keys, start_ts, num_inference_steps, seed,
-                                  recon_steps=recon_steps, engine=engine, noise=noise)
+    samples = reconstruct_samples(model, images, keys, plan, noise=noise)
     flat = samples.reshape((-1,) + samples.shape[2:])  # row r: start_ts[r // B], image r % B
     n_images = images.shape[0]
     step = measure_chunk_rows(images[0].numel(), metrics.perceptual.batch_size)
@@ -172,7 +116,7 @@ def measure_batch(
         rows = torch.arange(first, min(first + step, flat.shape[0]), device=images.device)
         recons = to_image(model.autoencoder.decode(flat[first : first + step]))
         parts.append(metrics(images[rows % n_images], recons))
-    return {name: torch.cat([part[name] for part in parts]).reshape(len(start_ts), n_images)
+    return {name: torch.cat([part[name] for part in parts]).reshape(len(plan.starts), n_images)
             for name in parts[0]}
 
 

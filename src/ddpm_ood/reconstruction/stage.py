@@ -12,20 +12,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ddpm_ood.checkpoint import BEST_CHECKPOINT
+from ddpm_ood.compute import ComputeOptions
 from ddpm_ood.data.datasets import ImageDataset, dataset_from_csv
-from ddpm_ood.devices import describe_device, resolve_precision
+from ddpm_ood.devices import describe_device
 from ddpm_ood.diffusion.noise import describe_noise, row_noise_batch
 from ddpm_ood.diffusion.schedule import alphas_cumprod
-from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.distributed import (
-    DEFAULT_DIST_TIMEOUT_S,
     DistContext,
     any_rank,
     barrier,
@@ -53,46 +52,31 @@ from ddpm_ood.preemption import (
     stop_signals_blocked,
 )
 from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-from ddpm_ood.reconstruction.pipeline import (
-    ENGINES,
-    ReconstructionPlan,
-    SetBatch,
-    feature_rows,
-    measured_rows,
-)
-from ddpm_ood.results.schema import (
-    FEATURE_KEY_COLUMNS,
-    IN_NAME,
-    VAL_NAME,
-    features_path,
-    ood_dir,
-    out_set_name,
-    results_path,
-)
+from ddpm_ood.reconstruction.pipeline import SetBatch, feature_rows, measured_rows
+from ddpm_ood.reconstruction.plan import ReconstructionPlan
+from ddpm_ood.results.run_dir import RunDir
+from ddpm_ood.results.schema import FEATURE_KEY_COLUMNS, IN_NAME, VAL_NAME, out_set_name
 from ddpm_ood.results.writer import ResumableResults, reconstruction_settings
-from ddpm_ood.run_flags import RunFlags
-from ddpm_ood.runs import (
-    RunModel,
-    TrainedRun,
-    check_image_shape,
-    load_run_model,
-    open_pretrained_run,
-    open_run,
-    with_image_shape,
-)
-from ddpm_ood.seeding import DEFAULT_SEED, NOISE_KEY_RULE, noise_key
-from ddpm_ood.upstream.flags import given_path
+from ddpm_ood.runs import RunModel, RunSource, TrainedRun, check_image_shape, load_run_model, with_image_shape
+from ddpm_ood.seeding import NOISE_KEY_RULE, noise_key
+
+
+class PlannedSet(NamedTuple):
+    """One set to reconstruct: its results name ("val", "in" or an out-set name), split CSV, row type ("val", "in",
+    "out") and how many of its first images (None: all)."""
+
+    name: str
+    csv: str
+    row_type: str
+    first_n: int | None
 
 
 @dataclass(frozen=True)
-class ReconstructionJob:
-    """Everything reconstruct.py does, as one frozen value (the flags of the same names, whose defaults are these
-    fields'; ``flags``: the model flags given explicitly, checked against the checkpoint's configuration or defining
-    an upstream checkpoint's model). ``num_workers``: reconstruct.py's default is upstream's 8 capped at this
-    machine's cores (``devices.default_num_workers``), not this field's."""
+class SetSelection:
+    """The sets reconstruct.py runs: the validation set of ``validation_ids``, the in set of ``in_ids``, the out sets
+    of ``out_ids`` (each switched by ``run_val`` / ``run_in`` / ``run_out``); ``first_n_val`` / ``first_n``: only
+    the first n images of the validation set / of the in and out sets."""
 
-    output_dir: str
-    model_name: str
     validation_ids: str | None = None
     in_ids: str | None = None
     out_ids: tuple[str, ...] = ()
@@ -101,34 +85,52 @@ class ReconstructionJob:
     run_out: bool = True
     first_n_val: int | None = None
     first_n: int | None = None
-    eval_checkpoint: str | None = None
-    use_ema: bool = True
-    batch_size: int = 256
-    num_workers: int = 0
-    cache_data: bool = True
-    seed: int = DEFAULT_SEED
-    num_inference_steps: int = 100
-    inference_skip_factor: int = 1
-    recon_steps: int | None = None
-    engine: str = "batched"
-    max_batch: int | None = None
-    amp: bool = False
-    precision: str | None = None
-    device: str = "auto"
-    flags: RunFlags = RunFlags()
-    vqvae_checkpoint: str | None = None
-    latent_pad: tuple[int, ...] | None = None
-    # The score families to compute (families.family_names()): "reconstruction" writes results_<set>.csv, a feature
-    # family <ood>/<family>/features_<set>.csv; score_options: what the feature families take (levels, noise, ...).
+
+    def planned(self) -> list[PlannedSet]:
+        """Every set to run, in order (val, in, the out sets); duplicate names are a ParameterError."""
+        sets: list[PlannedSet] = []
+        if self.run_val:
+            if not self.validation_ids:
+                raise ParameterError("run_val=1 needs validation_ids", "run_val", "validation_ids")
+            sets.append(PlannedSet(VAL_NAME, self.validation_ids, "val", self.first_n_val))
+        if self.run_in:
+            if not self.in_ids:
+                raise ParameterError("run_in=1 needs in_ids", "run_in", "in_ids")
+            sets.append(PlannedSet(IN_NAME, self.in_ids, "in", self.first_n))
+        if self.run_out:
+            if not self.out_ids:
+                raise ParameterError("run_out=1 needs out_ids", "run_out", "out_ids")
+            seen: dict[str, str] = {}
+            for csv in self.out_ids:
+                name = out_set_name(csv)
+                if name in (VAL_NAME, IN_NAME) or name in seen:
+                    other = seen.get(name, f"the {name} set")
+                    raise ParameterError(f"out_ids: {csv} and {other} would both write results_{name}.csv; rename "
+                                         "one CSV", "out_ids")
+                seen[name] = csv
+                sets.append(PlannedSet(name, csv, "out", self.first_n))
+        if not sets:
+            raise ParameterError("nothing to do: run_val, run_in and run_out are all 0", "run_val", "run_in",
+                                 "run_out")
+        return sets
+
+
+@dataclass(frozen=True)
+class ReconstructionJob:
+    """Everything reconstruct.py does, as one frozen value; its flags take their defaults from these fields'.
+    ``run``: the model (a run's checkpoint or a published model) and the run folder the files go to; ``sets``: which
+    sets; ``plan``: how each image is reconstructed (start points fixed once the model is open); ``scores``: the
+    score families to compute (``families.family_names()``: "reconstruction" writes results_<set>.csv, a feature
+    family <ood>/<family>/features_<set>.csv) with ``score_options`` (levels, noise, ... of the feature families);
+    ``compute``: device, precision, batches, workers (reconstruct.py's workers default to upstream's 8 capped at
+    this machine's cores, ``devices.default_num_workers``, not this field's)."""
+
+    run: RunSource
+    sets: SetSelection = SetSelection()
+    plan: ReconstructionPlan = ReconstructionPlan()
     scores: tuple[str, ...] = (RECONSTRUCTION,)
     score_options: ScoreOptions = ScoreOptions()
-    recon_noise: str = "per_image"  # the reconstruction's start-noise protocol (seeding.NOISE_PROTOCOLS)
-    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # seconds any torchrun rank waits for the others
-    # A published model (docs/pretrained-models.md) instead of a checkpoint of the run: a diffusers folder or an
-    # openai .pt with its flags; ``resize``: resize every set's images to the model's size (never silently).
-    pretrained: str | None = None
-    pretrained_flags: str | None = None
-    resize: bool = False
+    compute: ComputeOptions = ComputeOptions(batch_size=256)
 
     def __post_init__(self) -> None:
         if not self.scores:
@@ -138,42 +140,16 @@ class ReconstructionJob:
                 get_family(name)  # an unknown name lists the accepted ones
 
 
-def checkpoint_path(job: ReconstructionJob) -> Path:
-    """The checkpoint to reconstruct with: ``--eval_checkpoint`` (absolute, relative to the working directory, or
-    inside the run folder), else the run's best checkpoint."""
-    run_dir = Path(job.output_dir) / job.model_name
-    if given_path(job.eval_checkpoint) is None:
-        return run_dir / BEST_CHECKPOINT
-    given = Path(job.eval_checkpoint)
-    return given if given.is_absolute() or given.exists() else run_dir / given
+@dataclass(frozen=True)
+class _Pass:
+    """What every set of one reconstruct.py call shares once the model is open: the torchrun context, the model,
+    the plan with its start points fixed, the precision resolved, the batches and workers."""
 
-
-def planned_sets(job: ReconstructionJob) -> list[tuple[str, str, str, int | None]]:
-    """(results name, csv path, row type, first_n) for every set to run; duplicate names are an error."""
-    sets: list[tuple[str, str, str, int | None]] = []
-    if job.run_val:
-        if not job.validation_ids:
-            raise ParameterError("run_val=1 needs validation_ids", "run_val", "validation_ids")
-        sets.append((VAL_NAME, job.validation_ids, "val", job.first_n_val))
-    if job.run_in:
-        if not job.in_ids:
-            raise ParameterError("run_in=1 needs in_ids", "run_in", "in_ids")
-        sets.append((IN_NAME, job.in_ids, "in", job.first_n))
-    if job.run_out:
-        if not job.out_ids:
-            raise ParameterError("run_out=1 needs out_ids", "run_out", "out_ids")
-        seen: dict[str, str] = {}
-        for csv in job.out_ids:
-            name = out_set_name(csv)
-            if name in (VAL_NAME, IN_NAME) or name in seen:
-                other = seen.get(name, f"the {name} set")
-                raise ParameterError(f"out_ids: {csv} and {other} would both write results_{name}.csv; rename one CSV",
-                                     "out_ids")
-            seen[name] = csv
-            sets.append((name, csv, "out", job.first_n))
-    if not sets:
-        raise ParameterError("nothing to do: run_val, run_in and run_out are all 0", "run_val", "run_in", "run_out")
-    return sets
+    ctx: DistContext
+    model: RunModel
+    plan: ReconstructionPlan
+    precision: str
+    compute: ComputeOptions
 
 
 def run_reconstruction(job: ReconstructionJob) -> list[Path]:
@@ -184,56 +160,40 @@ def run_reconstruction(job: ReconstructionJob) -> list[Path]:
 
 
 def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
-    if job.engine not in ENGINES:
-        raise ParameterError(f"engine must be one of {', '.join(ENGINES)}, got {job.engine!r}", "engine")
-    if job.engine == "reference" and job.recon_steps is not None:
-        raise ParameterError("recon_steps needs the batched engine (the reference loop walks the full grid)",
-                             "recon_steps")
-    sets = planned_sets(job)
-    # The checkpoint first: a typo'd --model_name must not leave an empty folder behind.
-    run = _open_model(job)
-    results_dir = check_output_dir(ood_dir(job.output_dir, job.model_name), "--output_dir/--model_name")
-    # Every dataset opened before any work, so a bad CSV fails with nothing written.
-    datasets = {name: dataset_from_csv(csv, run.data, first_n=first_n, cache=job.cache_data)
-                for name, csv, _, first_n in sets}
-    first_name, first_csv = sets[0][0], sets[0][1]
-    run = with_image_shape(run, datasets[first_name].image_shape, first_csv)
-    if run.upstream:
-        noise = run.config.schedule.noise_type
-        said = "" if noise == "gaussian" else f"; noise {describe_noise(noise)}"
-        print(f"{run.path}: no stored config (upstream checkpoint); using the model flags given{said}")
-    for name, csv, _, _ in sets:
-        check_image_shape(run.config, datasets[name].image_shape, csv)
-    plan = ReconstructionPlan(start_timesteps(job.num_inference_steps, job.inference_skip_factor,
-                                              run.config.schedule.num_train_timesteps),
-                              job.num_inference_steps, job.seed, job.recon_steps, job.engine, job.recon_noise)
+    sets = job.sets.planned()
+    run = job.run.open()  # the checkpoint first: a typo'd --model_name must not leave an empty folder behind
+    run_dir = job.run.run_dir
+    results_dir = check_output_dir(run_dir.ood, "--output_dir/--model_name")
+    run, datasets = _open_sets(run, sets, job.compute.cache_data)
+    plan = job.plan.on_schedule(run.config.schedule.num_train_timesteps)
     families = without_reconstruction(job.scores)
-    family_settings = make_settings(families, job.score_options, score_context(run, job.seed))  # fails before work
-    ctx = init_distributed(job.device, job.dist_timeout)
+    family_settings = make_settings(families, job.score_options, score_context(run, plan.seed))  # fails before work
+    ctx = init_distributed(job.compute.device, job.compute.dist_timeout)
     try:
         check_shared_folder(results_dir, ctx, "--output_dir/--model_name")
-        precision = resolve_precision(ctx.device, precision=job.precision, amp=job.amp)
+        precision = job.compute.precision_on(ctx.device)
         if ctx.is_main:
             print(f"device: {describe_device(ctx.device)}; precision: {precision}")
             if ctx.restart_count:
                 print(f"torchrun restart {ctx.restart_count} (TORCHELASTIC_RESTART_COUNT): continuing with the images "
                       "not done yet")
         with run_lock(results_dir, "reconstruct", enabled=ctx.is_main):
-            model = load_run_model(run, ctx.device, precision=precision, use_ema=job.use_ema, max_batch=job.max_batch)
+            model = load_run_model(run, ctx.device, precision=precision, use_ema=job.run.use_ema,
+                                   max_batch=job.compute.max_batch)
+            stage = _Pass(ctx, model, plan, precision, job.compute)
             metrics = ReconstructionMetrics(ctx.device) if RECONSTRUCTION in job.scores else None
             written = []
-            for name, csv, row_type, first_n in sets:
-                settings = _settings(job, run, plan, csv, first_n, precision)
+            for planned in sets:
+                settings = _settings(run, stage, planned, job.run.use_ema)
                 if metrics is not None:
-                    writer = ResumableResults(results_path(job.output_dir, job.model_name, name), settings,
-                                              len(plan.start_ts))
-                    _run_set(job, ctx, {RECONSTRUCTION: writer}, datasets[name], row_type, plan, model, name,
+                    writer = ResumableResults(run_dir.results(planned.name), settings, len(plan.starts))
+                    _run_set(stage, {RECONSTRUCTION: writer}, datasets[planned.name], planned,
                              _as_family_rows(RECONSTRUCTION, partial(measured_rows, model, metrics, plan)))
                     written.append(writer.path)
                 if families:
-                    writers = _feature_writers(job, families, family_settings, name, settings,
+                    writers = _feature_writers(run_dir, families, family_settings, planned.name, settings,
                                                run.config.schedule.noise_type)
-                    _run_set(job, ctx, writers, datasets[name], row_type, plan, model, name,
+                    _run_set(stage, writers, datasets[planned.name], planned,
                              partial(feature_rows, model, families, family_settings))
                     written.extend(w.path for w in writers.values())
             return written
@@ -241,25 +201,18 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
         cleanup_distributed()
 
 
-def _open_model(job: ReconstructionJob) -> TrainedRun:
-    """The run's checkpoint, or the published model of ``--pretrained`` (the flags of the other source refused)."""
-    if job.pretrained is None:
-        if job.resize or job.pretrained_flags is not None:
-            given = "resize" if job.resize else "pretrained_flags"
-            raise ParameterError(f"{given} applies to pretrained models only (our checkpoints resize with "
-                                 "image_size, as they were trained)", given, "pretrained", "image_size")
-        return open_run(checkpoint_path(job), job.flags, vqvae_checkpoint=job.vqvae_checkpoint,
-                        latent_pad=job.latent_pad)
-    other = [name for name, value in (("eval_checkpoint", given_path(job.eval_checkpoint)),
-                                      ("vqvae_checkpoint", job.vqvae_checkpoint), ("latent_pad", job.latent_pad))
-             if value is not None]
-    if other:
-        raise ParameterError(f"{other[0]}: not with pretrained (a published pixel-space model)", other[0], "pretrained")
-    run = open_pretrained_run(job.pretrained, job.pretrained_flags, resize=job.resize, flags=job.flags)
-    model = run.pretrained
-    print(f"{model.path}: {model.format} model, images {model.image_shape} in {list(model.data_range)}, "
-          f"predicts {model.prediction_type}" + (f"; respaced {model.respacing}" if model.respacing else ""))
-    return run
+def _open_sets(run: TrainedRun, sets: list[PlannedSet], cache: bool) -> tuple[TrainedRun, dict[str, ImageDataset]]:
+    """Every set's dataset, opened before any work so a bad CSV fails with nothing written, and the run with its
+    configuration complete for their images (an upstream checkpoint's, from the first set's image shape)."""
+    datasets = {s.name: dataset_from_csv(s.csv, run.data, first_n=s.first_n, cache=cache) for s in sets}
+    run = with_image_shape(run, datasets[sets[0].name].image_shape, sets[0].csv)
+    if run.upstream:
+        noise = run.config.schedule.noise_type
+        said = "" if noise == "gaussian" else f"; noise {describe_noise(noise)}"
+        print(f"{run.path}: no stored config (upstream checkpoint); using the model flags given{said}")
+    for s in sets:
+        check_image_shape(run.config, datasets[s.name].image_shape, s.csv)
+    return run, datasets
 
 
 def _as_family_rows(family: str, rows_of: Callable[[Iterator[SetBatch], str], Iterator[pd.DataFrame]]):
@@ -282,7 +235,7 @@ def score_context(run: TrainedRun, seed: int) -> ScoreContext:
                         data_scale=1.0 if data_range is None else float(data_range[1] - data_range[0]))
 
 
-def _feature_writers(job: ReconstructionJob, families: list[str], fam: dict, name: str,
+def _feature_writers(run_dir: RunDir, families: list[str], fam: dict, name: str,
                      settings: dict, noise_type: str) -> dict[str, ResumableResults]:
     """One resumable feature file per family for set ``name``; its sidecar holds the set's settings (less the
     reconstruction grid and protocol), the family's network evaluations per image and its own settings as stored
@@ -295,32 +248,30 @@ def _feature_writers(job: ReconstructionJob, families: list[str], fam: dict, nam
         columns = record.columns(fam[family])
         own = {"family": family, "features": columns, "nfe": record.nfe(fam[family]),
                "noise_type": noise_type, "settings": record.settings_record(fam[family])}
-        path = features_path(job.output_dir, job.model_name, family, name)
+        path = run_dir.features(family, name)
         check_output_dir(path.parent, "--output_dir/--model_name")
         writers[family] = ResumableResults(path, {**common, **own}, 1, columns=[*FEATURE_KEY_COLUMNS, *columns])
     return writers
 
 
-def _settings(job: ReconstructionJob, run: TrainedRun, plan: ReconstructionPlan, csv: str, first_n: int | None,
-              precision: str) -> dict:
+def _settings(run: TrainedRun, stage: _Pass, planned: PlannedSet, use_ema: bool) -> dict:
     """The sidecar of one results file: every setting its numbers depend on."""
-    latent = run.config.latent
+    latent, plan = run.config.latent, stage.plan
     return reconstruction_settings(
-        checkpoint=run.path, checkpoint_epoch=run.epoch, csv=csv, first_n=first_n, seed=plan.seed,
-        num_inference_steps=plan.num_inference_steps, inference_skip_factor=job.inference_skip_factor,
-        recon_steps=plan.recon_steps, start_timesteps=plan.start_ts, use_ema=job.use_ema, precision=precision,
+        checkpoint=run.path, checkpoint_epoch=run.epoch, csv=planned.csv, first_n=planned.first_n, seed=plan.seed,
+        num_inference_steps=plan.num_inference_steps, inference_skip_factor=plan.inference_skip_factor,
+        recon_steps=plan.recon_steps, start_timesteps=plan.starts, use_ema=use_ema, precision=stage.precision,
         noise_key=NOISE_KEY_RULE, autoencoder=None if latent is None else latent.weights_sha256,
         noise_type=run.config.schedule.noise_type, recon_noise=plan.noise, pretrained=run.identity,
     )
 
 
-
-def _run_set(job: ReconstructionJob, ctx: DistContext, writers: dict[str, ResumableResults], dataset: ImageDataset,
-             row_type: str, plan: ReconstructionPlan, model: RunModel, name: str,
+def _run_set(stage: _Pass, writers: dict[str, ResumableResults], dataset: ImageDataset, planned: PlannedSet,
              rows_of: Callable[[Iterator[SetBatch], str], Iterator[dict[str, pd.DataFrame]]]) -> None:
     """One set into one or more files written together (``writers``, by family): the images some file still lacks,
     sharded over the ranks; ``rows_of(batches, row_type)`` yields each batch's rows by family, gathered and
     appended by the main rank after every batch (to the files that lack those images)."""
+    ctx = stage.ctx
     if all(w.is_complete() for w in writers.values()):
         if ctx.is_main:
             for w in writers.values():
@@ -329,15 +280,14 @@ def _run_set(job: ReconstructionJob, ctx: DistContext, writers: dict[str, Resuma
     done = {family: (w.start() if ctx.is_main else set()) for family, w in writers.items()}
     done = {family: set(broadcast_object(sorted(d), ctx)) for family, d in done.items()}
     todo = [i for i in range(len(dataset)) if any(i not in d for d in done.values())]
-    mine = todo[ctx.rank :: ctx.world_size]
-    n_batches = max((len(todo) + job.batch_size * ctx.world_size - 1) // (job.batch_size * ctx.world_size), 1)
-    loader = DataLoader(Subset(dataset, mine), batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
-                        pin_memory=ctx.device.type == "cuda",
-                        worker_init_fn=loader_worker_init() if job.num_workers > 0 else None)
+    per_round = stage.compute.batch_size * ctx.world_size
+    n_batches = max((len(todo) + per_round - 1) // per_round, 1)
     with_noise = RECONSTRUCTION in writers  # the engine's start noise is drawn ahead; the families draw their own
-    batch_rows = rows_of(_batches_with_noise(loader, plan, ctx.device, model, with_noise), row_type)
-    label = "reconstruct" if with_noise else "features"
-    bar = tqdm(total=len(todo), desc=f"{label} {name}", unit="img", disable=not ctx.is_main)
+    batches = _batches_with_noise(_loader(stage, Subset(dataset, todo[ctx.rank :: ctx.world_size])), stage.plan,
+                                  ctx.device, stage.model, with_noise)
+    batch_rows = rows_of(batches, planned.row_type)
+    bar = tqdm(total=len(todo), desc=f"{'reconstruct' if with_noise else 'features'} {planned.name}", unit="img",
+               disable=not ctx.is_main)
     # Every rank runs n_batches rounds (some with no images) so the per-batch gathers stay in step.
     for _ in range(n_batches):
         started = time.perf_counter()
@@ -352,14 +302,7 @@ def _run_set(job: ReconstructionJob, ctx: DistContext, writers: dict[str, Resuma
             n_images = max(frame["index"].nunique() for frame in rows.values())
             bar.update(n_images)
             bar.set_postfix(img_per_s=f"{n_images / max(time.perf_counter() - started, 1e-9):.2f}")
-        # Every rank looks at the stop flag after each batch, and they agree: all stop after the same batch.
-        if any_rank([stop_requested() is not None], ctx)[0]:
-            bar.close()
-            barrier(ctx)  # the main rank's appends are on disk before any rank exits
-            partials = ", ".join(str(w.partial) for w in writers.values())
-            raise Preempted(f"{stop_requested() or 'a stop signal on another rank'}: stopped in set {name} after "
-                            f"{bar.n} of {len(todo)} images; their rows are in {partials}; run the same command to "
-                            "continue")
+        _stop_if_requested(ctx, bar, writers, planned.name, len(todo))
     bar.close()
     barrier(ctx)
     if ctx.is_main:
@@ -367,6 +310,26 @@ def _run_set(job: ReconstructionJob, ctx: DistContext, writers: dict[str, Resuma
             final = writer.finish()
             print(f"wrote {writer.path} ({final['filename'].size} rows)")
     barrier(ctx)
+
+
+def _loader(stage: _Pass, images: Subset) -> DataLoader:
+    workers = stage.compute.num_workers
+    return DataLoader(images, batch_size=stage.compute.batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=stage.ctx.device.type == "cuda",
+                      worker_init_fn=loader_worker_init() if workers > 0 else None)
+
+
+def _stop_if_requested(ctx: DistContext, bar: tqdm, writers: dict[str, ResumableResults], name: str,
+                       n_todo: int) -> None:
+    """Every rank looks at the stop flag after each batch, and they agree: all stop after the same batch, the
+    main rank's appends on disk first (``Preempted``)."""
+    if any_rank([stop_requested() is not None], ctx)[0]:
+        bar.close()
+        barrier(ctx)
+        partials = ", ".join(str(w.partial) for w in writers.values())
+        raise Preempted(f"{stop_requested() or 'a stop signal on another rank'}: stopped in set {name} after "
+                        f"{bar.n} of {n_todo} images; their rows are in {partials}; run the same command to "
+                        "continue")
 
 
 def _batches_with_noise(loader: DataLoader, plan: ReconstructionPlan, device: torch.device, model: RunModel,
@@ -382,7 +345,7 @@ def _batches_with_noise(loader: DataLoader, plan: ReconstructionPlan, device: to
         keys = [noise_key(p) for p in batch["path"]]
         if not with_noise:
             return keys, None
-        noise = row_noise_batch(noise_type, plan.seed, plan.noise_keys(keys), plan.start_ts, model.model_shape, device)
+        noise = row_noise_batch(noise_type, plan.seed, plan.noise_keys(keys), plan.starts, model.model_shape, device)
         return keys, noise.pin_memory() if noise.device.type == "cpu" and device.type == "cuda" else noise
 
     def as_set_batch(batch: dict, keys: list[str], noise: torch.Tensor | None) -> SetBatch:

@@ -23,25 +23,6 @@ IN_NAME = "in"
 RESULTS_PATTERN = re.compile(r"^results_(?P<name>.+)\.csv$")
 
 
-def ood_dir(output_dir: str | os.PathLike, model_name: str) -> Path:
-    return Path(output_dir) / model_name / "ood"
-
-
-def results_path(output_dir: str | os.PathLike, model_name: str, name: str) -> Path:
-    """``<output_dir>/<model_name>/ood/results_<name>.csv`` (name: "val", "in", or an out-set name)."""
-    return ood_dir(output_dir, model_name) / f"results_{name}.csv"
-
-
-def out_set_names(directory: str | os.PathLike) -> list[str]:
-    """Names of the out sets present in an ood/ directory (every results_<name>.csv but val and in), sorted."""
-    names = []
-    for p in sorted(Path(directory).glob("results_*.csv")):
-        m = RESULTS_PATTERN.match(p.name)
-        if m and m.group("name") not in (VAL_NAME, IN_NAME):
-            names.append(m.group("name"))
-    return names
-
-
 def out_set_name(csv_path: str) -> str:
     """Upstream's name rule: first "_"-token of the CSV stem, plus "_vflip"/"_hflip" for flipped sets.
 
@@ -52,25 +33,10 @@ def out_set_name(csv_path: str) -> str:
     return f"{name}_{flip}" if flip else name
 
 
-# Feature files of the score families (families/): ``<ood>/<family>/features_<set>.csv``, one row per image, columns
+# Feature files of the score families (families/; where: ``run_dir.RunDir.features``): one row per image, columns
 # FEATURE_KEY_COLUMNS then the family's feature columns; settings beside them in ``features_<set>.json``.
 FEATURE_KEY_COLUMNS = ["filename", "type"]
 FEATURES_PATTERN = re.compile(r"^features_(?P<name>.+)\.csv$")
-
-
-def features_path(output_dir: str | os.PathLike, model_name: str, family: str, name: str) -> Path:
-    """``<output_dir>/<model_name>/ood/<family>/features_<name>.csv`` (name: "val", "in", or an out-set name)."""
-    return ood_dir(output_dir, model_name) / family / f"features_{name}.csv"
-
-
-def feature_set_names(directory: str | os.PathLike) -> list[str]:
-    """The set names with a feature file in one family's folder (val and in included), sorted."""
-    names = []
-    for p in sorted(Path(directory).glob("features_*.csv")):
-        m = FEATURES_PATTERN.match(p.name)
-        if m:
-            names.append(m.group("name"))
-    return names
 
 
 def read_features(path: str | os.PathLike) -> pd.DataFrame:

@@ -21,6 +21,7 @@ import pandas as pd
 
 from ddpm_ood.errors import UserError, one_line
 from ddpm_ood.fileio import atomic_write_csv, atomic_write_text
+from ddpm_ood.results.provenance import describe_changes
 from ddpm_ood.results.schema import RESULT_COLUMNS
 from ddpm_ood.upstream.legacy import upgrade_sidecar
 
@@ -60,7 +61,7 @@ class ResumableResults:
         saved = self._read_json(self.settings_path)
         if saved == self.settings:
             return True
-        changed = settings_difference(saved, self.settings)
+        changed = describe_changes(saved, self.settings)
         print(f"recomputing {self.path.name}: it was made with other settings ({changed})")
         return False
 
@@ -83,7 +84,7 @@ class ResumableResults:
         else:
             if self.partial.is_file():
                 print(f"discarding {self.partial.name}: it was made with other settings "
-                      f"({settings_difference(saved, self.settings)})")
+                      f"({describe_changes(saved, self.settings)})")
             pd.DataFrame(columns=self.partial_columns).to_csv(self.partial, index=False)
         atomic_write_text(self.partial_settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
         return done
@@ -127,16 +128,6 @@ class ResumableResults:
         self.partial.unlink(missing_ok=True)
         self.partial_settings_path.unlink(missing_ok=True)
         return final
-
-
-def settings_difference(saved: dict | None, wanted: dict) -> str:
-    """``"precision: bf16 -> fp32; seed: 2 -> 3"`` for the keys whose values differ (missing = absent)."""
-    if not isinstance(saved, dict):
-        return "no readable settings file"
-    keys = sorted(set(saved) | set(wanted))
-    parts = [f"{k}: {saved.get(k, 'absent')} -> {wanted.get(k, 'absent')}"
-             for k in keys if saved.get(k) != wanted.get(k)]
-    return "; ".join(parts)
 
 
 def read_settings(path: str | os.PathLike) -> dict | None:

@@ -12,6 +12,9 @@ Precision is one named setting, recorded in checkpoints and results sidecars:
 CPU with native bf16 (AVX512-BF16 or AMX), otherwise fp32, said in one line. On a CPU without native bf16 (most
 AVX2 machines), oneDNN emulates bf16 and a forward pass is 20-30x slower than fp32: never chosen silently.
 Losses and reconstruction metrics are always computed in fp32.
+
+How many samples one network call takes on a GPU is a device decision too: without ``--max_batch`` it is sized
+from the free GPU memory (``memory_sized_max_batch``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -180,6 +183,39 @@ def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScal
     if precision == "fp16" and device.type == "cuda":
         return torch.amp.GradScaler("cuda")
     return None
+
+
+# Share of the free GPU memory that one network call may take when max_batch is not given (the rest: the engine's
+# per-trajectory state, LPIPS, the allocator's fragmentation).
+MEMORY_FRACTION = 0.6
+
+
+def max_batch_for_memory(free_bytes: int, bytes_per_sample: float, fraction: float = MEMORY_FRACTION) -> int:
+    """Samples per network call that use at most ``fraction`` of ``free_bytes`` at ``bytes_per_sample`` each
+    (at least 1)."""
+    return max(1, int(fraction * free_bytes / max(bytes_per_sample, 1.0)))
+
+
+def memory_sized_max_batch(model: torch.nn.Module, sample_shape: tuple[int, ...], device: torch.device,
+                           autocast: Callable[[], contextlib.AbstractContextManager], probe: int = 8) -> int:
+    """Samples per network call sized from the free GPU memory: the peak memory of one forward pass of ``probe``
+    samples gives the bytes per sample, and calls may use ``MEMORY_FRACTION`` of what is free. Said in one line.
+    Chunking changes numbers only by float rounding (the kernels round differently for other call sizes, about
+    1e-6 in fp32), as any other batch composition does."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    x = torch.zeros((probe, *sample_shape), device=device)
+    t = torch.zeros((probe,), dtype=torch.long, device=device)
+    with torch.inference_mode(), autocast():
+        model(x, timesteps=t)
+    torch.cuda.synchronize(device)
+    per_sample = (torch.cuda.max_memory_allocated(device) - base) / probe
+    free, _ = torch.cuda.mem_get_info(device)
+    chosen = max_batch_for_memory(free, per_sample)
+    print(f"samples per network call: at most {chosen} (sized from {free / 2**30:.1f} GiB free GPU memory, "
+          f"{per_sample / 2**20:.1f} MiB per sample; --max_batch sets it)")
+    return chosen
 
 
 def available_cpus() -> int:

@@ -1,7 +1,7 @@
 """Stopping cleanly when a cluster asks: SIGTERM (what SLURM, Kubernetes and torchrun send before they take a
 node back) and SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``) set a flag instead of killing the process.
 
-The stage frames (``training.stages``, ``reconstruction.stage``) hold :func:`stop_on_signals` while they run. The
+The stage frames (``training.stage``, ``reconstruction.stage``) hold :func:`stop_on_signals` while they run. The
 work loops look at :func:`stop_requested` at the end of every optimizer step or results batch, agree on it over all
 ranks (``distributed.any_rank``: every rank stops at the same step, none waits forever in a collective), save what
 they have (a mid-epoch checkpoint, the appended results rows) and raise :class:`Preempted`; ``cli/runner.py`` turns

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from ddpm_ood.autoencoder.base import Autoencoder, RangeAutoencoder, autoencoder
 from ddpm_ood.autoencoder.vqvae import LoadedVQVAE, load_vqvae, with_latent
 from ddpm_ood.checkpoint import inference_state_dict, load_checkpoint, run_config_of
 from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
-from ddpm_ood.devices import autocast_context
+from ddpm_ood.devices import autocast_context, memory_sized_max_batch
 from ddpm_ood.diffusion.eps import EpsFn, model_eps_fn
 from ddpm_ood.diffusion.unet import build_unet, wants_fused_attention
 from ddpm_ood.errors import ParameterError, UserError
@@ -41,10 +41,6 @@ from ddpm_ood.results.run_dir import RunDir
 from ddpm_ood.run_flags import RunFlags, check_flags
 from ddpm_ood.upstream.flags import data_config_for_upstream, given_path, run_config_from_flags
 from ddpm_ood.upstream.weights import is_upstream_checkpoint, load_unet_state
-
-# Share of the free GPU memory that one network call may take when max_batch is not given (the rest: the engine's
-# per-trajectory state, LPIPS, the allocator's fragmentation).
-MEMORY_FRACTION = 0.6
 
 
 @dataclass(frozen=True)
@@ -273,31 +269,3 @@ def load_run_model(run: TrainedRun, device: torch.device, *, precision: str = "f
             max_batch = memory_sized_max_batch(model, config.model_shape, device, autocast)
     eps_fn = model_eps_fn(model, config.schedule, max_batch=max_batch, autocast=autocast)
     return RunModel(eps_fn, config.schedule, autoencoder, config.model_shape)
-
-
-def max_batch_for_memory(free_bytes: int, bytes_per_sample: float, fraction: float = MEMORY_FRACTION) -> int:
-    """Samples per network call that use at most ``fraction`` of ``free_bytes`` at ``bytes_per_sample`` each
-    (at least 1)."""
-    return max(1, int(fraction * free_bytes / max(bytes_per_sample, 1.0)))
-
-
-def memory_sized_max_batch(model: torch.nn.Module, sample_shape: tuple[int, ...], device: torch.device,
-                           autocast: Callable[[], contextlib.AbstractContextManager], probe: int = 8) -> int:
-    """Samples per network call sized from the free GPU memory: the peak memory of one forward pass of ``probe``
-    samples gives the bytes per sample, and calls may use ``MEMORY_FRACTION`` of what is free. Said in one line.
-    Chunking changes numbers only by float rounding (the kernels round differently for other call sizes, about
-    1e-6 in fp32), as any other batch composition does."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    x = torch.zeros((probe, *sample_shape), device=device)
-    t = torch.zeros((probe,), dtype=torch.long, device=device)
-    with torch.inference_mode(), autocast():
-        model(x, timesteps=t)
-    torch.cuda.synchronize(device)
-    per_sample = (torch.cuda.max_memory_allocated(device) - base) / probe
-    free, _ = torch.cuda.mem_get_info(device)
-    chosen = max_batch_for_memory(free, per_sample)
-    print(f"samples per network call: at most {chosen} (sized from {free / 2**30:.1f} GiB free GPU memory, "
-          f"{per_sample / 2**20:.1f} MiB per sample; --max_batch sets it)")
-    return chosen

@@ -25,7 +25,7 @@ from ddpm_ood.ood.scoring import ScoringJob
 from ddpm_ood.reconstruction.stage import ReconstructionJob
 from ddpm_ood.run_flags import RunFlags
 from ddpm_ood.training.loop import TrainConfig
-from ddpm_ood.training.stages import (
+from ddpm_ood.training.stage import (
     VQVAE_BATCH_SIZE,
     VQVAE_LEARNING_RATE,
     VQVAE_SPATIAL_DIMS,

@@ -56,7 +56,7 @@ def test_result_rows_are_image_major_and_follow_the_metric_columns():
 
 
 def test_memory_sized_calls():
-    from ddpm_ood.runs import MEMORY_FRACTION, max_batch_for_memory
+    from ddpm_ood.devices import MEMORY_FRACTION, max_batch_for_memory
 
     assert max_batch_for_memory(10 * 2**30, 2**20) == int(MEMORY_FRACTION * 10 * 1024)
     assert max_batch_for_memory(100, 10**9) == 1  # never zero

@@ -20,7 +20,8 @@ from ddpm_ood.errors import UserError
 from ddpm_ood.seeding import derive_seed
 from ddpm_ood.training import ddpm as training
 from ddpm_ood.training.ddpm import draw_train_noise, image_grid, train, train_step
-from ddpm_ood.training.loop import TrainConfig, find_resume_point
+from ddpm_ood.training.loop import TrainConfig
+from ddpm_ood.training.resume import find_resume_point
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,7 +25,8 @@ from ddpm_ood.training import ddpm as training
 from ddpm_ood.training import loop
 from ddpm_ood.training import vqvae as vqvae_training
 from ddpm_ood.training.ddpm import train
-from ddpm_ood.training.loop import TrainConfig, find_resume_point
+from ddpm_ood.training.loop import TrainConfig
+from ddpm_ood.training.resume import find_resume_point
 from ddpm_ood.training.vqvae import VQVAELossConfig, train_vqvae
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -30,7 +30,7 @@ from ddpm_ood.cli.options import (
 from ddpm_ood.config import DataConfig, ScheduleConfig
 from ddpm_ood.diffusion.unet import model_config_from_preset
 from ddpm_ood.training.loop import TrainConfig
-from ddpm_ood.training.stages import DDPMTrainingJob, train_ddpm_stage
+from ddpm_ood.training.stage import DDPMTrainingJob, train_ddpm_stage
 from ddpm_ood.upstream.flags import noise_type_for_flags
 
 _decay = checked_number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1) (0 = off)")

@@ -30,7 +30,7 @@ from ddpm_ood.cli.options import (
 from ddpm_ood.config import DataConfig, VQVAEConfig
 from ddpm_ood.errors import UserError
 from ddpm_ood.training.loop import TrainConfig
-from ddpm_ood.training.stages import (
+from ddpm_ood.training.stage import (
     VQVAE_BATCH_SIZE,
     VQVAE_LEARNING_RATE,
     VQVAE_SPATIAL_DIMS,

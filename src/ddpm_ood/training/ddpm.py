@@ -32,15 +32,13 @@ from ddpm_ood.training.loop import (
     STREAM_SAMPLES,
     STREAM_TRAIN,
     STREAM_VAL,
-    ResumePoint,
     TrainConfig,
     TrainSummary,
-    check_resume_config,
     fit,
     log,
-    optimizer_state_fits,
-    optimizer_step,
 )
+from ddpm_ood.training.optimizer import optimizer_state_fits, optimizer_step
+from ddpm_ood.training.resume import ResumePoint, check_resume_config
 from ddpm_ood.upstream.legacy import precision_from_legacy
 from ddpm_ood.upstream.weights import load_unet_state
 

@@ -14,39 +14,36 @@ since the last checkpoint. Either way rank 0 writes ``checkpoint_mid_epoch.pth``
 whole until the new one is complete) with the position (``epoch_step``), the task's state (weights, optimizers, EMA,
 scaler, discriminator) and the epoch's running loss sums; at a stop every rank then raises ``Preempted``. Resuming
 takes the newest of ``checkpoint_last.pth`` and ``checkpoint_mid_epoch.pth`` and skips the batches already done (the
-same per-epoch order, ``_EpochSampler``).
+same per-epoch order, ``loaders._EpochSampler``). Where a run continues from is decided before ``fit``
+(``training.resume``).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset
 
 from ddpm_ood.checkpoint import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     MID_EPOCH_CHECKPOINT,
-    load_checkpoint,
     periodic_checkpoint_name,
-    run_config_of,
     save_checkpoint,
 )
-from ddpm_ood.config import RunConfig
 from ddpm_ood.devices import PRECISIONS
 from ddpm_ood.distributed import DistContext, all_reduce_sum, any_rank, barrier
 from ddpm_ood.errors import ParameterError, UserError
-from ddpm_ood.preemption import Preempted, iterate_loader, loader_worker_init, stop_requested
-from ddpm_ood.run_flags import config_conflicts
-from ddpm_ood.seeding import DEFAULT_SEED, capture_rng_state, derive_generator, derive_seed
-from ddpm_ood.upstream.weights import is_upstream_checkpoint
+from ddpm_ood.preemption import Preempted, iterate_loader, stop_requested
+from ddpm_ood.seeding import DEFAULT_SEED, capture_rng_state, derive_seed
+from ddpm_ood.training.loaders import clean_loader_errors, make_loaders
+from ddpm_ood.training.resume import ResumePoint
 
 # Independent random streams (first key after the seed).
 STREAM_TRAIN = 0
@@ -129,27 +126,6 @@ class TrainConfig:
 
 
 @dataclass
-class ResumePoint:
-    """A loaded checkpoint to continue from: ``epochs_completed`` epochs are done, the next one runs next, from its
-    step ``epoch_step`` (0 unless the checkpoint was written inside that epoch)."""
-
-    path: Path
-    ckpt: dict
-
-    @property
-    def epochs_completed(self) -> int:
-        return int(self.ckpt.get("epoch", 0))
-
-    @property
-    def epoch_step(self) -> int:
-        return int(self.ckpt.get("epoch_step", 0))
-
-    @property
-    def upstream(self) -> bool:
-        return is_upstream_checkpoint(self.ckpt)
-
-
-@dataclass
 class TrainSummary:
     """What a call to :func:`fit` did. Losses are in the task's units (for a DDPM: MSE of the training target)."""
 
@@ -188,171 +164,12 @@ class TrainingTask(Protocol):
         each epoch's end, so it may all-reduce."""
 
 
-def find_resume_point(run_dir: str | Path, resume_epoch: int | None, kind: str = "ddpm", *,
-                      ctx: DistContext | None = None, batch_size: int | None = None) -> ResumePoint | None:
-    """The checkpoint to continue from, or None to start afresh.
-
-    ``resume_epoch`` given: ``checkpoint_<resume_epoch>.pth`` must exist (UserError otherwise). Else the newest of
-    ``checkpoint_mid_epoch.pth`` and ``checkpoint_last.pth``, else ``checkpoint.pth`` (what upstream resumed from, and
-    all an upstream run directory has). ``kind``: the checkpoint kind the run writes (``checkpoint.CHECKPOINT_KINDS``).
-    A mid-epoch checkpoint taken by another number of ranks than ``ctx``'s or another ``batch_size`` is passed over
-    with a note (the rest of its epoch would be other batches): the run continues from the last finished epoch.
-    """
-    run_dir = Path(run_dir)
-    if resume_epoch is not None:
-        path = run_dir / periodic_checkpoint_name(resume_epoch)
-        if not path.is_file():
-            present = sorted(p.name for p in run_dir.glob("checkpoint_*.pth")
-                             if p.name not in (LAST_CHECKPOINT, MID_EPOCH_CHECKPOINT))
-            raise ParameterError(f"resume_epoch={resume_epoch}: {path} not found "
-                                 f"(periodic checkpoints present: {', '.join(present) or 'none'})", "resume_epoch")
-        return ResumePoint(path, load_checkpoint(path, kind))
-    mid = _mid_epoch_point(run_dir, kind, ctx or DistContext(), batch_size)
-    if mid is not None:
-        return mid
-    for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
-        path = run_dir / name
-        if path.is_file():
-            return ResumePoint(path, load_checkpoint(path, kind))
-    return None
-
-
-def _mid_epoch_point(run_dir: Path, kind: str, ctx: DistContext, batch_size: int | None) -> ResumePoint | None:
-    """``checkpoint_mid_epoch.pth`` when it is newer than ``checkpoint_last.pth`` and fits this run's layout."""
-    path = run_dir / MID_EPOCH_CHECKPOINT
-    if not path.is_file():
-        return None
-    point = ResumePoint(path, load_checkpoint(path, kind))
-    if _completed_epochs(run_dir / LAST_CHECKPOINT) > point.epochs_completed:
-        return None  # left over from before the last finished epoch (the run was stopped before removing it)
-    saved_batch = (point.ckpt.get("train_config") or {}).get("batch_size")
-    saved_ranks = int(point.ckpt.get("world_size", 1))
-    if saved_ranks != ctx.world_size or (batch_size is not None and saved_batch != batch_size):
-        log(ctx, f"note: {path} was written by {saved_ranks} rank(s) with --batch_size={saved_batch}; with "
-                 f"{ctx.world_size} rank(s) and --batch_size={batch_size} the rest of its epoch would be other "
-                 "batches, so the run continues from its last finished epoch instead")
-        return None
-    return point
-
-
-def _completed_epochs(path: Path) -> int:
-    """The ``epoch`` entry of a checkpoint, read without loading its tensors (-1: absent or unreadable)."""
-    if not path.is_file():
-        return -1
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch", 0))
-    except Exception:  # a torn or foreign file: the mid-epoch checkpoint is the better bet
-        return -1
-
-
-def already_complete(resume: ResumePoint | None, n_epochs: int, ctx: DistContext) -> bool:
-    """True (said on the main rank) when ``resume`` already holds ``n_epochs`` epochs: nothing to train, and the
-    data need not be loaded."""
-    if resume is None or resume.epochs_completed < n_epochs:
-        return False
-    if ctx.is_main:
-        print(f"training already complete: {resume.path} holds {resume.epochs_completed} epoch(s), "
-              f"--n_epochs={n_epochs}; nothing to do")
-    return True
-
-
-def check_resume_config(resume: ResumePoint, given: RunConfig, *, compare_image_shape: bool) -> None:
-    """UserError naming the checkpoint and both values of every setting where the flags contradict it."""
-    saved = run_config_of(resume.ckpt, resume.path)
-    if saved is None:
-        return  # upstream checkpoint: the flags define the model; load_unet_state checks the weights fit
-    conflicts = config_conflicts(saved, given, compare_image_shape=compare_image_shape)
-    if conflicts:
-        raise UserError(
-            f"{resume.path}: flags contradict the checkpoint's configuration ({'; '.join(conflicts)}); "
-            f"resume with the checkpoint's settings or train under another --model_name"
-        )
-
-
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None = None) -> None:
-    """Backward ``loss`` and step ``optimizer`` (through the fp16 GradScaler when there is one, which skips a step
-    whose gradients are not finite)."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-
-
-def optimizer_state_fits(optimizer: torch.optim.Optimizer, state_dict: dict) -> bool:
-    """True if a saved optimizer state matches the parameters (count and moment shapes), so that loading it
-    cannot fail later inside ``step``."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    groups = state_dict.get("param_groups", [])
-    if len(groups) != len(optimizer.param_groups):
-        return False
-    if sum(len(g["params"]) for g in groups) != len(params):
-        return False
-    ids = [i for g in groups for i in g["params"]]
-    for param_id, param in zip(ids, params, strict=True):
-        st = state_dict.get("state", {}).get(param_id, {})
-        for v in st.values():
-            if torch.is_tensor(v) and v.ndim > 0 and tuple(v.shape) != tuple(param.shape):
-                return False
-    return True
-
-
-def clean_loader_errors(batches: Iterable[dict]) -> Iterator[dict]:
-    """Re-raise a UserError from a DataLoader worker as a one-line UserError (the worker wrapper adds the
-    worker's traceback to the message)."""
-    try:
-        yield from batches
-    except UserError as exc:
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        last = lines[-1] if lines else ""
-        prefix = "ddpm_ood.errors.UserError: "
-        raise UserError(last[len(prefix):] if last.startswith(prefix) else last) from None
-
-
 def log(ctx: DistContext, message: str) -> None:
     """A line on the main rank, above any progress bar."""
     if ctx.is_main:
         from tqdm import tqdm
 
         tqdm.write(message)
-
-
-class _EpochSampler(DistributedSampler):
-    """DistributedSampler whose epoch can start part-way: the first ``skip`` of this rank's indices (the batches a
-    mid-epoch checkpoint has done) are left out. The order is DistributedSampler's (seeded with seed + epoch), so
-    the rest are exactly the batches an uninterrupted epoch takes next."""
-
-    skip = 0
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(self.num_samples - self.skip, 0)
-
-
-def _make_loaders(train_set: Dataset, val_set: Dataset, cfg: TrainConfig, ctx: DistContext):
-    # DistributedSampler also with one process: its permutation comes from a generator seeded with
-    # seed + epoch (set_epoch), so shuffling never depends on global RNG state.
-    sampler = _EpochSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                            seed=cfg.seed, drop_last=False)
-    common = {
-        "batch_size": cfg.batch_size,
-        "num_workers": cfg.num_workers,
-        "persistent_workers": cfg.num_workers > 0,
-        "pin_memory": ctx.device.type == "cuda",
-        "worker_init_fn": loader_worker_init() if cfg.num_workers > 0 else None,
-    }
-    train_loader = DataLoader(train_set, sampler=sampler, drop_last=False,
-                              generator=derive_generator(cfg.seed, STREAM_LOADER, ctx.rank), **common)
-    # Validation shards are disjoint and unpadded (no repeated images), so sums over ranks are exact.
-    val_shard = Subset(val_set, list(range(ctx.rank, len(val_set), ctx.world_size)))
-    val_loader = DataLoader(val_shard, shuffle=False, drop_last=False, **common)
-    return sampler, train_loader, val_loader
 
 
 class _Fit:
@@ -381,7 +198,9 @@ class _Fit:
                 self.carried = [float(v) for v in ck.get("epoch_totals", self.carried)]
                 if ck.get("task_epoch_state") and hasattr(task, "load_epoch_state"):
                     task.load_epoch_state(ck["task_epoch_state"])
-        self.sampler, self.train_loader, self.val_loader = _make_loaders(train_set, val_set, cfg, ctx)
+        self.sampler, self.train_loader, self.val_loader = make_loaders(
+            train_set, val_set, ctx, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+            stream=STREAM_LOADER)
         self.writers = None
         self.non_finite_run = 0
         self.throughput = 0.0  # images/s of the last epoch
@@ -558,7 +377,7 @@ class _Fit:
         save_checkpoint(self.run_dir / LAST_CHECKPOINT, payload)
         self.last_write_s = time.monotonic() - started
         # Older than checkpoint_last.pth now (removed after it is written: a stop in between leaves both, and
-        # find_resume_point takes the newer).
+        # resume.find_resume_point takes the newer).
         (self.run_dir / MID_EPOCH_CHECKPOINT).unlink(missing_ok=True)
         self.writers["train"].flush()
         self.last_save = time.monotonic()

@@ -27,15 +27,9 @@ from ddpm_ood.devices import autocast_context, configure_precision, make_grad_sc
 from ddpm_ood.distributed import DistContext, all_reduce_sum
 from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.seeding import seed_everything
-from ddpm_ood.training.loop import (
-    ResumePoint,
-    TrainConfig,
-    TrainSummary,
-    fit,
-    log,
-    optimizer_state_fits,
-    optimizer_step,
-)
+from ddpm_ood.training.loop import TrainConfig, TrainSummary, fit, log
+from ddpm_ood.training.optimizer import optimizer_state_fits, optimizer_step
+from ddpm_ood.training.resume import ResumePoint
 
 ADVERSARIAL_WARMUP_EPOCHS = 50
 DISCRIMINATOR_LR = 5e-4

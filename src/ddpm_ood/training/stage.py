@@ -41,14 +41,8 @@ from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.fileio import atomic_write_text, check_output_dir, run_lock
 from ddpm_ood.preemption import stop_on_signals
 from ddpm_ood.training.ddpm import train
-from ddpm_ood.training.loop import (
-    ResumePoint,
-    TrainConfig,
-    already_complete,
-    check_resume_config,
-    find_resume_point,
-    log,
-)
+from ddpm_ood.training.loop import TrainConfig, log
+from ddpm_ood.training.resume import ResumePoint, already_complete, check_resume_config, find_resume_point
 from ddpm_ood.training.vqvae import VQVAELossConfig, check_vqvae_resume, train_vqvae, vqvae_checkpoint_config
 from ddpm_ood.upstream.flags import noise_type_for_flags
 

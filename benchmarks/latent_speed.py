@@ -36,6 +36,7 @@ from ddpm_ood.config import DataConfig, RunConfig, ScheduleConfig, VQVAEConfig
 from ddpm_ood.devices import describe_device, resolve_precision
 from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.diffusion.unet import build_unet, model_config_from_preset, randomize_zero_init_convs
+from ddpm_ood.reconstruction.plan import ReconstructionPlan
 
 QUICKSTART_VQVAE = VQVAEConfig(spatial_dims=2, channels=(32, 64), num_res_channels=(32, 64), num_res_layers=1,
                                downsample_parameters=((2, 4, 1, 1),) * 2, upsample_parameters=((2, 4, 1, 1, 0),) * 2,
@@ -93,7 +94,7 @@ def time_model(checkpoint: Path, images: torch.Tensor, keys: list[str], args: ar
     ts = start_timesteps(args.num_inference_steps, args.inference_skip_factor)
 
     def once() -> None:
-        measure_batch(model, metrics, images, keys, ts, args.num_inference_steps, 2, recon_steps=args.recon_steps)
+        measure_batch(model, metrics, images, keys, ReconstructionPlan.at(ts, args.num_inference_steps, 2, recon_steps=args.recon_steps))
 
     once()  # warm-up: first calls allocate and pick kernels
     started = time.perf_counter()

@@ -35,6 +35,7 @@ from ddpm_ood.families import ScoreContext, ScoreOptions, compute_features, make
 from ddpm_ood.families.base import even_levels
 from ddpm_ood.reconstruction.engine import evaluations_per_image
 from ddpm_ood.reconstruction.pipeline import measure_batch
+from ddpm_ood.reconstruction.plan import ReconstructionPlan
 from ddpm_ood.runs import RunModel, load_run_model, open_pretrained_run
 
 GROUPS = {"eps_norm+denoising_error": ("eps_norm", "denoising_error"), "msma": ("msma",),
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{args.batch_size / seconds:.2f}")
             def recon(model=model):
                 with torch.inference_mode():
-                    measure_batch(model, metrics, images, keys, starts, 100, 2, recon_steps=args.recon_steps)
+                    measure_batch(model, metrics, images, keys, ReconstructionPlan.at(starts, 100, 2, recon_steps=args.recon_steps))
             seconds = time_calls(recon, args.batches)
             nfe = evaluations_per_image(starts, 100, args.recon_steps)
             print(f"{name}\t{n_params:.1f}\treconstruction(skip {args.skip_factor}, recon_steps {args.recon_steps})"

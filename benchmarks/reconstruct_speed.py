@@ -63,6 +63,7 @@ from ddpm_ood.errors import UserError
 from ddpm_ood.reconstruction.engine import balanced_tick_size, calls_per_start
 from ddpm_ood.reconstruction.metrics import mse
 from ddpm_ood.reconstruction.pipeline import reconstruct_images
+from ddpm_ood.reconstruction.plan import ReconstructionPlan
 from ddpm_ood.runs import RunModel
 
 # The FashionMNIST recipe of the upstream README (scaled_linear 0.0015..0.0195); speed does not depend on it.
@@ -195,8 +196,7 @@ def _model(eps_fn: EpsFn, setup: BenchmarkSetup) -> RunModel:
 
 def run_reference(eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, paths: Sequence[str]) -> torch.Tensor:
     """(S, B, *image_shape) reconstructions in [0, 1] by the plain loop (``reconstruct.py --engine=reference``)."""
-    return reconstruct_images(_model(eps_fn, setup), images, paths, setup.start_ts, setup.num_inference_steps,
-                              setup.seed, engine="reference")
+    return reconstruct_images(_model(eps_fn, setup), images, paths, ReconstructionPlan.at(setup.start_ts, setup.num_inference_steps, setup.seed, engine="reference"))
 
 
 def run_fast(
@@ -204,8 +204,7 @@ def run_fast(
 ) -> torch.Tensor:
     """(S, B, *image_shape) reconstructions in [0, 1] by the batched engine: the path reconstruct.py runs
     (``reconstruction.pipeline.reconstruct_images``), with the tick balancing exposed for the ablation."""
-    return reconstruct_images(_model(eps_fn, setup), images, paths, setup.start_ts, setup.num_inference_steps,
-                              setup.seed, balanced=balanced)
+    return reconstruct_images(_model(eps_fn, setup), images, paths, ReconstructionPlan.at(setup.start_ts, setup.num_inference_steps, setup.seed), balanced=balanced)
 
 
 def mse_scores(images: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:

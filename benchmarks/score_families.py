@@ -98,6 +98,7 @@ from ddpm_ood.families.msma import MSMA, MSMASettings
 from ddpm_ood.families.noise_levels import DENOISING_ERROR, EPS_NORM, NoiseLevelSettings
 from ddpm_ood.ood.metrics import detection_metrics
 from ddpm_ood.reconstruction.engine import evaluations_per_image
+from ddpm_ood.reconstruction.plan import ReconstructionPlan
 
 DEFAULT_CHECKPOINT = Path("runs/quickstart/output/fashionmnist_tiny_fast/checkpoint.pth")  # after the quickstart
 DEFAULT_SPLITS = Path("runs/quickstart/data/data_splits")
@@ -366,7 +367,7 @@ def time_costs(model, images: torch.Tensor, keys: list[str], context: ScoreConte
         return once
 
     def reconstruction(x: torch.Tensor, k: list[str]) -> None:
-        measure_batch(model, metrics, x, k, start_ts, args.num_inference_steps, context.seed, recon_steps=None)
+        measure_batch(model, metrics, x, k, ReconstructionPlan.at(start_ts, args.num_inference_steps, context.seed, recon_steps=None))
 
     methods = {name: features(fams) for name, fams in family_sets.items()} | {recon: reconstruction}
     nfe = {name: nfe_of(fams, cheap) for name, fams in family_sets.items()}

@@ -21,7 +21,7 @@ class ComputeOptions:
     (``amp`` None: not asked; the scorer then uses the validation files' precision). ``batch_size``: images loaded
     and processed together (inference stages; training's batch size is part of its recipe, ``TrainConfig``).
     ``max_batch``: most samples per network call (None: unbounded on a CPU, sized from free memory on CUDA).
-    ``num_workers``: data-loader processes. ``cache_data``: keep decoded images in memory after the first epoch or
+    ``num_workers``: data-loader processes (training records them in ``TrainConfig``). ``cache_data``: keep decoded images in memory after the first epoch or
     pass. ``dist_timeout``: seconds a torchrun rank waits for the others."""
 
     device: str = "auto"
@@ -29,7 +29,7 @@ class ComputeOptions:
     amp: bool | None = False
     batch_size: int = 64
     max_batch: int | None = None
-    num_workers: int = 0
+    num_workers: int = 8  # upstream's; the CLI caps it at this machine's cores (devices.default_num_workers)
     cache_data: bool = True
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
 

@@ -20,10 +20,10 @@ from ddpm_ood.config import DataConfig, ScheduleConfig, VQVAEConfig
 from ddpm_ood.data.prepare import PreparationJob
 from ddpm_ood.devices import default_num_workers
 from ddpm_ood.families import parse_families
-from ddpm_ood.ood.detection import DetectionJob
-from ddpm_ood.ood.scoring import ScoringJob
+from ddpm_ood.ood.stage import DetectionJob, ScoringJob
 from ddpm_ood.reconstruction.stage import ReconstructionJob
 from ddpm_ood.run_flags import RunFlags
+from ddpm_ood.runs import RunSource
 from ddpm_ood.training.loop import TrainConfig
 from ddpm_ood.training.stage import (
     VQVAE_BATCH_SIZE,
@@ -37,9 +37,14 @@ from ddpm_ood.upstream.flags import noise_type_for_flags
 
 
 def _default(cls: type, name: str) -> Any:
-    """The field's default, read without the CLI's helper (the test must not trust what it checks)."""
-    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    """The field's default (``part.field``: a field of a nested part's default instance), read without the CLI's
+    helper (the test must not trust what it checks)."""
+    head, *rest = name.split(".")
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == head]
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for part in rest:
+        value = getattr(value, part)
+    return value
 
 
 def _workers(n: int) -> int:
@@ -48,21 +53,27 @@ def _workers(n: int) -> int:
 
 # dest -> (job class, field) or (job class, field, flag value -> field value); a bare value: a library constant.
 Source = tuple | Any
-RUN = {"seed": (ReconstructionJob, "seed"), "device": (ReconstructionJob, "device"),
-       "amp": (ReconstructionJob, "amp"), "precision": (ReconstructionJob, "precision"),
-       "dist_timeout": (ReconstructionJob, "dist_timeout")}
+RUN = {"seed": (ReconstructionJob, "plan.seed"), "device": (ReconstructionJob, "compute.device"),
+       "amp": (ReconstructionJob, "compute.amp"), "precision": (ReconstructionJob, "compute.precision"),
+       "dist_timeout": (ReconstructionJob, "compute.dist_timeout")}
 # reconstruct.py: the model, schedule and image flags are "given or not" (RunFlags: None = the checkpoint's value).
 RUN_FLAGS = {dest: (RunFlags, dest) for dest in (
     "model_type", "is_grayscale", "image_size", "image_roi", "channel", "beta_schedule", "beta_start", "beta_end",
     "prediction_type", "b_scale", "snr_shift", "simplex_noise")} | {"spatial_dimension": (RunFlags, "spatial_dims")}
 RECONSTRUCT: dict[str, Source] = RUN | RUN_FLAGS | {
-    dest: (ReconstructionJob, dest) for dest in (
-        "batch_size", "cache_data", "vqvae_checkpoint", "latent_pad", "validation_ids", "in_ids", "run_val", "run_in",
-        "run_out", "first_n_val", "first_n", "eval_checkpoint", "use_ema", "num_inference_steps",
-        "inference_skip_factor", "recon_steps", "engine", "max_batch", "pretrained", "pretrained_flags", "resize",
-        "recon_noise")
+    dest: (RunSource, dest) for dest in (
+        "vqvae_checkpoint", "latent_pad", "eval_checkpoint", "use_ema", "pretrained", "pretrained_flags", "resize")
 } | {
-    "out_ids": (ReconstructionJob, "out_ids", lambda v: tuple(s for s in (v or "").split(",") if s.strip())),
+    dest: (ReconstructionJob, f"sets.{dest}") for dest in (
+        "validation_ids", "in_ids", "run_val", "run_in", "run_out", "first_n_val", "first_n")
+} | {
+    dest: (ReconstructionJob, f"plan.{dest}") for dest in (
+        "num_inference_steps", "inference_skip_factor", "recon_steps", "engine")
+} | {
+    dest: (ReconstructionJob, f"compute.{dest}") for dest in ("batch_size", "cache_data", "max_batch")
+} | {
+    "recon_noise": (ReconstructionJob, "plan.noise"),
+    "out_ids": (ReconstructionJob, "sets.out_ids", lambda v: tuple(s for s in (v or "").split(",") if s.strip())),
     "scores": (ReconstructionJob, "scores", lambda v: tuple(parse_families(v))),
 }
 # the feature families' flags feed ReconstructionJob.score_options, a ScoreOptions: checked field by field
@@ -73,15 +84,16 @@ for _name in SCORE_OPTIONS:
 DETECTION: dict[str, Source] = {dest: (DetectionJob, dest) for dest in (
     "seed", "max_t", "min_t", "t_skip", "out_sets", "score")}
 SCORING: dict[str, Source] = {dest: (ScoringJob, dest) for dest in (
-    "score", "val_keep", "batch_size", "device", "vqvae_checkpoint", "amp", "precision", "max_batch", "pretrained",
-    "pretrained_flags")}
+    "score", "val_keep", "vqvae_checkpoint", "pretrained", "pretrained_flags")} | {
+    dest: (ScoringJob, f"compute.{dest}") for dest in ("batch_size", "device", "amp", "precision", "max_batch")}
 
 
 def _training(job: type) -> dict[str, Source]:
     return {
-        "seed": (TrainConfig, "seed"), "device": (job, "device"), "amp": (job, "amp"),
-        "precision": (job, "precision"), "dist_timeout": (job, "dist_timeout"), "cache_data": (job, "cache_data"),
-        "num_workers": (TrainConfig, "num_workers", None),  # upstream's, capped at the cores: checked below
+        "seed": (TrainConfig, "seed"), "device": (job, "compute.device"), "amp": (job, "compute.amp"),
+        "precision": (job, "compute.precision"), "dist_timeout": (job, "compute.dist_timeout"),
+        "cache_data": (job, "compute.cache_data"),
+        "num_workers": (job, "compute.num_workers", None),  # upstream's, capped at the cores: checked below
         "image_size": (DataConfig, "image_size"), "image_roi": (DataConfig, "image_roi"),
         "is_grayscale": (DataConfig, "is_grayscale"), "channel": (DataConfig, "channel"),
         **{dest: (TrainConfig, dest) for dest in (
@@ -123,8 +135,8 @@ NOT_FIELDS = {
     "model_type": "train_ddpm.py: a UNet preset name, made a ModelConfig by model_config_from_preset",
     "datasets": "get_datasets.py: PreparationJob.names has no default (the CLI's is the computer-vision group)",
     "download_celeba": "get_datasets.py: drops CelebA from the names; no field",
-    "num_workers": "reconstruct.py: upstream's 8 capped at the cores; ReconstructionJob.num_workers (0) is the "
-                   "library's",
+    "num_workers": "reconstruct.py: upstream's 8 (ComputeOptions') capped at the cores; ReconstructionJob's "
+                   "compute.num_workers (0) is the library's",
 }
 
 PARSERS: dict[str, tuple[Callable[[], argparse.ArgumentParser], dict[str, Source]]] = {
@@ -199,4 +211,4 @@ def test_a_default_changed_on_one_side_only_is_found():
 
 def test_the_cli_defaults_that_the_dataclasses_now_say():
     """Where they disagreed before issue 31, the CLI's value (what users got) became the field's."""
-    assert _default(ReconstructionJob, "cache_data") is True
+    assert _default(ReconstructionJob, "compute.cache_data") is True

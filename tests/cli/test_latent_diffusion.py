@@ -19,6 +19,7 @@ from ddpm_ood.checkpoint import load_checkpoint, run_config_of
 from ddpm_ood.cli import ood_detection, reconstruct, score, train_ddpm, train_vqvae
 from ddpm_ood.cli.runner import run_cli
 from ddpm_ood.data.splits import write_split_csv
+from ddpm_ood.reconstruction.plan import ReconstructionPlan
 
 TINY_VQ_FLAGS = [
     "--vqvae_num_channels=[8,16]", "--vqvae_num_res_channels=[8,16]", "--vqvae_num_res_layers=1",
@@ -225,8 +226,8 @@ def test_latent_engine_reference_and_batched_agree(trained2d):
     ts = start_timesteps(10, 3)
     with one_torch_thread():
         model = load_run_model(run, torch.device("cpu"))
-        ref = reconstruct_images(model, images, keys, ts, 10, 2, engine="reference")
-        fast = reconstruct_images(model, images, keys, ts, 10, 2, engine="batched")
+        ref = reconstruct_images(model, images, keys, ReconstructionPlan.at(ts, 10, 2, engine="reference"))
+        fast = reconstruct_images(model, images, keys, ReconstructionPlan.at(ts, 10, 2, engine="batched"))
     assert ref.shape == (len(ts), 3, 1, 16, 16)
     assert torch.allclose(ref, fast, rtol=0, atol=1e-5)
 
@@ -501,7 +502,7 @@ def test_every_score_family_works_on_the_latents(trained2d, tmp_path):
     from ddpm_ood.diffusion.schedule import alphas_cumprod
     from ddpm_ood.families import ScoreOptions, compute_features, make_settings
     from ddpm_ood.reconstruction.stage import score_context
-    from ddpm_ood.results.schema import features_path
+    from ddpm_ood.results.run_dir import RunDir
     from ddpm_ood.runs import load_run_model, open_run
     from ddpm_ood.seeding import noise_key
 
@@ -529,7 +530,7 @@ def test_every_score_family_works_on_the_latents(trained2d, tmp_path):
                                 alphas_cumprod(trained.config.schedule), settings)
     assert latents.shape[1:] == tuple(trained.config.model_shape) != tuple(images.shape[1:])
     for family in families:
-        got = pd.read_csv(features_path(out, "ldm", family, "Noise")).iloc[:, 2:].to_numpy()
+        got = pd.read_csv(RunDir(out, "ldm").features(family, "Noise")).iloc[:, 2:].to_numpy()
         scale = np.maximum(np.abs(want[family]).max(axis=0, keepdims=True), 1.0)
         assert (np.abs(got - want[family]) <= 1e-5 * scale).all(), family
     assert run(ood_detection, [f"--output_dir={out}", "--model_name=ldm", "--score=eps_norm"]) == 0

@@ -8,11 +8,11 @@ import pytest
 
 from ddpm_ood.cli.runner import flag_message, run_cli
 from ddpm_ood.errors import ParameterError, UserError
-from ddpm_ood.ood.detection import DetectionJob
 from ddpm_ood.ood.scorer import OODScorer
+from ddpm_ood.ood.stage import DetectionJob
 from ddpm_ood.ood.zscore import select_timesteps
 from ddpm_ood.reconstruction.engine import trajectory_timesteps
-from ddpm_ood.reconstruction.stage import ReconstructionJob, planned_sets
+from ddpm_ood.reconstruction.stage import SetSelection
 from ddpm_ood.training.loop import TrainConfig
 from ddpm_ood.training.vqvae import VQVAELossConfig
 
@@ -34,9 +34,9 @@ def _raised(call) -> ParameterError:
     (lambda: select_timesteps([1, 11, 21], min_t=30, max_t=40, t_skip=2),
      "no start t left: validation has t=1,11,21, and t_skip=2 with min_t=30 < t < max_t=40 keeps none",
      "no start t left: validation has t=1,11,21, and --t_skip=2 with --min_t=30 < t < --max_t=40 keeps none"),
-    (lambda: planned_sets(ReconstructionJob("out", "run")),
+    (lambda: SetSelection().planned(),
      "run_val=1 needs validation_ids", "--run_val=1 needs --validation_ids"),
-    (lambda: planned_sets(ReconstructionJob("out", "run", run_val=False, run_in=False, run_out=False)),
+    (lambda: SetSelection(run_val=False, run_in=False, run_out=False).planned(),
      "nothing to do: run_val, run_in and run_out are all 0",
      "nothing to do: --run_val, --run_in and --run_out are all 0"),
     (lambda: TrainConfig(run_dir="r", resume_epoch=0),

@@ -95,7 +95,7 @@ def test_a_changed_model_is_refused_when_scoring_and_when_mixed(data, tmp_path, 
     capsys.readouterr()
     assert _run(score_cli.main, args) == 2
     errors = _errors(capsys.readouterr().err)
-    assert len(errors) == 1 and "not the model results_val.csv was made with (differs in weights_sha256)" in errors[0]
+    assert len(errors) == 1 and "features_val.json (weights_sha256:" in errors[0]
     assert not (tmp_path / "s.csv").exists()
     # The in-distribution features with the other model: ood_detection refuses to mix them.
     argv_in = _argv(splits, out, model, "--run_val=0", "--run_out=0")
@@ -104,7 +104,7 @@ def test_a_changed_model_is_refused_when_scoring_and_when_mixed(data, tmp_path, 
     capsys.readouterr()
     assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=pre"]) == 2
     errors = _errors(capsys.readouterr().err)
-    assert len(errors) == 1 and "made with other settings than features_val.json (pretrained." in errors[0]
+    assert len(errors) == 1 and "not comparable with features_val.json (pretrained." in errors[0]
 
 
 def test_images_of_another_size_need_resize(data, tmp_path, capsys):

@@ -20,7 +20,8 @@ from ddpm_ood.data.splits import read_split_csv
 from ddpm_ood.fileio import image_stem
 from ddpm_ood.ood.scorer import OUTPUT_COLUMNS, OODScorer
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
-from ddpm_ood.results.schema import read_results, results_path
+from ddpm_ood.results.run_dir import RunDir
+from ddpm_ood.results.schema import read_results
 
 REPO = REPO_ROOT
 SCORE_COLS = {"score": DEFAULT_SCORE, "mse_score": "mse", "perceptual_score": "perceptual"}
@@ -68,9 +69,9 @@ def test_scores_equal_reconstruct_plus_scoring(recon, scored_in):
     assert list(got["path"]) == read_split_csv(splits / "Toy_test.csv")
     assert got["error"].isna().all()  # empty = no error
 
-    val = read_results(results_path(out, "toy", "val"))
+    val = read_results(RunDir(out, "toy").results("val"))
     ref = ValidationReference.fit(val, select_timesteps(val["t"]))
-    expected = image_scores(read_results(results_path(out, "toy", "in")), ref)
+    expected = image_scores(read_results(RunDir(out, "toy").results("in")), ref)
     for column, name in SCORE_COLS.items():
         want = expected.loc[[image_stem(p) for p in got["path"]], name].to_numpy()
         # reconstruct.py batched these images with the others of the set, score.py on their own

@@ -23,7 +23,7 @@ from ddpm_ood.families import ScoreOptions, compute_features, get_family, make_s
 from ddpm_ood.families.base import even_levels
 from ddpm_ood.fileio import image_stem
 from ddpm_ood.reconstruction.stage import score_context
-from ddpm_ood.results.schema import features_path
+from ddpm_ood.results.run_dir import RunDir
 from ddpm_ood.results.writer import ResumableResults
 from ddpm_ood.runs import load_run_model, open_run
 from ddpm_ood.seeding import noise_key
@@ -90,7 +90,7 @@ def test_every_family_writes_its_file_equal_to_a_direct_computation(toy, tmp_pat
         expected = compute_features(list(FAMILIES), model.eps_fn, images, keys, alphas_cumprod(run.config.schedule),
                                     settings)
     for family in FAMILIES:
-        path = features_path(out, "toy", family, "Other")
+        path = RunDir(out, "toy").features(family, "Other")
         frame = pd.read_csv(path)
         assert list(frame.columns) == ["filename", "type", *get_family(family).columns(settings[family])]
         assert list(frame["filename"]) == [image_stem(p) for p in dataset.paths] and set(frame["type"]) == {"out"}
@@ -107,7 +107,7 @@ def test_batch_sizes_1_and_7_give_identical_feature_rows(toy, tmp_path):
     for batch in (1, 7):
         out = _copy_run(toy, tmp_path / f"b{batch}")
         assert _run(reconstruct.main, _argv(splits, out, f"--batch_size={batch}", "--run_val=0", "--run_out=0")) == 0
-        files[batch] = {f: pd.read_csv(features_path(out, "toy", f, "in")) for f in FAMILIES}
+        files[batch] = {f: pd.read_csv(RunDir(out, "toy").features(f, "in")) for f in FAMILIES}
     for family in FAMILIES:
         a, b = files[1][family], files[7][family]
         assert list(a["filename"]) == list(b["filename"])
@@ -133,12 +133,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_rows(toy, tmp_path, monkeypat
     monkeypatch.setattr(ResumableResults, "append", append_then_die)
     assert _run(reconstruct.main, argv_of(killed)) == 130
     monkeypatch.undo()
-    partial = features_path(killed, "toy", "eps_norm", "in").with_name("features_in.csv.partial")
+    partial = RunDir(killed, "toy").features("eps_norm", "in").with_name("features_in.csv.partial")
     assert len(pd.read_csv(partial)) == 4  # two batches of two images kept
     assert _run(reconstruct.main, argv_of(killed)) == 0
     for family in FAMILIES:
-        assert features_path(killed, "toy", family, "in").read_bytes() == \
-            features_path(whole, "toy", family, "in").read_bytes()
+        assert RunDir(killed, "toy").features(family, "in").read_bytes() == \
+            RunDir(whole, "toy").features(family, "in").read_bytes()
 
 
 def test_detection_reports_every_family_and_the_ensemble_with_their_nfe(toy, tmp_path, capsys):
@@ -159,17 +159,17 @@ def test_detection_reports_every_family_and_the_ensemble_with_their_nfe(toy, tmp
 
 
 def test_the_density_is_fitted_on_validation_rows_only(toy, tmp_path):
-    from ddpm_ood.ood.family_scores import all_family_scores
+    from ddpm_ood.ood.detection import all_family_scores
 
     _, splits, _ = toy
     out = _copy_run(toy, tmp_path)
     assert _run(reconstruct.main, _argv(splits, out)) == 0
-    directory = out / "toy" / "ood"
+    directory = RunDir(out, "toy")
     before = {f.family: f for f in all_family_scores(directory, None)}
     # Rewrite the OOD rows wildly: the densities are fitted on validation alone, so the fitted models and every
     # validation and in-set score stay exactly as they were; only the OOD scores move.
     for family in FAMILIES:
-        path = features_path(out, "toy", family, "Other")
+        path = RunDir(out, "toy").features(family, "Other")
         frame = pd.read_csv(path)
         frame.iloc[:, 2:] = frame.iloc[:, 2:].to_numpy() * 3.0 + 7.0
         frame.to_csv(path, index=False)
@@ -213,19 +213,19 @@ def test_feature_files_made_with_other_settings_are_refused_when_mixed(toy, tmp_
                                         "--score_levels=2")) == 0
     assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=toy"]) == 2
     err = capsys.readouterr().err
-    assert "features_Other.json: made with other settings" in err and "levels" in err
+    assert "features_Other.json: not comparable with features_val.json" in err and "levels" in err
 
 
 @pytest.mark.parametrize("score", ["eps_norm", "diffpath6d", "ensemble"])
 def test_the_scorer_gives_a_file_its_detection_score(toy, tmp_path, score):
     from ddpm_ood import OODScorer
     from ddpm_ood.data.splits import read_split_csv
-    from ddpm_ood.ood.family_scores import all_family_scores
+    from ddpm_ood.ood.detection import all_family_scores
 
     _, splits, _ = toy
     out = _copy_run(toy, tmp_path)
     assert _run(reconstruct.main, _argv(splits, out)) == 0
-    expected = {f.family: f for f in all_family_scores(out / "toy" / "ood", None)}[score]
+    expected = {f.family: f for f in all_family_scores(RunDir(out, "toy"), None)}[score]
     with one_torch_thread():
         scorer = OODScorer.from_run(out, "toy", device="cpu", score=score, batch_size=3)
         got = scorer.score(read_split_csv(str(splits / "Other_test.csv")), progress=False)
@@ -280,8 +280,8 @@ def test_two_processes_under_torchrun_write_the_rows_of_one(toy, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for family in ("eps_norm", "diffpath1d"):
-        one = pd.read_csv(features_path(single, "toy", family, "in"))
-        two = pd.read_csv(features_path(sharded, "toy", family, "in"))
+        one = pd.read_csv(RunDir(single, "toy").features(family, "in"))
+        two = pd.read_csv(RunDir(sharded, "toy").features(family, "in"))
         assert list(two["filename"]) == list(one["filename"])  # every image once, in the set's order
         _assert_close(two.iloc[:, 2:].to_numpy(), one.iloc[:, 2:].to_numpy())
 
@@ -316,19 +316,19 @@ def test_a_score_registered_by_a_test_runs_through_reconstruct_detect_and_score(
     from ddpm_ood import OODScorer
     from ddpm_ood.data.splits import read_split_csv
     from ddpm_ood.families import feature_family_names, score_names
-    from ddpm_ood.ood.family_scores import all_family_scores
+    from ddpm_ood.ood.detection import all_family_scores
 
     _, splits, _ = toy
     out = _copy_run(toy, tmp_path)
     assert "mean_eps" in feature_family_names() and "mean_eps" in score_names()
     assert _run(reconstruct.main, _argv(splits, out, "--scores=mean_eps,eps_norm")) == 0
-    sidecar = json.loads(features_path(out, "toy", "mean_eps", "val").with_suffix(".json").read_text())
+    sidecar = json.loads(RunDir(out, "toy").features("mean_eps", "val").with_suffix(".json").read_text())
     assert sidecar["settings"] == {"t": 300} and sidecar["nfe"] == 1
     assert _run(ood_detection.main, [f"--output_dir={out}", "--model_name=toy", "--score=mean_eps"]) == 0
     summary = pd.read_csv(out / "toy" / "ood" / "summary.csv")
     assert list(summary["score"]) == ["eps_norm", "mean_eps", "ensemble"]
     assert "AUC for toy vs Other" in capsys.readouterr().out
-    expected = {f.family: f for f in all_family_scores(out / "toy" / "ood", None)}["mean_eps"].sets["Other"]
+    expected = {f.family: f for f in all_family_scores(RunDir(out, "toy"), None)}["mean_eps"].sets["Other"]
     with one_torch_thread():
         scorer = OODScorer.from_run(out, "toy", device="cpu", score="mean_eps", batch_size=2)
         got = scorer.score(read_split_csv(str(splits / "Other_test.csv")), progress=False)
@@ -363,9 +363,9 @@ def test_nothing_fitted_moves_when_the_ood_rows_change(toy, tmp_path):
     assert _run(reconstruct.main, _argv(splits, out)) == 0
     with one_torch_thread():
         before = {s: OODScorer.from_run(out, "toy", device="cpu", score=s) for s in (*FAMILIES, "ensemble")}
-    sidecars = {f: features_path(out, "toy", f, "val").with_suffix(".json").read_text() for f in FAMILIES}
+    sidecars = {f: RunDir(out, "toy").features(f, "val").with_suffix(".json").read_text() for f in FAMILIES}
     for family in FAMILIES:
-        path = features_path(out, "toy", family, "Other")
+        path = RunDir(out, "toy").features(family, "Other")
         frame = pd.read_csv(path)
         frame.iloc[:, 2:] = frame.iloc[:, 2:].to_numpy() * -2.0 + 11.0
         frame.to_csv(path, index=False)
@@ -375,7 +375,7 @@ def test_nothing_fitted_moves_when_the_ood_rows_change(toy, tmp_path):
         assert after[score].threshold == before[score].threshold
         assert after[score].recipe.family_settings == before[score].recipe.family_settings
         np.testing.assert_array_equal(after[score].recipe.val_scores, before[score].recipe.val_scores)
-    assert sidecars == {f: features_path(out, "toy", f, "val").with_suffix(".json").read_text() for f in FAMILIES}
+    assert sidecars == {f: RunDir(out, "toy").features(f, "val").with_suffix(".json").read_text() for f in FAMILIES}
 
 
 def test_shared_noise_features_of_an_image_do_not_depend_on_its_file_name(toy, tmp_path):
@@ -390,12 +390,12 @@ def test_shared_noise_features_of_an_image_do_not_depend_on_its_file_name(toy, t
             f"--out_ids={tmp_path / 'Copy_test.csv'}", "--run_val=0", "--num_workers=0", "--scores=eps_norm",
             "--score_levels=3", "--batch_size=3"]
     assert _run(reconstruct.main, [*argv, "--score_noise=shared"]) == 0
-    a = pd.read_csv(features_path(out, "toy", "eps_norm", "in")).iloc[:, 2:].to_numpy()
-    b = pd.read_csv(features_path(out, "toy", "eps_norm", "Copy")).iloc[:, 2:].to_numpy()
+    a = pd.read_csv(RunDir(out, "toy").features("eps_norm", "in")).iloc[:, 2:].to_numpy()
+    b = pd.read_csv(RunDir(out, "toy").features("eps_norm", "Copy")).iloc[:, 2:].to_numpy()
     np.testing.assert_array_equal(a, b)
     assert _run(reconstruct.main, [*argv, "--score_noise=per_image"]) == 0  # recomputed: other settings
-    a = pd.read_csv(features_path(out, "toy", "eps_norm", "in")).iloc[:, 2:].to_numpy()
-    b = pd.read_csv(features_path(out, "toy", "eps_norm", "Copy")).iloc[:, 2:].to_numpy()
+    a = pd.read_csv(RunDir(out, "toy").features("eps_norm", "in")).iloc[:, 2:].to_numpy()
+    b = pd.read_csv(RunDir(out, "toy").features("eps_norm", "Copy")).iloc[:, 2:].to_numpy()
     assert (a != b).all()
 
 
@@ -407,7 +407,7 @@ def test_feature_files_of_earlier_versions_are_complete_under_per_image_noise(to
     argv = _argv(splits, out, "--scores=eps_norm,diffpath6d", "--run_val=0", "--run_out=0", "--score_noise=per_image")
     assert _run(reconstruct.main, argv) == 0
     for family in ("eps_norm", "diffpath6d"):
-        path = features_path(out, "toy", family, "in").with_suffix(".json")
+        path = RunDir(out, "toy").features(family, "in").with_suffix(".json")
         d = json.loads(path.read_text())
         own = d.pop("settings")
         d.update({"levels": own["levels"]} if family == "eps_norm" else
@@ -450,7 +450,7 @@ def test_the_ensemble_with_the_paper_score_scores_a_file_as_detection_does(toy, 
     from ddpm_ood import OODScorer
     from ddpm_ood.data.splits import read_split_csv
     from ddpm_ood.families.ensemble import PAPER_SCORE
-    from ddpm_ood.ood.family_scores import all_family_scores
+    from ddpm_ood.ood.detection import all_family_scores
     from ddpm_ood.ood.zscore import ValidationReference, image_scores, select_timesteps
     from ddpm_ood.results.schema import read_results
 
@@ -472,6 +472,6 @@ def test_the_ensemble_with_the_paper_score_scores_a_file_as_detection_does(toy, 
     ref = ValidationReference.fit(val, select_timesteps(val["t"]))
     paper = {s: image_scores(read_results(out / "toy" / "ood" / f"results_{s}.csv"), ref)[PAPER_SCORE]
              for s in ("val", "in", "Other")}
-    expected = {f.family: f for f in all_family_scores(out / "toy" / "ood", None, paper)}["ensemble"]
+    expected = {f.family: f for f in all_family_scores(RunDir(out, "toy"), None, paper)}["ensemble"]
     want = expected.sets["Other"].to_numpy()
     np.testing.assert_allclose(got["score"].to_numpy(), want, rtol=1e-3, atol=1e-3 * np.abs(want).max())

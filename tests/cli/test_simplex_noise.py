@@ -21,7 +21,8 @@ from ddpm_ood.errors import UserError
 from ddpm_ood.fileio import image_stem
 from ddpm_ood.ood.scorer import OODScorer
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, ValidationReference, image_scores, select_timesteps
-from ddpm_ood.results.schema import read_results, results_path
+from ddpm_ood.results.run_dir import RunDir
+from ddpm_ood.results.schema import read_results
 from ddpm_ood.run_flags import flag_values
 
 pytestmark = [needs_lpips, pytest.mark.usefixtures("one_thread")]
@@ -48,8 +49,8 @@ def test_checkpoint_and_sidecars_record_simplex_noise(simplex_run):
     run = run_config_of(load_checkpoint(out / "simplex" / BEST_CHECKPOINT))
     assert run.schedule.noise_type == "simplex" and flag_values(run)["--simplex_noise"] == 1
     for name in ("val", "in"):
-        assert json.loads(results_path(out, "simplex", name).with_suffix(".json").read_text())["noise_type"] == "simplex"
-        rows = read_results(results_path(out, "simplex", name))
+        assert json.loads(RunDir(out, "simplex").results(name).with_suffix(".json").read_text())["noise_type"] == "simplex"
+        rows = read_results(RunDir(out, "simplex").results(name))
         assert len(rows) and np.isfinite(rows[["mse", "perceptual_difference"]].to_numpy()).all()
 
 
@@ -59,8 +60,8 @@ def test_scorer_scores_equal_reconstruct_rows(simplex_run):
     assert scorer.settings.noise_type == "simplex" and scorer.model.schedule.noise_type == "simplex"
     paths = [line for line in (splits / "Toy_test.csv").read_text().splitlines()[1:] if line]
     got = scorer.score(paths, progress=False)
-    val = read_results(results_path(out, "simplex", "val"))
-    expected = image_scores(read_results(results_path(out, "simplex", "in")),
+    val = read_results(RunDir(out, "simplex").results("val"))
+    expected = image_scores(read_results(RunDir(out, "simplex").results("in")),
                             ValidationReference.fit(val, select_timesteps(val["t"])))
     want = expected.loc[[image_stem(p) for p in paths], DEFAULT_SCORE].to_numpy()
     np.testing.assert_allclose(got["score"].to_numpy(), want, rtol=FLOAT_ROUNDING, atol=FLOAT_ROUNDING)
@@ -80,12 +81,12 @@ def test_reconstruction_with_the_other_noise_type_is_refused(simplex_run, tmp_pa
 def test_scoring_with_the_other_noise_type_is_refused(simplex_run, tmp_path):
     _, out = simplex_run
     shutil.copytree(out / "simplex", tmp_path / "simplex")
-    sidecar = results_path(tmp_path, "simplex", "val").with_suffix(".json")
+    sidecar = RunDir(tmp_path, "simplex").results("val").with_suffix(".json")
     settings = json.loads(sidecar.read_text())
     settings["checkpoint"] = str(tmp_path / "simplex" / BEST_CHECKPOINT)
     del settings["noise_type"]  # written before noise types existed: Gaussian
     sidecar.write_text(json.dumps(settings))
-    with pytest.raises(UserError, match="made with gaussian noise, but .* was trained with simplex noise") as exc:
+    with pytest.raises(UserError, match=r"not comparable with .*results_val.json \(noise_type: gaussian -> simplex\)") as exc:
         OODScorer.from_run(tmp_path, "simplex", device="cpu")
     assert str(sidecar) in str(exc.value) and "\n" not in str(exc.value)
 
@@ -93,14 +94,14 @@ def test_scoring_with_the_other_noise_type_is_refused(simplex_run, tmp_path):
 def test_reconstruct_draws_simplex_start_noise_ahead():
     from ddpm_ood.autoencoder.base import IdentityAutoencoder
     from ddpm_ood.config import ScheduleConfig
-    from ddpm_ood.reconstruction.pipeline import ReconstructionPlan
+    from ddpm_ood.reconstruction.plan import ReconstructionPlan
     from ddpm_ood.reconstruction.stage import _batches_with_noise
     from ddpm_ood.runs import RunModel
 
     batches = [{"index": torch.tensor([0, 1]), "path": [f"/d/a_{i}.npy", f"/d/b_{i}.npy"],
                 "image": torch.rand(2, 1, 4, 4)} for i in range(2)]
     model = RunModel(lambda x, t: x, ScheduleConfig(noise_type="simplex"), IdentityAutoencoder(), (1, 4, 4))
-    got = list(_batches_with_noise(batches, ReconstructionPlan((1, 501), 10, 7), torch.device("cpu"), model))
+    got = list(_batches_with_noise(batches, ReconstructionPlan.at((1, 501), 10, 7), torch.device("cpu"), model))
     for *_, keys, noise in got:
         assert torch.equal(noise, row_noise_batch("simplex", 7, keys, [1, 501], (1, 4, 4)))
         assert not torch.equal(noise, row_noise_batch("gaussian", 7, keys, [1, 501], (1, 4, 4)))
@@ -135,10 +136,10 @@ def test_an_upstream_simplex_checkpoint_gets_upstreams_raw_noise(simplex_run, tm
     capsys.readouterr()
     assert run_cli(reconstruct.main, _recon_args(tmp_path, splits, "--run_in=0", *model_flags)) == 0
     assert f"noise {UPSTREAM_SIMPLEX}: AnoDDPM's raw" in capsys.readouterr().out
-    sidecar = json.loads(results_path(tmp_path, "simplex", "val").with_suffix(".json").read_text())
+    sidecar = json.loads(RunDir(tmp_path, "simplex").results("val").with_suffix(".json").read_text())
     assert sidecar["noise_type"] == UPSTREAM_SIMPLEX
-    ours = read_results(results_path(out, "simplex", "val"))
-    theirs = read_results(results_path(tmp_path, "simplex", "val"))
+    ours = read_results(RunDir(out, "simplex").results("val"))
+    theirs = read_results(RunDir(tmp_path, "simplex").results("val"))
     assert not np.allclose(ours["mse"], theirs["mse"])  # the same weights, other start noise
 
     train_flags = [f"--training_ids={splits / 'Toy_train.csv'}", f"--validation_ids={splits / 'Toy_val.csv'}",

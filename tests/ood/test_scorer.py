@@ -28,7 +28,8 @@ from ddpm_ood.ood.scorer import (
     calibrate_threshold,
     collect_inputs,
 )
-from ddpm_ood.results.schema import RESULT_COLUMNS, results_path
+from ddpm_ood.results.run_dir import RunDir
+from ddpm_ood.results.schema import RESULT_COLUMNS
 from ddpm_ood.seeding import NOISE_KEY_RULE
 
 START_TS = [1, 501]  # num_inference_steps=4, inference_skip_factor=2
@@ -122,7 +123,7 @@ def _write_synthetic_val(out: Path, model_name: str, ckpt: Path, n_val: int = 6,
          "mse": rng.uniform(0.01, 0.1)}
         for i in range(n_val) for t in START_TS
     ]
-    path = results_path(out, model_name, "val")
+    path = RunDir(out, model_name).results("val")
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(path, index=False)
     settings = {
@@ -237,7 +238,7 @@ def test_missing_validation_results_say_to_run_reconstruct(tmp_path):
 def test_missing_settings_sidecar_is_a_user_error(tmp_path):
     ckpt = _save_run(tmp_path, "m")
     _write_synthetic_val(tmp_path, "m", ckpt)
-    results_path(tmp_path, "m", "val").with_suffix(".json").unlink()
+    RunDir(tmp_path, "m").results("val").with_suffix(".json").unlink()
     with pytest.raises(UserError, match=r"results_val\.json: not found"):
         OODScorer.from_run(tmp_path, "m", device="cpu")
 
@@ -245,7 +246,7 @@ def test_missing_settings_sidecar_is_a_user_error(tmp_path):
 def test_validation_results_under_another_noise_key_are_refused(tmp_path):
     ckpt = _save_run(tmp_path, "m")
     _write_synthetic_val(tmp_path, "m", ckpt)
-    sidecar = results_path(tmp_path, "m", "val").with_suffix(".json")
+    sidecar = RunDir(tmp_path, "m").results("val").with_suffix(".json")
     settings = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**settings, "noise_key": "absolute path"}))
     with pytest.raises(UserError, match=r"noise keyed by 'absolute path'.*rerun reconstruct\.py"):
@@ -259,7 +260,7 @@ def test_validation_results_under_another_noise_key_are_refused(tmp_path):
 def test_retrained_checkpoint_is_refused(tmp_path):
     ckpt = _save_run(tmp_path, "m", epoch=3)
     _write_synthetic_val(tmp_path, "m", ckpt, epoch=2)
-    with pytest.raises(UserError, match="is now epoch 3 but results_val.csv was made with epoch 2"):
+    with pytest.raises(UserError, match=r"checkpoint.pth: not comparable with .*results_val.json \(checkpoint_epoch: 2 -> 3\)"):
         OODScorer.from_run(tmp_path, "m", device="cpu")
 
 

@@ -11,6 +11,7 @@ from ddpm_ood.diffusion.timesteps import start_timesteps
 from ddpm_ood.reconstruction.engine import reconstruct_batched
 from ddpm_ood.reconstruction.metrics import mse
 from ddpm_ood.reconstruction.pipeline import reconstruct_images, result_rows
+from ddpm_ood.reconstruction.plan import ReconstructionPlan
 from ddpm_ood.results.schema import METRIC_COLUMNS
 from ddpm_ood.runs import RunModel
 
@@ -33,11 +34,11 @@ def test_images_come_back_through_the_autoencoder_and_are_clamped_last():
     ae = IdentityAutoencoder(schedule.b_scale)
     model = RunModel(_oracle(ae.encode(images), schedule), schedule, ae, tuple(images.shape[1:]))
     starts = start_timesteps(10, 4)
-    recons = reconstruct_images(model, images, KEYS, starts, 10, 3)
+    recons = reconstruct_images(model, images, KEYS, ReconstructionPlan.at(starts, 10, 3))
     assert recons.shape == (len(starts), 2, 1, 8, 8)
     assert (recons - images).abs().max() < 1e-4  # the oracle restores the image, b_scale undone by decode
     # The same as the engine in model space, decoded and clamped by hand.
-    samples = reconstruct_batched(model.eps_fn, schedule, ae.encode(images), KEYS, starts, 10, 3)
+    samples = reconstruct_batched(model.eps_fn, schedule, ae.encode(images), KEYS, ReconstructionPlan.at(starts, 10, 3))
     assert torch.equal(recons, (samples / 2.0).clamp(0, 1))
 
 
@@ -88,17 +89,17 @@ def test_volumes_are_decoded_and_measured_in_bounded_chunks_with_the_same_values
     torch.manual_seed(0)
     metrics = ReconstructionMetrics("cpu", lpips_net=build_lpips(pretrained_backbone=False))
     starts = start_timesteps(10, 4)  # S start points x 3 images = 3S reconstructions
-    whole = pipeline.measure_batch(model, metrics, images, ["a", "b", "c"], starts, 10, 3)
+    whole = pipeline.measure_batch(model, metrics, images, ["a", "b", "c"], ReconstructionPlan.at(starts, 10, 3))
     assert decoded_rows == [3 * len(starts)]
     decoded_rows.clear()
     monkeypatch.setattr(pipeline, "MEASURE_VOXELS", 2 * 512)  # two 8^3 volumes at a time
-    chunked = pipeline.measure_batch(model, metrics, images, ["a", "b", "c"], starts, 10, 3)
+    chunked = pipeline.measure_batch(model, metrics, images, ["a", "b", "c"], ReconstructionPlan.at(starts, 10, 3))
     assert decoded_rows == [2] * (3 * len(starts) // 2) + [1] * (3 * len(starts) % 2)
     for name in METRIC_COLUMNS:
         assert whole[name].shape == (len(starts), 3) and whole[name].min() > 0
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-7)
     # Each (start, image) cell is that pair's own value: pair the rows up by hand.
-    recons = pipeline.reconstruct_images(model, images, ["a", "b", "c"], starts, 10, 3)
+    recons = pipeline.reconstruct_images(model, images, ["a", "b", "c"], ReconstructionPlan.at(starts, 10, 3))
     assert torch.allclose(whole["mse"][1, 2], mse(images[2:3], recons[1, 2:3])[0])
 
 

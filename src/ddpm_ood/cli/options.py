@@ -32,6 +32,15 @@ def field_default(job: type, name: str) -> Any:
     raise TypeError(f"{job.__name__} has no field {head!r}")
 
 
+def compute_options(args: argparse.Namespace) -> Any:
+    """The stage's ``compute.ComputeOptions`` from the flags of the same names that its parser has (the others keep
+    their defaults)."""
+    from ddpm_ood.compute import ComputeOptions
+
+    return ComputeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ComputeOptions)
+                             if hasattr(args, f.name)})
+
+
 def scientific(value: float) -> str:
     """``2.5e-05`` -> ``"2.5e-5"``, ``0.0003`` -> ``"3e-4"``: a learning rate as help texts write it."""
     mantissa, exponent = f"{value:e}".split("e")
@@ -151,15 +160,15 @@ def add_data_options(parser: argparse.ArgumentParser, *, batch_size: int, cache_
                      spatial_dimension: int | None = None) -> None:
     """Data flags; ``batch_size``, ``cache_data``: the defaults of the job fields they feed; ``spatial_dimension``:
     the script's default where it is not DataConfig's (upstream's train_vqvae.py: 3). The image flags' defaults are
-    DataConfig's; ``num_workers`` is upstream's default (TrainConfig's), capped at the cores this process has (an
+    DataConfig's; ``num_workers`` is upstream's default (``ComputeOptions``'), capped at the cores this process has (an
     explicit --num_workers is obeyed)."""
     import os
 
+    from ddpm_ood.compute import ComputeOptions
     from ddpm_ood.config import DataConfig
     from ddpm_ood.devices import default_num_workers
-    from ddpm_ood.training.loop import TrainConfig
 
-    num_workers = field_default(TrainConfig, "num_workers")
+    num_workers = ComputeOptions.num_workers
     if spatial_dimension is None:
         spatial_dimension = field_default(DataConfig, "spatial_dims")
     workers = default_num_workers(num_workers, processes_sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))

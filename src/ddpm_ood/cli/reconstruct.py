@@ -16,12 +16,12 @@ from ddpm_ood.cli.options import (
     add_run_options,
     add_schedule_options,
     boolish,
+    compute_options,
     field_default,
     optional_int,
     positive_int,
     refuse_unsupported,
 )
-from ddpm_ood.compute import ComputeOptions
 from ddpm_ood.errors import UserError
 from ddpm_ood.families import RECONSTRUCTION, ScoreOptions, family_names, parse_families
 from ddpm_ood.families.base import even_levels
@@ -138,9 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = ScoreOptions(score_levels=_levels(args.score_levels), score_noise=args.score_noise,
                            score_noise_draws=args.score_noise_draws, diffpath_steps=args.diffpath_steps,
                            diffpath_clip=args.diffpath_clip)
-    compute = ComputeOptions(device=args.device, precision=args.precision, amp=args.amp, batch_size=args.batch_size,
-                             max_batch=args.max_batch, num_workers=args.num_workers, cache_data=args.cache_data,
-                             dist_timeout=args.dist_timeout)
+    compute = compute_options(args)
     run_reconstruction(ReconstructionJob(run, sets, plan, tuple(parse_families(args.scores)), options, compute))
     return 0
 

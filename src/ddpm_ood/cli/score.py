@@ -19,11 +19,11 @@ from ddpm_ood.cli.options import (
     add_precision_options,
     add_pretrained_options,
     checked_number,
+    compute_options,
     field_default,
     optional_path,
     positive_int,
 )
-from ddpm_ood.compute import ComputeOptions
 from ddpm_ood.families import score_names
 from ddpm_ood.ood.stage import ScoringJob, run_scoring
 
@@ -74,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    compute = ComputeOptions(device=args.device, precision=args.precision, amp=args.amp, batch_size=args.batch_size,
-                             max_batch=args.max_batch)
+    compute = compute_options(args)
     run_scoring(ScoringJob(output_dir=args.output_dir, model_name=args.model_name, inputs=args.inputs,
                            out_csv=args.out_csv, score=args.score, val_keep=args.val_keep,
                            vqvae_checkpoint=args.vqvae_checkpoint, pretrained=args.pretrained,

@@ -20,6 +20,7 @@ from ddpm_ood.cli.options import (
     add_schedule_options,
     add_training_loop_options,
     checked_number,
+    compute_options,
     field_default,
     non_negative_int,
     optional_int,
@@ -42,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a denoising diffusion model on the images listed in a split CSV. Running the same "
         "command again resumes from <output_dir>/<model_name>/checkpoint_last.pth.",
     )
-    add_run_options(parser, DDPMTrainingJob, seed_from=TrainConfig)
+    add_run_options(parser, field_default(DDPMTrainingJob, "compute"), seed=field_default(TrainConfig, "seed"))
     add_data_options(parser, batch_size=field_default(TrainConfig, "batch_size"),
-                     cache_data=field_default(DDPMTrainingJob, "cache_data"))
+                     cache_data=field_default(DDPMTrainingJob, "compute.cache_data"))
     add_schedule_options(parser, from_checkpoint=False)
     add_model_options(parser, from_checkpoint=False)
     g = add_training_loop_options(parser, validation="loss", evaluation="sample grid")
@@ -73,11 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     loop = TrainConfig(run_dir=str(Path(args.output_dir) / args.model_name), n_epochs=args.n_epochs,
                        eval_freq=args.eval_freq, checkpoint_every=args.checkpoint_every,
                        resume_epoch=args.ddpm_checkpoint_epoch, quick_test=args.quick_test, lr=args.lr,
-                       ema_decay=args.ema_decay, batch_size=args.batch_size, num_workers=args.num_workers,
+                       ema_decay=args.ema_decay, batch_size=args.batch_size,
                        seed=args.seed, sample_steps=args.sample_steps,
                        checkpoint_every_minutes=args.checkpoint_every_minutes)
     return train_ddpm_stage(DDPMTrainingJob(
         training_ids=args.training_ids, validation_ids=args.validation_ids, data=data, schedule=schedule,
         model=model_config_from_preset(args.model_type, data.spatial_dims, data.channels), loop=loop,
-        cache_data=args.cache_data, vqvae_checkpoint=args.vqvae_checkpoint, latent_pad=args.latent_pad,
-        device=args.device, precision=args.precision, amp=args.amp, dist_timeout=args.dist_timeout))
+        vqvae_checkpoint=args.vqvae_checkpoint, latent_pad=args.latent_pad, compute=compute_options(args)))

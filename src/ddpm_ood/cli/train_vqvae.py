@@ -19,6 +19,7 @@ from ddpm_ood.cli.options import (
     add_training_loop_options,
     boolish,
     checked_number,
+    compute_options,
     field_default,
     int_list,
     nested_int_list,
@@ -55,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = VQVAEConfig()
     p = argparse.ArgumentParser(prog="train_vqvae.py", description=__doc__.split("\n\n")[0])
-    add_run_options(p, VQVAETrainingJob, seed_from=TrainConfig)
-    add_data_options(p, batch_size=VQVAE_BATCH_SIZE, cache_data=field_default(VQVAETrainingJob, "cache_data"),
+    add_run_options(p, field_default(VQVAETrainingJob, "compute"), seed=field_default(TrainConfig, "seed"))
+    add_data_options(p, batch_size=VQVAE_BATCH_SIZE, cache_data=field_default(VQVAETrainingJob, "compute.cache_data"),
                      spatial_dimension=VQVAE_SPATIAL_DIMS)
     g = p.add_argument_group("VQ-VAE (MONAI core VQVAE arguments)")
     g.add_argument("--vqvae_in_channels", type=positive_int, default=d.in_channels,
@@ -107,14 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       image_size=args.image_size, image_roi=args.image_roi, channel=args.channel)
     loop = TrainConfig(run_dir=str(Path(args.output_dir) / args.model_name), n_epochs=args.n_epochs,
                        eval_freq=args.eval_freq, checkpoint_every=args.checkpoint_every, quick_test=args.quick_test,
-                       lr=args.vqvae_learning_rate, batch_size=args.batch_size, num_workers=args.num_workers,
+                       lr=args.vqvae_learning_rate, batch_size=args.batch_size,
                        seed=args.seed, sample_steps=0, checkpoint_every_minutes=args.checkpoint_every_minutes)
     losses = VQVAELossConfig(adversarial_weight=args.adversarial_weight, adversarial_warmup=args.adversarial_warmup,
                              perceptual_weight=args.perceptual_weight)
     return train_vqvae_stage(VQVAETrainingJob(
         training_ids=args.training_ids, validation_ids=args.validation_ids, data=data, vqvae=_vqvae_config(args),
-        losses=losses, loop=loop, cache_data=args.cache_data, device=args.device, precision=args.precision,
-        amp=args.amp, dist_timeout=args.dist_timeout))
+        losses=losses, loop=loop, compute=compute_options(args)))
 
 
 def _vqvae_config(args: argparse.Namespace) -> VQVAEConfig:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ddpm_ood.config import DEFAULT_NOISE_TYPE, NUM_TRAIN_TIMESTEPS
@@ -144,6 +145,11 @@ class ScoreFamily:
                  settings: Any) -> np.ndarray:
         """(B, D) float64 features of the B images ``x0`` (module docstring for the conventions)."""
         return self.calls.run(eps_fn, x0, keys, acp, settings)[self.name]
+
+    def fit_on(self, val: pd.DataFrame) -> FittedScore:
+        """This family's score fitted on its validation features (rows = images, columns = features): the one place
+        a family's score is fitted, for ood_detection.py and score.py alike."""
+        return self.fit(val.to_numpy(), list(val.columns))
 
     def settings_record(self, settings: Any) -> dict[str, Any]:
         """The settings as stored in a sidecar (JSON-able)."""

@@ -15,9 +15,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from ddpm_ood.errors import UserError
-from ddpm_ood.families.registry import RECONSTRUCTION_SCORES, get_family
+from ddpm_ood.families.registry import ENSEMBLE, RECONSTRUCTION_SCORES, get_family
+from ddpm_ood.results.schema import VAL_NAME
 
 PAPER_SCORE = next(iter(RECONSTRUCTION_SCORES))  # the reconstruction family's member: the paper's score
 
@@ -65,3 +67,21 @@ class Ensemble:
 
     def summary(self) -> str:
         return f"mean of {len(self.members)} validation z-scores: {', '.join(self.members)}"
+
+
+def fit_ensemble(members: Mapping[str, Mapping[str, pd.Series]]) -> tuple[Ensemble, dict[str, pd.Series]]:
+    """The ensemble fitted on its members' validation scores, and its scores of every set: ``members`` {member:
+    {set: image scores by filename}}, "val" in every member, in member order. Sets missing from some member are left
+    out; only images in every member's file of a set are scored. The one fit of the ensemble, for ood_detection.py
+    and score.py alike."""
+    fitted = Ensemble.fit({m: sets[VAL_NAME].to_numpy() for m, sets in members.items()})
+    names = list(members)
+    sets = [s for s in members[names[0]] if all(s in members[m] for m in names)]
+    scored = {}
+    for s in sets:
+        images = sorted(set.intersection(*(set(members[m][s].index) for m in names)))
+        if s == VAL_NAME and not images:
+            raise UserError("the ensemble's members share no validation image; compute them from the same CSVs")
+        values = fitted.score({m: members[m][s].loc[images].to_numpy() for m in names})
+        scored[s] = pd.Series(values, index=pd.Index(images, name="filename"), name=ENSEMBLE)
+    return fitted, scored

@@ -1,6 +1,6 @@
-"""Everything fitted on a run's VALIDATION files, and only on them: each feature family's score (``fit_family``), the
-ensemble (``fit_ensemble``), the scorer's whole recipe (``read_recipe``) and its decision threshold
-(``calibrate_threshold``). ood_detection.py (``ood.detection``) and score.py (``ood.scorer``) both fit here, so an
+"""Everything the scorer fits on a run's VALIDATION files, and only on them: its whole recipe (``read_recipe``) and
+its decision threshold (``calibrate_threshold``). A family's score is fitted by ``ScoreFamily.fit_on`` and the
+ensemble by ``families.ensemble.fit_ensemble``, for ood_detection.py (``ood.detection``) and score.py alike, so an
 image scores the same through either; no test or OOD row ever reaches a fit.
 
 A feature family's score is the negative log-likelihood of an image's features under a density fitted on the
@@ -12,7 +12,7 @@ The recipe of one score for new inputs (``read_recipe``):
 - a reconstruction score (``families.RECONSTRUCTION_SCORES``): the validation results and their z-score reference;
 - a feature family: its validation features, its settings and its fitted score;
 - ``ensemble``: its members, each fitted as above, and the ensemble fitted on their validation scores.
-Every part must come from the same checkpoint, epoch, precision and EMA choice (``results.provenance``);
+Every part must come from the same model (``results.run_dir.read_validation``, ``results.provenance``);
 ``val_scores`` are the validation images' own scores, for the threshold.
 
 Threshold: the ``val_keep`` quantile (numpy's linear interpolation) of the validation images' own scores. An input
@@ -23,7 +23,7 @@ expected false-positive rate); on the validation images themselves the flagged c
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,45 +33,19 @@ import pandas as pd
 from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.families import ENSEMBLE, RECONSTRUCTION_SCORES, feature_family_names, get_family
 from ddpm_ood.families.base import FittedScore
-from ddpm_ood.families.ensemble import Ensemble, ensemble_members
+from ddpm_ood.families.ensemble import Ensemble, ensemble_members, fit_ensemble
 from ddpm_ood.families.registry import check_score_name
 from ddpm_ood.ood.zscore import ValidationReference, image_scores, select_timesteps
-from ddpm_ood.results.provenance import require_same
-from ddpm_ood.results.run_dir import RunDir, sidecar
-from ddpm_ood.results.schema import VAL_NAME, read_features, read_results
+from ddpm_ood.results.run_dir import RunDir, read_validation, sidecar
+from ddpm_ood.results.schema import VAL_NAME
 from ddpm_ood.results.writer import FeatureSettings, ReconSettings
 
 DEFAULT_VAL_KEEP = 0.95
-# The settings every part of a score must share (its numbers would not be comparable otherwise).
-RUN_KEYS = ("checkpoint", "checkpoint_epoch", "use_ema", "precision", "noise_type", "autoencoder", "pretrained")
 
 
-# ------------------------------------------------------------------------------------------------- fitted scores
 def families_present(run_dir: RunDir) -> list[str]:
     """The feature families with any feature file in the run folder, in the registry's order."""
     return [f for f in feature_family_names() if run_dir.feature_sets(f)]
-
-
-def fit_family(family: str, val: pd.DataFrame) -> FittedScore:
-    """The family's score fitted on its validation features (rows = images, columns = features)."""
-    return get_family(family).fit(val.to_numpy(), list(val.columns))
-
-
-def fit_ensemble(members: Mapping[str, Mapping[str, pd.Series]]) -> tuple[Ensemble, dict[str, pd.Series]]:
-    """The ensemble (module doc) fitted on its members' validation scores, and its scores of every set:
-    ``members`` {member: {set: image scores by filename}}, "val" in every member, in member order. Sets missing from
-    some member are left out; only images in every member's file of a set are scored."""
-    fitted = Ensemble.fit({m: sets[VAL_NAME].to_numpy() for m, sets in members.items()})
-    names = list(members)
-    sets = [s for s in members[names[0]] if all(s in members[m] for m in names)]
-    scored = {}
-    for s in sets:
-        images = sorted(set.intersection(*(set(members[m][s].index) for m in names)))
-        if s == VAL_NAME and not images:
-            raise UserError("the ensemble's members share no validation image; compute them from the same CSVs")
-        values = fitted.score({m: members[m][s].loc[images].to_numpy() for m in names})
-        scored[s] = pd.Series(values, index=pd.Index(images, name="filename"), name=ENSEMBLE)
-    return fitted, scored
 
 
 # ---------------------------------------------------------------------------------------------------- threshold
@@ -142,8 +116,8 @@ class ScoreRecipe:
     """See the module doc. ``run_settings``: the settings of the run the parts share (checkpoint, precision, ...);
     ``recon``: the reconstruction settings and reference when the score needs reconstruction; ``families``: the
     feature families to compute for new inputs, with ``family_settings`` ({family: its settings}) and ``fitted``
-    ({family: its fitted score}); ``ensemble``: the fitted ensemble; ``val_file``: the validation file whose
-    sidecar says how the run was made (for messages)."""
+    ({family: its fitted score}); ``ensemble``: the fitted ensemble; ``val_sidecar``: the sidecar of the validation
+    file that says how the run was made (for messages)."""
 
     score: str
     run_settings: ReconSettings | FeatureSettings
@@ -153,7 +127,7 @@ class ScoreRecipe:
     fitted: dict[str, FittedScore]
     ensemble: Ensemble | None
     val_scores: np.ndarray
-    val_file: str
+    val_sidecar: str
 
     def image_scores(self, recon_rows: pd.DataFrame | None, feature_rows: dict[str, pd.DataFrame]) -> pd.DataFrame:
         """Scores of new inputs from their rows (``measured_rows`` / ``feature_rows`` frames): index filename,
@@ -180,49 +154,32 @@ def read_recipe(run_dir: RunDir, score: str) -> ScoreRecipe:
     """The recipe of ``score`` from the run folder's validation files; UserError naming the file and the command
     when a part is missing or the parts were made differently."""
     check_score_name(score)
-    val_results = run_dir.results(VAL_NAME)
+    members = [score]
     if score == ENSEMBLE:
-        members = ensemble_members(families_present(run_dir), val_results.is_file())
+        members = ensemble_members(families_present(run_dir), run_dir.results(VAL_NAME).is_file())
         if len(members) < 2:
             raise UserError(f"{run_dir.ood}: the ensemble needs two or more scores; run reconstruct.py --run_val=1 "
                             "--scores=all first")
-    else:
-        members = [score]
-    recon = _reconstruction(val_results) if any(m in RECONSTRUCTION_SCORES for m in members) else None
-    families = [m for m in members if m in feature_family_names()]
-    parts = {val_results: recon[0]} if recon is not None else {}
-    parts.update({run_dir.features(f, VAL_NAME): FeatureSettings.read(sidecar(run_dir.features(f, VAL_NAME)))
-                  for f in families})
-    (first, reference), *others = parts.items()
-    for path, part in others:
-        require_same(reference.to_dict(), part.to_dict(), keys=RUN_KEYS, reference_name=sidecar(first).name,
-                     other_name=str(sidecar(path)), fix="rerun reconstruct.py --run_val=1 for every score family alike")
-    frames = {f: read_features(run_dir.features(f, VAL_NAME)) for f in families}
-    fitted = {f: fit_family(f, frames[f]) for f in families}
-    val_members = {f: pd.Series(fitted[f].score(frames[f].to_numpy()), index=frames[f].index) for f in families}
-    if recon is not None:
-        recon_scores = image_scores(read_results(val_results), recon[1], source=str(val_results))
+    files = read_validation(run_dir, any(m in RECONSTRUCTION_SCORES for m in members),
+                            [m for m in members if m in feature_family_names()])
+    val_members: dict[str, pd.Series] = {}
+    recon = None
+    if files.results is not None:
+        source = str(files.first)
+        reference = ValidationReference.fit(files.results, select_timesteps(files.results["t"]), source=source)
+        recon_scores = image_scores(files.results, reference, source=source)
         val_members.update({name: recon_scores[name] for name in RECONSTRUCTION_SCORES})
+        recon = (files.results_settings, reference)
+    families = {f: get_family(f) for f in files.features}
+    family_settings = {f: family.settings_from(files.feature_settings[f].settings) for f, family in families.items()}
+    fitted = {f: family.fit_on(files.features[f]) for f, family in families.items()}
+    val_members.update({f: pd.Series(fitted[f].score(frame.to_numpy()), index=frame.index)
+                        for f, frame in files.features.items()})
     ensemble = None
     if score == ENSEMBLE:
         ensemble, scored = fit_ensemble({m: {VAL_NAME: val_members[m]} for m in members})
         val_scores = scored[VAL_NAME].to_numpy()
     else:
         val_scores = val_members[score].to_numpy()
-    family_settings = {f: get_family(f).settings_from(parts[run_dir.features(f, VAL_NAME)].settings)
-                       for f in families}
-    return ScoreRecipe(score, reference, recon, tuple(families), family_settings, fitted, ensemble,
-                       np.asarray(val_scores, dtype=float), first.name)
-
-
-def _reconstruction(val_path) -> tuple[ReconSettings, ValidationReference]:
-    if not val_path.is_file():
-        raise UserError(f"{val_path}: not found; run reconstruct.py with --run_val=1 first "
-                        "(scores and the threshold are calibrated on the validation results)")
-    settings = ReconSettings.read(sidecar(val_path))
-    val = read_results(val_path)
-    val_ts = sorted(set(val["t"].astype(int)))
-    if val_ts != sorted(settings.start_timesteps):
-        raise UserError(f"{val_path}: has start t={val_ts} but {sidecar(val_path).name} says "
-                        f"{list(settings.start_timesteps)}; rerun reconstruct.py with --run_val=1")
-    return settings, ValidationReference.fit(val, select_timesteps(val_ts), source=str(val_path))
+    return ScoreRecipe(score, files.settings, recon, tuple(families), family_settings, fitted, ensemble,
+                       np.asarray(val_scores, dtype=float), str(sidecar(files.first)))

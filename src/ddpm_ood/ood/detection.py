@@ -1,6 +1,7 @@
 """Every score of every set of a run, for ood_detection.py's table: the paper's reconstruction scores from the
 results files (``reconstruction_scores``) and each feature family's and the ensemble's from the feature files
-(``all_family_scores``), fitted on the validation files alone (``ood.calibration``).
+(``all_family_scores``), fitted on the validation files alone (``ScoreFamily.fit_on``,
+``families.ensemble.fit_ensemble``).
 
 The reconstruction scores of an image (higher = more OOD; ``ood.zscore``) are, for each start t, the reconstruction
 MSE and LPIPS z-scored against the validation images at that t (mean, sample std), summed (``mse+perceptual``, the
@@ -18,8 +19,8 @@ import pandas as pd
 
 from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.families import ENSEMBLE, get_family
-from ddpm_ood.families.ensemble import ensemble_members
-from ddpm_ood.ood.calibration import families_present, fit_ensemble, fit_family
+from ddpm_ood.families.ensemble import ensemble_members, fit_ensemble
+from ddpm_ood.ood.calibration import families_present
 from ddpm_ood.ood.metrics import summary_table
 from ddpm_ood.ood.zscore import ValidationReference, mean_over_t, select_timesteps, z_scores
 from ddpm_ood.reconstruction.engine import evaluations_per_image
@@ -130,6 +131,12 @@ class FamilyScores:
     model: str
     sets: dict[str, pd.Series]
 
+    def summary(self) -> pd.DataFrame:
+        """``metrics.summary_table``'s rows for this family: one per out set it scored."""
+        frame = pd.DataFrame({self.family: self.sets[IN_NAME]})
+        outs = {name: pd.DataFrame({self.family: s}) for name, s in self.sets.items() if name not in (VAL_NAME, IN_NAME)}
+        return summary_table(frame, outs, score_names=(self.family,), nfe=self.nfe)
+
 
 def read_family(run_dir: RunDir, family: str, out_sets: list[str] | None) -> tuple[dict[str, pd.DataFrame], int]:
     """({set name: features indexed by filename}, nfe) of one family: val, in and the out sets present (or those
@@ -164,13 +171,13 @@ def _settings(path) -> dict:
 
 def density_scores(family: str, frames: Mapping[str, pd.DataFrame], nfe: int) -> FamilyScores:
     """Fit the family's score on ``frames["val"]`` alone and score every set."""
-    fitted = fit_family(family, frames[VAL_NAME])
+    fitted = get_family(family).fit_on(frames[VAL_NAME])
     sets = {name: pd.Series(fitted.score(f.to_numpy()), index=f.index, name=family) for name, f in frames.items()}
     return FamilyScores(family, nfe, fitted.summary(), sets)
 
 
 def ensemble(members: Mapping[str, Mapping[str, pd.Series]], nfe: int) -> FamilyScores:
-    """The ensemble's ``FamilyScores`` (``calibration.fit_ensemble``); ``nfe``: its network evaluations per image."""
+    """The ensemble's ``FamilyScores`` (``families.ensemble.fit_ensemble``); ``nfe``: its network evaluations per image."""
     fitted, scored = fit_ensemble(members)
     return FamilyScores(ENSEMBLE, nfe, fitted.summary(), scored)
 

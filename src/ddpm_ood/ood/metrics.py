@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from ddpm_ood.ood.family_scores import FamilyScores
 from ddpm_ood.ood.zscore import SCORE_NAMES
 
 TPR_LEVEL = 0.95
@@ -79,13 +78,6 @@ def summary_table(
             rows.append({"out_set": out_set, "score": score, **m,
                          "n_in": len(in_image_scores), "n_out": len(out_df), "nfe": int(nfe)})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-
-
-def family_summary(scores: FamilyScores) -> pd.DataFrame:
-    """``summary_table``'s rows for one feature family or the ensemble: one per out set it scored."""
-    frame = pd.DataFrame({scores.family: scores.sets["in"]})
-    outs = {name: pd.DataFrame({scores.family: s}) for name, s in scores.sets.items() if name not in ("val", "in")}
-    return summary_table(frame, outs, score_names=(scores.family,), nfe=scores.nfe)
 
 
 def auroc_per_t(

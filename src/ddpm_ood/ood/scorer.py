@@ -67,7 +67,7 @@ ImageInput = Union[str, os.PathLike, np.ndarray, "torch.Tensor"]
 
 
 # ------------------------------------------------------------------------------------------- the recorded model
-def _scoring_precision(settings: ReconSettings | FeatureSettings, device: torch.device, val_file: str, *,
+def _scoring_precision(settings: ReconSettings | FeatureSettings, device: torch.device, val_sidecar: str, *,
                        precision: str | None, amp: bool | None) -> str:
     """The validation results' precision, refused where this device cannot run it or the caller asked for another
     (scores of inputs reconstructed at another precision are not comparable with the validation scores)."""
@@ -75,14 +75,14 @@ def _scoring_precision(settings: ReconSettings | FeatureSettings, device: torch.
     if precision is not None or amp is not None:
         asked = resolve_precision(device, precision=precision, amp=bool(amp))
         if asked != wanted:
-            raise UserError(f"{val_file} was reconstructed in {wanted} but {asked} was asked for; scores would "
-                            f"not be comparable: drop --precision/--amp, or rerun reconstruct.py --run_val=1 "
-                            f"--precision={asked}")
+            raise UserError(f"{val_sidecar}: the validation files were reconstructed in {wanted} but {asked} was "
+                            "asked for; scores would not be comparable: drop --precision/--amp, or rerun "
+                            f"reconstruct.py --run_val=1 --precision={asked}")
     try:
         return resolve_precision(device, precision=wanted)
     except UserError as exc:
-        raise UserError(f"{val_file} was reconstructed in {wanted}, which this device cannot run ({exc}); "
-                        "rerun reconstruct.py --run_val=1 here") from None
+        raise UserError(f"{val_sidecar}: the validation files were reconstructed in {wanted}, which this device "
+                        f"cannot run ({exc}); rerun reconstruct.py --run_val=1 here") from None
 
 
 def open_recorded_run(recipe: ScoreRecipe, vqvae_checkpoint: str | os.PathLike | None = None,
@@ -91,11 +91,11 @@ def open_recorded_run(recipe: ScoreRecipe, vqvae_checkpoint: str | os.PathLike |
     name (refused when it has changed since: another epoch, noise type or autoencoder; or is an upstream one, which
     stores no configuration), or the published model, at ``pretrained`` or where they recorded it, with the recorded
     flags unless others are given (refused unless its identity is the recorded one)."""
-    settings, val_file = recipe.run_settings, recipe.val_file
+    settings, val_sidecar = recipe.run_settings, recipe.val_sidecar
     recorded = settings.pretrained
     if recorded is None and (pretrained is not None or pretrained_flags is not None):
         given = "pretrained" if pretrained is not None else "pretrained_flags"
-        raise ParameterError(f"{given}: {val_file} was made with the checkpoint {settings.checkpoint}, not a "
+        raise ParameterError(f"{given}: {val_sidecar} was made with the checkpoint {settings.checkpoint}, not a "
                              "published model; drop it", given)
     if recorded is not None:
         flags = pretrained_flags
@@ -103,7 +103,7 @@ def open_recorded_run(recipe: ScoreRecipe, vqvae_checkpoint: str | os.PathLike |
             flags = {**recorded["flags"], "codebase": recorded["format"]}
         path = pretrained if pretrained is not None else settings.checkpoint
         run = open_pretrained_run(path, flags, resize=bool(recorded.get("resize")))
-        require_same(recorded, run.identity, reference_name=val_file, other_name=str(path),
+        require_same(recorded, run.identity, reference_name=val_sidecar, other_name=str(path),
                      fix="give that model with --pretrained, or rerun reconstruct.py --run_val=1 with this one")
         return run
     run = open_run(settings.checkpoint, vqvae_checkpoint=vqvae_checkpoint)
@@ -113,7 +113,7 @@ def open_recorded_run(recipe: ScoreRecipe, vqvae_checkpoint: str | os.PathLike |
     latent = run.config.latent
     now = {"checkpoint_epoch": run.epoch, "noise_type": run.config.schedule.noise_type,
            "autoencoder": None if latent is None else latent.weights_sha256}
-    require_same({k: getattr(settings, k) for k in now}, now, reference_name=val_file, other_name=str(run.path),
+    require_same({k: getattr(settings, k) for k in now}, now, reference_name=val_sidecar, other_name=str(run.path),
                  fix="rerun reconstruct.py with --run_val=1 so scores stay comparable")
     return run
 
@@ -272,7 +272,7 @@ class OODScorer:
         run = open_recorded_run(recipe, vqvae_checkpoint, pretrained, pretrained_flags)
         dev = resolve_device(device)
         settings = recipe.run_settings
-        precision = _scoring_precision(settings, dev, recipe.val_file, precision=precision, amp=amp)
+        precision = _scoring_precision(settings, dev, recipe.val_sidecar, precision=precision, amp=amp)
         model = load_run_model(run, dev, precision=precision, use_ema=settings.use_ema, max_batch=max_batch)
         metrics = ReconstructionMetrics(dev) if recipe.recon is not None else None
         return cls(run.config, model, recipe, calibration, dev, batch_size, metrics)

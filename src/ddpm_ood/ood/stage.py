@@ -44,7 +44,7 @@ from ddpm_ood.ood.detection import (
     all_family_scores,
     reconstruction_scores,
 )
-from ddpm_ood.ood.metrics import PER_T_COLUMNS, SUMMARY_COLUMNS, auroc_per_t, family_summary
+from ddpm_ood.ood.metrics import PER_T_COLUMNS, SUMMARY_COLUMNS, auroc_per_t
 from ddpm_ood.ood.plots import plot_auroc_per_t, plot_auroc_vs_nfe, plot_roc_curves, plot_zscore_vs_t
 from ddpm_ood.ood.scorer import OODScorer, collect_inputs
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, SCORE_NAMES
@@ -118,7 +118,7 @@ def _evaluate_model(cfg: DetectionJob, run_dir: RunDir) -> pd.DataFrame:
     if recon is None and not families:
         raise UserError(f"{val_path}: not found, nor any score-family features; run reconstruct.py with "
                         "--run_val=1 --run_in=1 --run_out=1 first")
-    parts = ([recon.summary] if recon is not None else []) + [family_summary(f) for f in families]
+    parts = ([recon.summary] if recon is not None else []) + [f.summary() for f in families]
     summary = pd.concat(parts, ignore_index=True)[SUMMARY_COLUMNS]
     present = list(dict.fromkeys(summary["score"]))
     if cfg.score is not None and cfg.score not in present:

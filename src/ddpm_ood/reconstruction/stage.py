@@ -130,7 +130,7 @@ class ReconstructionJob:
     plan: ReconstructionPlan = ReconstructionPlan()
     scores: tuple[str, ...] = (RECONSTRUCTION,)
     score_options: ScoreOptions = ScoreOptions()
-    compute: ComputeOptions = ComputeOptions(batch_size=256)
+    compute: ComputeOptions = ComputeOptions(batch_size=256, num_workers=0)
 
     def __post_init__(self) -> None:
         if not self.scores:

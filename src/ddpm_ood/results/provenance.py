@@ -14,6 +14,8 @@ from typing import Any
 from ddpm_ood.errors import UserError
 
 ABSENT = "absent"
+# The settings that say which model made a file: every part of one score must share them.
+MODEL_KEYS = ("checkpoint", "checkpoint_epoch", "use_ema", "precision", "noise_type", "autoencoder", "pretrained")
 
 
 def changed_keys(reference: Mapping[str, Any], other: Mapping[str, Any], keys: Iterable[str] | None = None,

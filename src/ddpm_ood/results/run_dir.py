@@ -8,11 +8,24 @@ its settings sidecar (the same name with ``.json``); ood_detection.py and score.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from ddpm_ood.checkpoint import BEST_CHECKPOINT
-from ddpm_ood.results.schema import FEATURES_PATTERN, IN_NAME, RESULTS_PATTERN, VAL_NAME
+from ddpm_ood.errors import UserError
+from ddpm_ood.results.provenance import MODEL_KEYS, require_same
+from ddpm_ood.results.schema import (
+    FEATURES_PATTERN,
+    IN_NAME,
+    RESULTS_PATTERN,
+    VAL_NAME,
+    read_features,
+    read_results,
+)
+from ddpm_ood.results.writer import FeatureSettings, ReconSettings
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,48 @@ class RunDir:
         """The sets with a feature file of ``score`` (val and in included), sorted."""
         names = (FEATURES_PATTERN.match(p.name) for p in sorted((self.ood / score).glob("features_*.csv")))
         return [m.group("name") for m in names if m]
+
+
+@dataclass(frozen=True)
+class ValidationFiles:
+    """A run's validation files that one score needs, read and checked to come from the same model: the
+    reconstruction results (``results``, one row per image and start t) with their settings, and each feature
+    family's features (indexed by filename) with its settings. ``first``: the file whose sidecar says how the run
+    was made (``settings``), for messages."""
+
+    results: pd.DataFrame | None
+    results_settings: ReconSettings | None
+    features: dict[str, pd.DataFrame]
+    feature_settings: dict[str, FeatureSettings]
+    first: Path
+    settings: ReconSettings | FeatureSettings
+
+
+def read_validation(run_dir: RunDir, with_results: bool, families: Sequence[str]) -> ValidationFiles:
+    """The validation results (``with_results``) and the validation features of ``families``; UserError naming the
+    file and the command that makes it when one is missing or unreadable, or when they were made with different
+    models (``provenance.MODEL_KEYS``)."""
+    results_path = run_dir.results(VAL_NAME)
+    paths = {f: run_dir.features(f, VAL_NAME) for f in families}
+    if with_results and not results_path.is_file():
+        raise UserError(f"{results_path}: not found; run reconstruct.py with --run_val=1 first "
+                        "(scores and the threshold are calibrated on the validation results)")
+    results_settings = ReconSettings.read(sidecar(results_path)) if with_results else None
+    feature_settings = {f: FeatureSettings.read(sidecar(p)) for f, p in paths.items()}
+    results = read_results(results_path) if with_results else None
+    features = {f: read_features(p) for f, p in paths.items()}
+    parts = ({results_path: results_settings} if with_results else {}) | {p: feature_settings[f]
+                                                                          for f, p in paths.items()}
+    (first, settings), *others = parts.items()
+    for path, part in others:
+        require_same(settings.to_dict(), part.to_dict(), keys=MODEL_KEYS, reference_name=sidecar(first).name,
+                     other_name=str(sidecar(path)), fix="rerun reconstruct.py --run_val=1 for every score family alike")
+    if results is not None:
+        ts = sorted(set(results["t"].astype(int)))
+        if ts != sorted(results_settings.start_timesteps):
+            raise UserError(f"{results_path}: has start t={ts} but {sidecar(results_path).name} says "
+                            f"{list(results_settings.start_timesteps)}; rerun reconstruct.py with --run_val=1")
+    return ValidationFiles(results, results_settings, features, feature_settings, first, settings)
 
 
 def sidecar(path: str | os.PathLike) -> Path:

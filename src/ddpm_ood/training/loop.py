@@ -37,6 +37,7 @@ from ddpm_ood.checkpoint import (
     periodic_checkpoint_name,
     save_checkpoint,
 )
+from ddpm_ood.compute import ComputeOptions
 from ddpm_ood.devices import PRECISIONS
 from ddpm_ood.distributed import DistContext, all_reduce_sum, any_rank, barrier
 from ddpm_ood.errors import ParameterError, UserError
@@ -96,7 +97,7 @@ class TrainConfig:
     lr: float = 2.5e-5
     ema_decay: float = 0.0
     batch_size: int = 512
-    num_workers: int = 8
+    num_workers: int = ComputeOptions.num_workers  # the stage sets the job's (compute.num_workers)
     seed: int = DEFAULT_SEED
     precision: str = "fp32"
     sample_steps: int = 50

@@ -23,13 +23,13 @@ from ddpm_ood.autoencoder.vqvae import (
     with_latent,
 )
 from ddpm_ood.checkpoint import run_config_of
+from ddpm_ood.compute import ComputeOptions
 from ddpm_ood.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig, VQVAEConfig
 from ddpm_ood.data.datasets import ImageDataset, dataset_from_csv
-from ddpm_ood.devices import describe_device, resolve_precision
+from ddpm_ood.devices import describe_device
 from ddpm_ood.diffusion.noise import describe_noise
 from ddpm_ood.diffusion.unet import check_image_fits_unet
 from ddpm_ood.distributed import (
-    DEFAULT_DIST_TIMEOUT_S,
     DistContext,
     barrier,
     check_shared_folder,
@@ -47,19 +47,18 @@ from ddpm_ood.training.vqvae import VQVAELossConfig, check_vqvae_resume, train_v
 from ddpm_ood.upstream.flags import noise_type_for_flags
 
 
-def run_training_stage(cfg: TrainConfig, *, device: str, precision: str | None, amp: bool, lock_name: str,
-                       body: Callable[[TrainConfig, DistContext], int],
-                       dist_timeout: float = DEFAULT_DIST_TIMEOUT_S) -> int:
+def run_training_stage(cfg: TrainConfig, compute: ComputeOptions, *, lock_name: str,
+                       body: Callable[[TrainConfig, DistContext], int]) -> int:
     """The frame of a training stage: SIGTERM/SIGUSR1 ask for a clean stop (``preemption.stop_on_signals``; the loop
-    saves and raises ``Preempted``), start DDP when launched by torchrun (``dist_timeout`` seconds bound every wait),
-    resolve the precision for the device, check the run folder (main rank) and that every rank sees it, say the
-    device and any torchrun restart, hold the run lock, then ``body(cfg, ctx)`` with ``cfg``'s precision resolved; the
-    process group is always torn down and the signal handlers restored."""
+    saves and raises ``Preempted``), start DDP when launched by torchrun (``compute.dist_timeout`` seconds bound every
+    wait), resolve the precision for the device, check the run folder (main rank) and that every rank sees it, say
+    the device and any torchrun restart, hold the run lock, then ``body(cfg, ctx)`` with ``cfg``'s precision and
+    workers set from ``compute``; the process group is always torn down and the signal handlers restored."""
     run_dir = Path(cfg.run_dir)
     with stop_on_signals():
-        ctx = init_distributed(device, dist_timeout)
+        ctx = init_distributed(compute.device, compute.dist_timeout)
         try:
-            cfg = dataclasses.replace(cfg, precision=resolve_precision(ctx.device, precision=precision, amp=amp))
+            cfg = dataclasses.replace(cfg, precision=compute.precision_on(ctx.device), num_workers=compute.num_workers)
             if ctx.is_main:
                 check_output_dir(run_dir, "--output_dir/--model_name")
             check_shared_folder(run_dir, ctx, "--output_dir/--model_name")
@@ -107,13 +106,9 @@ class DDPMTrainingJob:
     schedule: ScheduleConfig
     model: ModelConfig
     loop: TrainConfig
-    cache_data: bool = True
     vqvae_checkpoint: str | None = None
     latent_pad: tuple[int, ...] | None = None
-    device: str = "auto"
-    precision: str | None = None
-    amp: bool = False
-    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
+    compute: ComputeOptions = ComputeOptions()
 
     def __post_init__(self) -> None:
         if self.latent_pad is not None and self.vqvae_checkpoint is None:
@@ -123,9 +118,8 @@ class DDPMTrainingJob:
 
 def train_ddpm_stage(job: DDPMTrainingJob) -> int:
     """Train (or resume) the DDPM of ``job``; 0 when trained or already complete."""
-    return run_training_stage(job.loop, device=job.device, precision=job.precision, amp=job.amp,
-                              lock_name="train_ddpm", body=lambda cfg, ctx: _train_ddpm(job, cfg, ctx),
-                              dist_timeout=job.dist_timeout)
+    return run_training_stage(job.loop, job.compute, lock_name="train_ddpm",
+                              body=lambda cfg, ctx: _train_ddpm(job, cfg, ctx))
 
 
 def _train_ddpm(job: DDPMTrainingJob, cfg: TrainConfig, ctx: DistContext) -> int:
@@ -135,14 +129,14 @@ def _train_ddpm(job: DDPMTrainingJob, cfg: TrainConfig, ctx: DistContext) -> int
     job = _resumed_settings(job, resume, vqvae, ctx)
     if resume is not None and already_complete(resume, cfg.n_epochs, ctx):
         return 0
-    train_set = dataset_from_csv(job.training_ids, job.data, cache=job.cache_data)
+    train_set = dataset_from_csv(job.training_ids, job.data, cache=job.compute.cache_data)
     run_config = RunConfig(job.model, job.schedule, job.data, image_shape=tuple(train_set.image_shape))
     source = job.training_ids
     if vqvae is not None:
         run_config = with_latent(run_config, vqvae, job.latent_pad, job.training_ids)
         source = f"{job.training_ids} (latents of {vqvae.path})"
     check_image_fits_unet(run_config.model_shape, run_config.model, source)
-    val_set = _val_set(job.validation_ids, train_set, job.training_ids, job.data, job.cache_data)
+    val_set = _val_set(job.validation_ids, train_set, job.training_ids, job.data, job.compute.cache_data)
     if resume is not None:
         check_resume_config(resume, run_config, compare_image_shape=True)
     summary = train(run_config, cfg, train_set, val_set, ctx, resume=resume)
@@ -201,11 +195,7 @@ class VQVAETrainingJob:
     vqvae: VQVAEConfig
     losses: VQVAELossConfig
     loop: TrainConfig
-    cache_data: bool = True
-    device: str = "auto"
-    precision: str | None = None
-    amp: bool = False
-    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
+    compute: ComputeOptions = ComputeOptions()
 
     def __post_init__(self) -> None:
         if self.vqvae.in_channels != self.data.channels or self.vqvae.out_channels != self.data.channels:
@@ -217,9 +207,8 @@ class VQVAETrainingJob:
 
 def train_vqvae_stage(job: VQVAETrainingJob) -> int:
     """Train (or resume) the VQ-VAE of ``job``; 0 when trained or already complete."""
-    return run_training_stage(job.loop, device=job.device, precision=job.precision, amp=job.amp,
-                              lock_name="train_vqvae", body=lambda cfg, ctx: _train_vqvae(job, cfg, ctx),
-                              dist_timeout=job.dist_timeout)
+    return run_training_stage(job.loop, job.compute, lock_name="train_vqvae",
+                              body=lambda cfg, ctx: _train_vqvae(job, cfg, ctx))
 
 
 def _train_vqvae(job: VQVAETrainingJob, cfg: TrainConfig, ctx: DistContext) -> int:
@@ -231,10 +220,10 @@ def _train_vqvae(job: VQVAETrainingJob, cfg: TrainConfig, ctx: DistContext) -> i
                            compare_image_shape=False)
     if already_complete(resume, cfg.n_epochs, ctx):
         return 0
-    train_set = dataset_from_csv(job.training_ids, job.data, cache=job.cache_data)
+    train_set = dataset_from_csv(job.training_ids, job.data, cache=job.compute.cache_data)
     image_shape = tuple(train_set.image_shape)
     check_image_fits_vqvae(image_shape, job.vqvae, job.training_ids)
-    val_set = _val_set(job.validation_ids, train_set, job.training_ids, job.data, job.cache_data)
+    val_set = _val_set(job.validation_ids, train_set, job.training_ids, job.data, job.compute.cache_data)
     if ctx.is_main:
         atomic_write_text(run_dir / VQVAE_CONFIG_FILE, upstream_config_json(job.vqvae))
     summary = train_vqvae(job.vqvae, job.data, job.losses, cfg, train_set, val_set, image_shape, ctx, resume=resume)

@@ -94,7 +94,8 @@ def time_model(checkpoint: Path, images: torch.Tensor, keys: list[str], args: ar
     ts = start_timesteps(args.num_inference_steps, args.inference_skip_factor)
 
     def once() -> None:
-        measure_batch(model, metrics, images, keys, ReconstructionPlan.at(ts, args.num_inference_steps, 2, recon_steps=args.recon_steps))
+        measure_batch(model, metrics, images, keys,
+                      ReconstructionPlan.at(ts, args.num_inference_steps, 2, recon_steps=args.recon_steps))
 
     once()  # warm-up: first calls allocate and pick kernels
     started = time.perf_counter()

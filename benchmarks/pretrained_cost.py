@@ -129,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{args.batch_size / seconds:.2f}")
             def recon(model=model):
                 with torch.inference_mode():
-                    measure_batch(model, metrics, images, keys, ReconstructionPlan.at(starts, 100, 2, recon_steps=args.recon_steps))
+                    measure_batch(model, metrics, images, keys,
+                                  ReconstructionPlan.at(starts, 100, 2, recon_steps=args.recon_steps))
             seconds = time_calls(recon, args.batches)
             nfe = evaluations_per_image(starts, 100, args.recon_steps)
             print(f"{name}\t{n_params:.1f}\treconstruction(skip {args.skip_factor}, recon_steps {args.recon_steps})"

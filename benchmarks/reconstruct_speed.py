@@ -196,7 +196,8 @@ def _model(eps_fn: EpsFn, setup: BenchmarkSetup) -> RunModel:
 
 def run_reference(eps_fn: EpsFn, setup: BenchmarkSetup, images: torch.Tensor, paths: Sequence[str]) -> torch.Tensor:
     """(S, B, *image_shape) reconstructions in [0, 1] by the plain loop (``reconstruct.py --engine=reference``)."""
-    return reconstruct_images(_model(eps_fn, setup), images, paths, ReconstructionPlan.at(setup.start_ts, setup.num_inference_steps, setup.seed, engine="reference"))
+    return reconstruct_images(_model(eps_fn, setup), images, paths,
+                                     ReconstructionPlan.at(setup.start_ts, setup.num_inference_steps, setup.seed, engine="reference"))
 
 
 def run_fast(
@@ -204,7 +205,9 @@ def run_fast(
 ) -> torch.Tensor:
     """(S, B, *image_shape) reconstructions in [0, 1] by the batched engine: the path reconstruct.py runs
     (``reconstruction.pipeline.reconstruct_images``), with the tick balancing exposed for the ablation."""
-    return reconstruct_images(_model(eps_fn, setup), images, paths, ReconstructionPlan.at(setup.start_ts, setup.num_inference_steps, setup.seed), balanced=balanced)
+    return reconstruct_images(_model(eps_fn, setup), images, paths,
+                                     ReconstructionPlan.at(setup.start_ts, setup.num_inference_steps, setup.seed),
+                                     balanced=balanced)
 
 
 def mse_scores(images: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:

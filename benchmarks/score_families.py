@@ -367,7 +367,8 @@ def time_costs(model, images: torch.Tensor, keys: list[str], context: ScoreConte
         return once
 
     def reconstruction(x: torch.Tensor, k: list[str]) -> None:
-        measure_batch(model, metrics, x, k, ReconstructionPlan.at(start_ts, args.num_inference_steps, context.seed, recon_steps=None))
+        measure_batch(model, metrics, x, k,
+                      ReconstructionPlan.at(start_ts, args.num_inference_steps, context.seed, recon_steps=None))
 
     methods = {name: features(fams) for name, fams in family_sets.items()} | {recon: reconstruction}
     nfe = {name: nfe_of(fams, cheap) for name, fams in family_sets.items()}

@@ -21,8 +21,8 @@ class ComputeOptions:
     (``amp`` None: not asked; the scorer then uses the validation files' precision). ``batch_size``: images loaded
     and processed together (inference stages; training's batch size is part of its recipe, ``TrainConfig``).
     ``max_batch``: most samples per network call (None: unbounded on a CPU, sized from free memory on CUDA).
-    ``num_workers``: data-loader processes (training records them in ``TrainConfig``). ``cache_data``: keep decoded images in memory after the first epoch or
-    pass. ``dist_timeout``: seconds a torchrun rank waits for the others."""
+    ``num_workers``: data-loader processes (training records them in ``TrainConfig``). ``cache_data``: keep decoded
+    images in memory after the first epoch or pass. ``dist_timeout``: seconds a torchrun rank waits for the others."""
 
     device: str = "auto"
     precision: str | None = None

@@ -104,6 +104,7 @@ def open_run(checkpoint: str | os.PathLike, flags: RunFlags | None = None, *,
     missing, unreadable or VQ-VAE checkpoint, a flag that contradicts the stored configuration, or a
     ``latent_pad`` other than the one the model was trained with."""
     path = Path(checkpoint)
+    vqvae_checkpoint = given_path(vqvae_checkpoint)
     flags = flags if flags is not None else RunFlags()
     ckpt = load_checkpoint(path)
     config = run_config_of(ckpt, path)
@@ -114,7 +115,7 @@ def open_run(checkpoint: str | os.PathLike, flags: RunFlags | None = None, *,
             recorded = "none (pixel space)" if config.latent is None else list(config.latent.latent_pad)
             raise UserError(f"--latent_pad={list(pad)} contradicts {path} which was trained with {recorded}; "
                             "drop the flag")
-    return TrainedRun(path, ckpt, flags, config, given_path(vqvae_checkpoint), pad)
+    return TrainedRun(path, ckpt, flags, config, vqvae_checkpoint, pad)
 
 
 PRETRAINED_PRESET = "pretrained"
@@ -164,10 +165,14 @@ class RunSource:
     pretrained_flags: str | None = None
     resize: bool = False
 
+    def __post_init__(self) -> None:
+        # upstream's scripts pass the string "None" for "not given"
+        object.__setattr__(self, "eval_checkpoint", given_path(self.eval_checkpoint))
+
     @property
     def checkpoint(self) -> Path:
         """The checkpoint file: ``eval_checkpoint`` where given, else the run's best."""
-        if given_path(self.eval_checkpoint) is None:
+        if self.eval_checkpoint is None:
             return self.run_dir.checkpoint
         given = Path(self.eval_checkpoint)
         return given if given.is_absolute() or given.exists() else self.run_dir.path / given
@@ -182,7 +187,7 @@ class RunSource:
                                      "image_size, as they were trained)", given, "pretrained", "image_size")
             return open_run(self.checkpoint, self.flags, vqvae_checkpoint=self.vqvae_checkpoint,
                             latent_pad=self.latent_pad)
-        other = [name for name, value in (("eval_checkpoint", given_path(self.eval_checkpoint)),
+        other = [name for name, value in (("eval_checkpoint", self.eval_checkpoint),
                                           ("vqvae_checkpoint", self.vqvae_checkpoint), ("latent_pad", self.latent_pad))
                  if value is not None]
         if other:

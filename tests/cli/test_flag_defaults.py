@@ -17,7 +17,7 @@ import pytest
 
 from ddpm_ood.cli import get_datasets, ood_detection, reconstruct, score, train_ddpm, train_vqvae
 from ddpm_ood.config import DataConfig, ScheduleConfig, VQVAEConfig
-from ddpm_ood.data.prepare import PreparationJob
+from ddpm_ood.data.stage import PreparationJob
 from ddpm_ood.devices import default_num_workers
 from ddpm_ood.families import parse_families
 from ddpm_ood.ood.stage import DetectionJob, ScoringJob

@@ -270,8 +270,8 @@ def test_noise_drawn_ahead_is_the_seeded_noise_and_its_shape_is_checked():
     from ddpm_ood.autoencoder.base import IdentityAutoencoder
     from ddpm_ood.diffusion.noise import noise_batch
     from ddpm_ood.reconstruction.engine import reconstruct_batched
+    from ddpm_ood.reconstruction.pipeline import set_batches
     from ddpm_ood.reconstruction.plan import ReconstructionPlan
-    from ddpm_ood.reconstruction.stage import _batches_with_noise
     from ddpm_ood.runs import RunModel
     from ddpm_ood.seeding import noise_key
 
@@ -279,14 +279,14 @@ def test_noise_drawn_ahead_is_the_seeded_noise_and_its_shape_is_checked():
                 "image": torch.rand(2, 1, 4, 4)} for i in range(3)]
     model = RunModel(lambda x, t: x, TINY_SCHEDULE, IdentityAutoencoder(), (1, 4, 4))
     plan = ReconstructionPlan.at((1, 501), 10, 7)
-    got = list(_batches_with_noise(batches, plan, torch.device("cpu"), model))
+    got = list(set_batches(batches, plan, torch.device("cpu"), model))
     assert [images for _, _, images, _, _ in got] == [b["image"] for b in batches]
     for batch, (indices, filenames, _, keys, noise) in zip(batches, got, strict=True):
         assert indices == batch["index"].tolist() and filenames == [noise_key(p) for p in batch["path"]]
         assert keys == [noise_key(p) for p in batch["path"]]
         assert torch.equal(noise, noise_batch(7, keys, [1, 501], (1, 4, 4)))
-    assert all(noise is None for *_, noise in _batches_with_noise(batches, plan, torch.device("cpu"), model,
-                                                                   with_noise=False))
+    assert all(noise is None for *_, noise in set_batches(batches, plan, torch.device("cpu"), model,
+                                                          with_noise=False))
     with pytest.raises(ValueError, match="start noise has shape"):
         reconstruct_batched(lambda x, t: x, TINY_SCHEDULE, torch.rand(2, 1, 4, 4), ["a", "b"], plan,
                             noise=torch.zeros(2, 2, 1, 8, 8))

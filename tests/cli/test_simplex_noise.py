@@ -94,14 +94,14 @@ def test_scoring_with_the_other_noise_type_is_refused(simplex_run, tmp_path):
 def test_reconstruct_draws_simplex_start_noise_ahead():
     from ddpm_ood.autoencoder.base import IdentityAutoencoder
     from ddpm_ood.config import ScheduleConfig
+    from ddpm_ood.reconstruction.pipeline import set_batches
     from ddpm_ood.reconstruction.plan import ReconstructionPlan
-    from ddpm_ood.reconstruction.stage import _batches_with_noise
     from ddpm_ood.runs import RunModel
 
     batches = [{"index": torch.tensor([0, 1]), "path": [f"/d/a_{i}.npy", f"/d/b_{i}.npy"],
                 "image": torch.rand(2, 1, 4, 4)} for i in range(2)]
     model = RunModel(lambda x, t: x, ScheduleConfig(noise_type="simplex"), IdentityAutoencoder(), (1, 4, 4))
-    got = list(_batches_with_noise(batches, ReconstructionPlan.at((1, 501), 10, 7), torch.device("cpu"), model))
+    got = list(set_batches(batches, ReconstructionPlan.at((1, 501), 10, 7), torch.device("cpu"), model))
     for *_, keys, noise in got:
         assert torch.equal(noise, row_noise_batch("simplex", 7, keys, [1, 501], (1, 4, 4)))
         assert not torch.equal(noise, row_noise_batch("gaussian", 7, keys, [1, 501], (1, 4, 4)))

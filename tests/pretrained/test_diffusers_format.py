@@ -127,7 +127,8 @@ def test_plms_reconstruction_equals_diffusers_pndm(tmp_path, prediction_type):
         torch.manual_seed(2)
         x0 = torch.rand(2, 3, 8, 8) * 2 - 1
         noise = torch.randn(len(start_ts), 2, 3, 8, 8)
-        ours = reconstruct_batched(model.eps_fn, model.schedule, x0, ["a", "b"], ReconstructionPlan.at(start_ts, n_steps, 0), noise=noise)
+        ours = reconstruct_batched(model.eps_fn, model.schedule, x0, ["a", "b"],
+                                   ReconstructionPlan.at(start_ts, n_steps, 0), noise=noise)
         ddpm = diffusers.DDPMScheduler.from_pretrained(tmp_path)
         for s, start in enumerate(start_ts):
             pndm = diffusers.PNDMScheduler(num_train_timesteps=1000, beta_schedule="linear", skip_prk_steps=True,

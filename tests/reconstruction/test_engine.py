@@ -77,8 +77,10 @@ def test_batched_equals_reference(unet_eps, k, batch, balanced):
     torch.manual_seed(2)
     images = torch.rand(batch, 1, 8, 8)
     starts = start_timesteps(10, k)
-    ref = reconstruct_reference(unet_eps, SCHEDULE, images, PATHS[:batch], ReconstructionPlan.at(starts, 10, 5))
-    fast = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS[:batch], ReconstructionPlan.at(starts, 10, 5), balanced=balanced)
+    ref = reconstruct_reference(unet_eps, SCHEDULE, images, PATHS[:batch],
+                                ReconstructionPlan.at(starts, 10, 5))
+    fast = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS[:batch],
+                               ReconstructionPlan.at(starts, 10, 5), balanced=balanced)
     assert (ref - fast).abs().max() < 1e-5
 
 
@@ -101,7 +103,9 @@ def test_balanced_ticks_keep_the_call_count_and_even_out_their_size(steps, k, ba
             return exact(x, t)
 
         images = clean.repeat(batch, 1, 1, 1)
-        out = reconstruct_batched(counting, SCHEDULE, images, PATHS[:batch], ReconstructionPlan.at(starts, steps, 5, recon_steps=recon_steps), balanced=balanced)
+        out = reconstruct_batched(counting, SCHEDULE, images, PATHS[:batch],
+                                  ReconstructionPlan.at(starts, steps, 5, recon_steps=recon_steps),
+                                  balanced=balanced)
         assert (out - clean).abs().max() < 1e-3  # the oracle still lands on the clean image
         assert len(sizes) == max(per_trajectory) and sum(sizes) == sum(per_trajectory)
         if balanced:
@@ -117,13 +121,16 @@ def test_batch_size_order_and_chunking_change_nothing(unet_eps):
     starts = start_timesteps(20, 2)
     full = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS, ReconstructionPlan.at(starts, 20, 5))
     one_by_one = torch.cat(
-        [reconstruct_batched(unet_eps, SCHEDULE, images[i : i + 1], PATHS[i : i + 1], ReconstructionPlan.at(starts, 20, 5)) for i in range(7)],
+        [reconstruct_batched(unet_eps, SCHEDULE, images[i : i + 1], PATHS[i : i + 1],
+                             ReconstructionPlan.at(starts, 20, 5)) for i in range(7)],
         dim=1,
     )
     assert (full - one_by_one).abs().max() < 1e-5
-    reversed_starts = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS, ReconstructionPlan.at(starts[::-1], 20, 5))
+    reversed_starts = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS,
+                                          ReconstructionPlan.at(starts[::-1], 20, 5))
     assert (full - reversed_starts.flip(0)).abs().max() < 1e-5
-    chunked = reconstruct_batched(_rechunk(unet_eps, 5), SCHEDULE, images, PATHS, ReconstructionPlan.at(starts, 20, 5))
+    chunked = reconstruct_batched(_rechunk(unet_eps, 5), SCHEDULE, images, PATHS,
+                                           ReconstructionPlan.at(starts, 20, 5))
     assert (full - chunked).abs().max() < 1e-5
 
 
@@ -139,7 +146,8 @@ def test_plms_history_reset_per_start_point(unet_eps):
     torch.manual_seed(4)
     images = torch.rand(2, 1, 8, 8)
     alone = reconstruct_reference(unet_eps, SCHEDULE, images, PATHS[:2], ReconstructionPlan.at([101], 20, 5))
-    with_others = reconstruct_reference(unet_eps, SCHEDULE, images, PATHS[:2], ReconstructionPlan.at([1, 51, 101], 20, 5))
+    with_others = reconstruct_reference(unet_eps, SCHEDULE, images, PATHS[:2],
+                                        ReconstructionPlan.at([1, 51, 101], 20, 5))
     assert torch.equal(alone[0], with_others[2])
 
 
@@ -157,19 +165,23 @@ def test_recon_steps(unet_eps):
     torch.manual_seed(5)
     images = torch.rand(2, 1, 8, 8)
     starts = start_timesteps(20, 4)
-    full = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS[:2], ReconstructionPlan.at(starts[:2], 20, 5))
-    same = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS[:2], ReconstructionPlan.at(starts[:2], 20, 5, recon_steps=20))
+    full = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS[:2],
+                               ReconstructionPlan.at(starts[:2], 20, 5))
+    same = reconstruct_batched(unet_eps, SCHEDULE, images, PATHS[:2],
+                               ReconstructionPlan.at(starts[:2], 20, 5, recon_steps=20))
     assert torch.equal(full, same)
     clean = images[:1]
     exact = oracle_for(clean, SCHEDULE)
-    oracle = reconstruct_batched(exact, SCHEDULE, clean, PATHS[:1], ReconstructionPlan.at(starts, 20, 5, recon_steps=3))
+    oracle = reconstruct_batched(exact, SCHEDULE, clean, PATHS[:1],
+                                 ReconstructionPlan.at(starts, 20, 5, recon_steps=3))
     assert (oracle - clean).abs().max() < 1e-4
 
     def imperfect(x, t):  # a model whose error depends on t, so the path taken matters
         return exact(x, t) + 0.2 * torch.sin(x * t.reshape(-1, 1, 1, 1) / 100)
 
     full = reconstruct_batched(imperfect, SCHEDULE, clean, PATHS[:1], ReconstructionPlan.at(starts, 20, 5))
-    fewer = reconstruct_batched(imperfect, SCHEDULE, clean, PATHS[:1], ReconstructionPlan.at(starts, 20, 5, recon_steps=3))
+    fewer = reconstruct_batched(imperfect, SCHEDULE, clean, PATHS[:1],
+                                ReconstructionPlan.at(starts, 20, 5, recon_steps=3))
     assert torch.equal(full[0], fewer[0])  # t=1: a single step either way
     assert (full[1:] - fewer[1:]).abs().max() > 1e-3
 
@@ -183,11 +195,13 @@ def test_evaluations_per_image_counts_the_engines_calls(recon_steps, skip_factor
         return torch.zeros_like(x)
 
     starts = start_timesteps(100, skip_factor)
-    reconstruct_batched(zero_noise, SCHEDULE, torch.rand(1, 1, 4, 4), ["a.npy"], ReconstructionPlan.at(starts, 100, 0, recon_steps=recon_steps))
+    reconstruct_batched(zero_noise, SCHEDULE, torch.rand(1, 1, 4, 4), ["a.npy"],
+                                                         ReconstructionPlan.at(starts, 100, 0, recon_steps=recon_steps))
     assert evaluations_per_image(starts, 100, recon_steps) == sum(calls)
     if recon_steps is None:
         batched_calls, calls[:] = list(calls), []
-        reconstruct_reference(zero_noise, SCHEDULE, torch.rand(1, 1, 4, 4), ["a.npy"], ReconstructionPlan.at(starts, 100, 0))
+        reconstruct_reference(zero_noise, SCHEDULE, torch.rand(1, 1, 4, 4), ["a.npy"],
+                                                               ReconstructionPlan.at(starts, 100, 0))
         assert sum(calls) == sum(batched_calls)
     if recon_steps is None and skip_factor == 16:
         assert sum(calls) == 349  # the README's figure for the quickstart's full path

@@ -38,7 +38,8 @@ def test_images_come_back_through_the_autoencoder_and_are_clamped_last():
     assert recons.shape == (len(starts), 2, 1, 8, 8)
     assert (recons - images).abs().max() < 1e-4  # the oracle restores the image, b_scale undone by decode
     # The same as the engine in model space, decoded and clamped by hand.
-    samples = reconstruct_batched(model.eps_fn, schedule, ae.encode(images), KEYS, ReconstructionPlan.at(starts, 10, 3))
+    samples = reconstruct_batched(model.eps_fn, schedule, ae.encode(images), KEYS,
+                                                                    ReconstructionPlan.at(starts, 10, 3))
     assert torch.equal(recons, (samples / 2.0).clamp(0, 1))
 
 
@@ -89,11 +90,13 @@ def test_volumes_are_decoded_and_measured_in_bounded_chunks_with_the_same_values
     torch.manual_seed(0)
     metrics = ReconstructionMetrics("cpu", lpips_net=build_lpips(pretrained_backbone=False))
     starts = start_timesteps(10, 4)  # S start points x 3 images = 3S reconstructions
-    whole = pipeline.measure_batch(model, metrics, images, ["a", "b", "c"], ReconstructionPlan.at(starts, 10, 3))
+    whole = pipeline.measure_batch(model, metrics, images, ["a", "b", "c"],
+                                   ReconstructionPlan.at(starts, 10, 3))
     assert decoded_rows == [3 * len(starts)]
     decoded_rows.clear()
     monkeypatch.setattr(pipeline, "MEASURE_VOXELS", 2 * 512)  # two 8^3 volumes at a time
-    chunked = pipeline.measure_batch(model, metrics, images, ["a", "b", "c"], ReconstructionPlan.at(starts, 10, 3))
+    chunked = pipeline.measure_batch(model, metrics, images, ["a", "b", "c"],
+                                     ReconstructionPlan.at(starts, 10, 3))
     assert decoded_rows == [2] * (3 * len(starts) // 2) + [1] * (3 * len(starts) % 2)
     for name in METRIC_COLUMNS:
         assert whole[name].shape == (len(starts), 3) and whole[name].min() > 0

@@ -16,13 +16,13 @@ import os
 from collections.abc import Callable, Sequence
 
 from ddpm_ood.cli.options import boolish, field_default, positive_float
-from ddpm_ood.data.prepare import (
+from ddpm_ood.data.sources import COMPUTER_VISION, family_of
+from ddpm_ood.data.stage import (
     DATASETS,
     GROUPS,
     PreparationJob,
     run_preparation,
 )
-from ddpm_ood.data.sources import COMPUTER_VISION, family_of
 
 
 def dataset_list_type(accepted: Sequence[str], groups: dict[str, tuple[str, ...]]) -> Callable[[str], tuple[str, ...]]:

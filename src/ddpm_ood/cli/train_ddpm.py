@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from ddpm_ood.cli.options import (
     add_data_options,
@@ -30,6 +29,7 @@ from ddpm_ood.cli.options import (
 )
 from ddpm_ood.config import DataConfig, ScheduleConfig
 from ddpm_ood.diffusion.unet import model_config_from_preset
+from ddpm_ood.results.run_dir import RunDir
 from ddpm_ood.training.loop import TrainConfig
 from ddpm_ood.training.stage import DDPMTrainingJob, train_ddpm_stage
 from ddpm_ood.upstream.flags import noise_type_for_flags
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     schedule = ScheduleConfig(beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end,
                               prediction_type=args.prediction_type, b_scale=args.b_scale, snr_shift=args.snr_shift,
                               noise_type=noise_type_for_flags(args.simplex_noise, upstream_checkpoint=False))
-    loop = TrainConfig(run_dir=str(Path(args.output_dir) / args.model_name), n_epochs=args.n_epochs,
+    loop = TrainConfig(run_dir=str(RunDir(args.output_dir, args.model_name).path), n_epochs=args.n_epochs,
                        eval_freq=args.eval_freq, checkpoint_every=args.checkpoint_every,
                        resume_epoch=args.ddpm_checkpoint_epoch, quick_test=args.quick_test, lr=args.lr,
                        ema_decay=args.ema_decay, batch_size=args.batch_size,

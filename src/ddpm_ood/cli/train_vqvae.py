@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from ddpm_ood.cli.options import (
     add_data_options,
@@ -30,6 +29,7 @@ from ddpm_ood.cli.options import (
 )
 from ddpm_ood.config import DataConfig, VQVAEConfig
 from ddpm_ood.errors import UserError
+from ddpm_ood.results.run_dir import RunDir
 from ddpm_ood.training.loop import TrainConfig
 from ddpm_ood.training.stage import (
     VQVAE_BATCH_SIZE,
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     refuse_unsupported(args)
     data = DataConfig(is_grayscale=args.is_grayscale, spatial_dims=args.spatial_dimension,
                       image_size=args.image_size, image_roi=args.image_roi, channel=args.channel)
-    loop = TrainConfig(run_dir=str(Path(args.output_dir) / args.model_name), n_epochs=args.n_epochs,
+    loop = TrainConfig(run_dir=str(RunDir(args.output_dir, args.model_name).path), n_epochs=args.n_epochs,
                        eval_freq=args.eval_freq, checkpoint_every=args.checkpoint_every, quick_test=args.quick_test,
                        lr=args.vqvae_learning_rate, batch_size=args.batch_size,
                        seed=args.seed, sample_steps=0, checkpoint_every_minutes=args.checkpoint_every_minutes)

@@ -155,6 +155,12 @@ class ScoreFamily:
         """The settings as stored in a sidecar (JSON-able)."""
         return json_ready(dataclasses.asdict(settings))
 
+    def feature_sidecar(self, settings: Any, noise_type: str) -> dict[str, Any]:
+        """What this family adds to the sidecar of each of its feature files: its name, feature columns, network
+        evaluations per image, the model's noise type and its own settings as stored (``settings_record``)."""
+        return {"family": self.name, "features": self.columns(settings), "nfe": self.nfe(settings),
+                "noise_type": noise_type, "settings": self.settings_record(settings)}
+
     def settings_from(self, record: dict[str, Any]) -> Any:
         """The settings stored by ``settings_record``; UserError when they do not fit this family's settings."""
         try:

@@ -126,10 +126,10 @@ def reconstruct_batched(
     S*B at first and a handful at the end: the largest call halves (memory), the speed on a CPU is the same within
     run-to-run noise (benchmarks/README.md); ``balanced=False`` advances every unfinished trajectory at each tick.
     ``keys``: the images' noise keys (the plan's protocol applied here). ``noise``: the (S, B, ...) start noise if
-    already drawn (reconstruct.py draws it one batch ahead with ``diffusion.noise.row_noise_batch``, overlapping
-    the network), else drawn here. A memory budget (``max_batch``) is the eps_fn's business (``model_eps_fn`` chunks each call). Each trajectory's
-    steps and PLMS history are its own, so grouping changes results only by the network's float rounding.
-    """
+    already drawn (reconstruct.py draws it one batch ahead with ``diffusion.noise.row_noise_batch``, overlapping the
+    network), else drawn here. A memory budget (``max_batch``) is the eps_fn's business (``model_eps_fn`` chunks
+    each call). Each trajectory's steps and PLMS history are its own, so grouping changes results only by the
+    network's float rounding."""
     device = x0.device
     start_ts, num_inference_steps, recon_steps = plan.starts, plan.num_inference_steps, plan.recon_steps
     n_starts, batch = len(start_ts), x0.shape[0]

@@ -8,19 +8,25 @@ samples encoded, decoded and clamped.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader
 
 from ddpm_ood.autoencoder.base import to_image
+from ddpm_ood.diffusion.noise import row_noise_batch
 from ddpm_ood.diffusion.schedule import alphas_cumprod
 from ddpm_ood.families import compute_features, get_family
+from ddpm_ood.fileio import image_stem
+from ddpm_ood.preemption import stop_signals_blocked
 from ddpm_ood.reconstruction.engine import reconstruct_batched, reconstruct_reference
 from ddpm_ood.reconstruction.plan import ReconstructionPlan
 from ddpm_ood.results.schema import METRIC_COLUMNS
 from ddpm_ood.runs import RunModel
+from ddpm_ood.seeding import noise_key
 
 if TYPE_CHECKING:
     from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
@@ -141,3 +147,36 @@ def result_rows(
         # (S, B) -> image-major rows; fp32 values widened to float64 exactly, as float() would.
         frame[name] = values[name].T.reshape(-1).numpy().astype(np.float64)
     return frame
+
+
+def set_batches(loader: DataLoader, plan: ReconstructionPlan, device: torch.device, model: RunModel,
+                with_noise: bool = True) -> Iterator[SetBatch]:
+    """The loader's batches (``data.datasets.ImageDataset`` items) as ``SetBatch``es on ``device``, each with its
+    start noise (S, B, *model_shape); the noise of the NEXT batch is drawn in a background thread while the caller runs
+    this one through the network (the same ``diffusion.noise.row_noise_batch`` numbers, so nothing changes; in the
+    main process, so no shared-memory traffic). Gaussian noise is drawn on the CPU and pinned on CUDA for a copy
+    without a host wait; simplex noise is computed on ``device``. ``with_noise`` False: no start noise (None), for
+    passes that draw their own."""
+    noise_type = model.schedule.noise_type
+
+    def draw(batch: dict) -> tuple[list[str], torch.Tensor | None]:
+        keys = [noise_key(p) for p in batch["path"]]
+        if not with_noise:
+            return keys, None
+        noise = row_noise_batch(noise_type, plan.seed, plan.noise_keys(keys), plan.starts, model.model_shape, device)
+        return keys, noise.pin_memory() if noise.device.type == "cpu" and device.type == "cuda" else noise
+
+    def as_set_batch(batch: dict, keys: list[str], noise: torch.Tensor | None) -> SetBatch:
+        return ([int(i) for i in batch["index"]], [image_stem(p) for p in batch["path"]],
+                batch["image"].to(device, non_blocking=True), keys, noise)
+
+    with stop_signals_blocked():  # its workers start ignoring the stop signals (preemption.ignore_stop_signals)
+        batches = iter(loader)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        current = next(batches, None)
+        pending = pool.submit(draw, current) if current is not None else None
+        while current is not None:
+            following = next(batches, None)
+            upcoming = pool.submit(draw, following) if following is not None else None
+            yield as_set_batch(current, *pending.result())
+            current, pending = following, upcoming

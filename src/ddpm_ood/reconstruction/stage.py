@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
-import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ddpm_ood.compute import ComputeOptions
 from ddpm_ood.data.datasets import ImageDataset, dataset_from_csv
 from ddpm_ood.devices import describe_device
-from ddpm_ood.diffusion.noise import describe_noise, row_noise_batch
+from ddpm_ood.diffusion.noise import describe_noise
 from ddpm_ood.diffusion.schedule import alphas_cumprod
 from ddpm_ood.distributed import (
     DistContext,
@@ -43,22 +41,20 @@ from ddpm_ood.families import (
     make_settings,
     without_reconstruction,
 )
-from ddpm_ood.fileio import check_output_dir, image_stem, run_lock
+from ddpm_ood.fileio import check_output_dir, run_lock
 from ddpm_ood.preemption import (
     Preempted,
     loader_worker_init,
     stop_on_signals,
     stop_requested,
-    stop_signals_blocked,
 )
 from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
-from ddpm_ood.reconstruction.pipeline import SetBatch, feature_rows, measured_rows
+from ddpm_ood.reconstruction.pipeline import SetBatch, feature_rows, measured_rows, set_batches
 from ddpm_ood.reconstruction.plan import ReconstructionPlan
-from ddpm_ood.results.run_dir import RunDir
-from ddpm_ood.results.schema import FEATURE_KEY_COLUMNS, IN_NAME, VAL_NAME, out_set_name
-from ddpm_ood.results.writer import ResumableResults, reconstruction_settings
+from ddpm_ood.results.schema import IN_NAME, VAL_NAME, out_set_name
+from ddpm_ood.results.writer import ResumableResults, feature_writers, reconstruction_settings
 from ddpm_ood.runs import RunModel, RunSource, TrainedRun, check_image_shape, load_run_model, with_image_shape
-from ddpm_ood.seeding import NOISE_KEY_RULE, noise_key
+from ddpm_ood.seeding import NOISE_KEY_RULE
 
 
 class PlannedSet(NamedTuple):
@@ -163,8 +159,18 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
     sets = job.sets.planned()
     run = job.run.open()  # the checkpoint first: a typo'd --model_name must not leave an empty folder behind
     run_dir = job.run.run_dir
+    # Every set's dataset opened before any work (and before the output folder is made), so a bad CSV fails with
+    # nothing written; an upstream checkpoint's configuration completed from the first set's images.
+    datasets = {s.name: dataset_from_csv(s.csv, run.data, first_n=s.first_n, cache=job.compute.cache_data)
+                for s in sets}
+    run = with_image_shape(run, datasets[sets[0].name].image_shape, sets[0].csv)
+    if run.upstream:
+        noise = run.config.schedule.noise_type
+        said = "" if noise == "gaussian" else f"; noise {describe_noise(noise)}"
+        print(f"{run.path}: no stored config (upstream checkpoint); using the model flags given{said}")
+    for s in sets:
+        check_image_shape(run.config, datasets[s.name].image_shape, s.csv)
     results_dir = check_output_dir(run_dir.ood, "--output_dir/--model_name")
-    run, datasets = _open_sets(run, sets, job.compute.cache_data)
     plan = job.plan.on_schedule(run.config.schedule.num_train_timesteps)
     families = without_reconstruction(job.scores)
     family_settings = make_settings(families, job.score_options, score_context(run, plan.seed))  # fails before work
@@ -183,36 +189,30 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
             stage = _Pass(ctx, model, plan, precision, job.compute)
             metrics = ReconstructionMetrics(ctx.device) if RECONSTRUCTION in job.scores else None
             written = []
+            noise_type, latent = run.config.schedule.noise_type, run.config.latent
+            records = {f: get_family(f).feature_sidecar(family_settings[f], noise_type) for f in families}
             for planned in sets:
-                settings = _settings(run, stage, planned, job.run.use_ema)
+                settings = reconstruction_settings(
+                    checkpoint=run.path, checkpoint_epoch=run.epoch, csv=planned.csv, first_n=planned.first_n,
+                    seed=plan.seed, num_inference_steps=plan.num_inference_steps,
+                    inference_skip_factor=plan.inference_skip_factor, recon_steps=plan.recon_steps,
+                    start_timesteps=plan.starts, use_ema=job.run.use_ema, precision=precision,
+                    noise_key=NOISE_KEY_RULE, autoencoder=None if latent is None else latent.weights_sha256,
+                    noise_type=noise_type, recon_noise=plan.noise, pretrained=run.identity)
                 if metrics is not None:
                     writer = ResumableResults(run_dir.results(planned.name), settings, len(plan.starts))
                     _run_set(stage, {RECONSTRUCTION: writer}, datasets[planned.name], planned,
                              _as_family_rows(RECONSTRUCTION, partial(measured_rows, model, metrics, plan)))
                     written.append(writer.path)
                 if families:
-                    writers = _feature_writers(run_dir, families, family_settings, planned.name, settings,
-                                               run.config.schedule.noise_type)
+                    writers = feature_writers({f: run_dir.features(f, planned.name) for f in families}, settings,
+                                              records)
                     _run_set(stage, writers, datasets[planned.name], planned,
                              partial(feature_rows, model, families, family_settings))
                     written.extend(w.path for w in writers.values())
             return written
     finally:
         cleanup_distributed()
-
-
-def _open_sets(run: TrainedRun, sets: list[PlannedSet], cache: bool) -> tuple[TrainedRun, dict[str, ImageDataset]]:
-    """Every set's dataset, opened before any work so a bad CSV fails with nothing written, and the run with its
-    configuration complete for their images (an upstream checkpoint's, from the first set's image shape)."""
-    datasets = {s.name: dataset_from_csv(s.csv, run.data, first_n=s.first_n, cache=cache) for s in sets}
-    run = with_image_shape(run, datasets[sets[0].name].image_shape, sets[0].csv)
-    if run.upstream:
-        noise = run.config.schedule.noise_type
-        said = "" if noise == "gaussian" else f"; noise {describe_noise(noise)}"
-        print(f"{run.path}: no stored config (upstream checkpoint); using the model flags given{said}")
-    for s in sets:
-        check_image_shape(run.config, datasets[s.name].image_shape, s.csv)
-    return run, datasets
 
 
 def _as_family_rows(family: str, rows_of: Callable[[Iterator[SetBatch], str], Iterator[pd.DataFrame]]):
@@ -235,37 +235,6 @@ def score_context(run: TrainedRun, seed: int) -> ScoreContext:
                         data_scale=1.0 if data_range is None else float(data_range[1] - data_range[0]))
 
 
-def _feature_writers(run_dir: RunDir, families: list[str], fam: dict, name: str,
-                     settings: dict, noise_type: str) -> dict[str, ResumableResults]:
-    """One resumable feature file per family for set ``name``; its sidecar holds the set's settings (less the
-    reconstruction grid and protocol), the family's network evaluations per image and its own settings as stored
-    (``ScoreFamily.settings_record``)."""
-    common = {k: v for k, v in settings.items() if k not in
-              ("num_inference_steps", "inference_skip_factor", "recon_steps", "start_timesteps", "recon_noise")}
-    writers = {}
-    for family in families:
-        record = get_family(family)
-        columns = record.columns(fam[family])
-        own = {"family": family, "features": columns, "nfe": record.nfe(fam[family]),
-               "noise_type": noise_type, "settings": record.settings_record(fam[family])}
-        path = run_dir.features(family, name)
-        check_output_dir(path.parent, "--output_dir/--model_name")
-        writers[family] = ResumableResults(path, {**common, **own}, 1, columns=[*FEATURE_KEY_COLUMNS, *columns])
-    return writers
-
-
-def _settings(run: TrainedRun, stage: _Pass, planned: PlannedSet, use_ema: bool) -> dict:
-    """The sidecar of one results file: every setting its numbers depend on."""
-    latent, plan = run.config.latent, stage.plan
-    return reconstruction_settings(
-        checkpoint=run.path, checkpoint_epoch=run.epoch, csv=planned.csv, first_n=planned.first_n, seed=plan.seed,
-        num_inference_steps=plan.num_inference_steps, inference_skip_factor=plan.inference_skip_factor,
-        recon_steps=plan.recon_steps, start_timesteps=plan.starts, use_ema=use_ema, precision=stage.precision,
-        noise_key=NOISE_KEY_RULE, autoencoder=None if latent is None else latent.weights_sha256,
-        noise_type=run.config.schedule.noise_type, recon_noise=plan.noise, pretrained=run.identity,
-    )
-
-
 def _run_set(stage: _Pass, writers: dict[str, ResumableResults], dataset: ImageDataset, planned: PlannedSet,
              rows_of: Callable[[Iterator[SetBatch], str], Iterator[dict[str, pd.DataFrame]]]) -> None:
     """One set into one or more files written together (``writers``, by family): the images some file still lacks,
@@ -283,7 +252,7 @@ def _run_set(stage: _Pass, writers: dict[str, ResumableResults], dataset: ImageD
     per_round = stage.compute.batch_size * ctx.world_size
     n_batches = max((len(todo) + per_round - 1) // per_round, 1)
     with_noise = RECONSTRUCTION in writers  # the engine's start noise is drawn ahead; the families draw their own
-    batches = _batches_with_noise(_loader(stage, Subset(dataset, todo[ctx.rank :: ctx.world_size])), stage.plan,
+    batches = set_batches(_loader(stage, Subset(dataset, todo[ctx.rank :: ctx.world_size])), stage.plan,
                                   ctx.device, stage.model, with_noise)
     batch_rows = rows_of(batches, planned.row_type)
     bar = tqdm(total=len(todo), desc=f"{'reconstruct' if with_noise else 'features'} {planned.name}", unit="img",
@@ -302,7 +271,15 @@ def _run_set(stage: _Pass, writers: dict[str, ResumableResults], dataset: ImageD
             n_images = max(frame["index"].nunique() for frame in rows.values())
             bar.update(n_images)
             bar.set_postfix(img_per_s=f"{n_images / max(time.perf_counter() - started, 1e-9):.2f}")
-        _stop_if_requested(ctx, bar, writers, planned.name, len(todo))
+        # Every rank looks at the stop flag after each batch, and they agree: all stop after the same batch, the
+        # main rank's appends on disk first.
+        if any_rank([stop_requested() is not None], ctx)[0]:
+            bar.close()
+            barrier(ctx)
+            partials = ", ".join(str(w.partial) for w in writers.values())
+            raise Preempted(f"{stop_requested() or 'a stop signal on another rank'}: stopped in set {planned.name} "
+                            f"after {bar.n} of {len(todo)} images; their rows are in {partials}; run the same command "
+                            "to continue")
     bar.close()
     barrier(ctx)
     if ctx.is_main:
@@ -317,48 +294,3 @@ def _loader(stage: _Pass, images: Subset) -> DataLoader:
     return DataLoader(images, batch_size=stage.compute.batch_size, shuffle=False, num_workers=workers,
                       pin_memory=stage.ctx.device.type == "cuda",
                       worker_init_fn=loader_worker_init() if workers > 0 else None)
-
-
-def _stop_if_requested(ctx: DistContext, bar: tqdm, writers: dict[str, ResumableResults], name: str,
-                       n_todo: int) -> None:
-    """Every rank looks at the stop flag after each batch, and they agree: all stop after the same batch, the
-    main rank's appends on disk first (``Preempted``)."""
-    if any_rank([stop_requested() is not None], ctx)[0]:
-        bar.close()
-        barrier(ctx)
-        partials = ", ".join(str(w.partial) for w in writers.values())
-        raise Preempted(f"{stop_requested() or 'a stop signal on another rank'}: stopped in set {name} after "
-                        f"{bar.n} of {n_todo} images; their rows are in {partials}; run the same command to "
-                        "continue")
-
-
-def _batches_with_noise(loader: DataLoader, plan: ReconstructionPlan, device: torch.device, model: RunModel,
-                        with_noise: bool = True) -> Iterator[SetBatch]:
-    """The loader's batches as ``SetBatch``es on ``device``, each with its start noise (S, B, *model_shape); the
-    noise of the NEXT batch is drawn in a background thread while the caller runs this one through the network (the
-    same ``diffusion.noise.row_noise_batch`` numbers, so nothing changes; in the main process, so no shared-memory
-    traffic). Gaussian noise is drawn on the CPU and pinned on CUDA for a copy without a host wait; simplex noise is
-    computed on ``device``. ``with_noise`` False: no start noise (None), for passes that draw their own."""
-    noise_type = model.schedule.noise_type
-
-    def draw(batch: dict) -> tuple[list[str], torch.Tensor | None]:
-        keys = [noise_key(p) for p in batch["path"]]
-        if not with_noise:
-            return keys, None
-        noise = row_noise_batch(noise_type, plan.seed, plan.noise_keys(keys), plan.starts, model.model_shape, device)
-        return keys, noise.pin_memory() if noise.device.type == "cpu" and device.type == "cuda" else noise
-
-    def as_set_batch(batch: dict, keys: list[str], noise: torch.Tensor | None) -> SetBatch:
-        return ([int(i) for i in batch["index"]], [image_stem(p) for p in batch["path"]],
-                batch["image"].to(device, non_blocking=True), keys, noise)
-
-    with stop_signals_blocked():  # its workers start ignoring the stop signals (preemption.ignore_stop_signals)
-        batches = iter(loader)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        current = next(batches, None)
-        pending = pool.submit(draw, current) if current is not None else None
-        while current is not None:
-            following = next(batches, None)
-            upcoming = pool.submit(draw, following) if following is not None else None
-            yield as_set_batch(current, *pending.result())
-            current, pending = following, upcoming

@@ -20,9 +20,9 @@ from typing import Any
 import pandas as pd
 
 from ddpm_ood.errors import UserError, one_line
-from ddpm_ood.fileio import atomic_write_csv, atomic_write_text
+from ddpm_ood.fileio import atomic_write_csv, atomic_write_text, check_output_dir
 from ddpm_ood.results.provenance import describe_changes
-from ddpm_ood.results.schema import RESULT_COLUMNS
+from ddpm_ood.results.schema import FEATURE_KEY_COLUMNS, RESULT_COLUMNS
 from ddpm_ood.upstream.legacy import upgrade_sidecar
 
 PARTIAL_COLUMNS = ["index", *RESULT_COLUMNS]
@@ -128,6 +128,26 @@ class ResumableResults:
         self.partial.unlink(missing_ok=True)
         self.partial_settings_path.unlink(missing_ok=True)
         return final
+
+
+# Settings of a results file that a feature file does not have (the reconstruction's grid and noise protocol).
+RECONSTRUCTION_ONLY_KEYS = ("num_inference_steps", "inference_skip_factor", "recon_steps", "start_timesteps",
+                            "recon_noise")
+
+
+def feature_writers(paths: dict[str, Path], set_settings: dict, families: dict[str, dict]) -> dict[str,
+                                                                                                   ResumableResults]:
+    """One resumable feature file per family (``paths``: {family: its file}, folders made and checked here): its
+    sidecar holds the set's settings (``reconstruction_settings`` less ``RECONSTRUCTION_ONLY_KEYS``) and what the
+    family adds (``families[family]``: ``ScoreFamily.feature_sidecar``); its columns: ``FEATURE_KEY_COLUMNS``, then
+    the family's features."""
+    common = {k: v for k, v in set_settings.items() if k not in RECONSTRUCTION_ONLY_KEYS}
+    writers = {family: ResumableResults(path, {**common, **families[family]}, 1,
+                                        columns=[*FEATURE_KEY_COLUMNS, *families[family]["features"]])
+               for family, path in paths.items()}
+    for writer in writers.values():
+        check_output_dir(writer.path.parent, "--output_dir/--model_name")
+    return writers
 
 
 def read_settings(path: str | os.PathLike) -> dict | None:

@@ -1,4 +1,4 @@
-"""Dataset families, one module each, and the registry that ``data.prepare`` dispatches through.
+"""Dataset families, one module each, and the registry that ``data.stage`` dispatches through.
 
 A family is one of two kinds:
 

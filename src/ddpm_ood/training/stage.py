@@ -98,7 +98,8 @@ class DDPMTrainingJob:
     """Everything train_ddpm.py does. ``loop.run_dir`` is ``<output_dir>/<model_name>``; ``vqvae_checkpoint``:
     train in that frozen VQ-VAE's latent space (``latent_pad``: F.pad amounts for the latents, None = automatic or
     the resumed run's); ``schedule.noise_type`` "simplex" with ``--simplex_noise=1``; resuming a run started from an
-    upstream checkpoint keeps upstream's noise."""
+    upstream checkpoint keeps upstream's noise. ``compute``: device, precision, workers (recorded as
+    ``loop.num_workers``), data cache, torchrun timeout."""
 
     training_ids: str
     validation_ids: str
@@ -187,7 +188,7 @@ VQVAE_SPATIAL_DIMS = 3
 @dataclass(frozen=True)
 class VQVAETrainingJob:
     """Everything train_vqvae.py does: the VQ-VAE ``vqvae`` (MONAI core arguments) trained with ``losses`` on the
-    images of ``training_ids``; ``loop.run_dir`` is ``<output_dir>/<model_name>``."""
+    images of ``training_ids``; ``loop.run_dir`` is ``<output_dir>/<model_name>``; ``compute`` as the DDPM's."""
 
     training_ids: str
     validation_ids: str

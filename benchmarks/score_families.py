@@ -99,6 +99,7 @@ from ddpm_ood.families.noise_levels import DENOISING_ERROR, EPS_NORM, NoiseLevel
 from ddpm_ood.ood.metrics import detection_metrics
 from ddpm_ood.reconstruction.engine import evaluations_per_image
 from ddpm_ood.reconstruction.plan import ReconstructionPlan
+from ddpm_ood.seeding import DEFAULT_SEED
 
 DEFAULT_CHECKPOINT = Path("runs/quickstart/output/fashionmnist_tiny_fast/checkpoint.pth")  # after the quickstart
 DEFAULT_SPLITS = Path("runs/quickstart/data/data_splits")
@@ -416,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost_steps", type=int, default=10, help="K of the cost comparison (10)")
     p.add_argument("--skip_factor", type=int, default=16, help="reconstruction --inference_skip_factor (16)")
     p.add_argument("--num_inference_steps", type=int, default=100, help="reconstruction PLMS grid (100)")
-    p.add_argument("--seed", type=int, default=2, help="noise seed (reconstruct.py's default 2)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"noise seed (reconstruct.py's default {DEFAULT_SEED})")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="forward-pass precision of every network call (default fp32)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")

@@ -49,7 +49,7 @@ from ddpm_ood.ood.plots import plot_auroc_per_t, plot_auroc_vs_nfe, plot_roc_cur
 from ddpm_ood.ood.scorer import OODScorer, collect_inputs
 from ddpm_ood.ood.zscore import DEFAULT_SCORE, SCORE_NAMES
 from ddpm_ood.results.run_dir import RunDir
-from ddpm_ood.results.schema import IN_NAME, VAL_NAME
+from ddpm_ood.results.schema import IN_NAME, RUN_DIR_FLAGS, VAL_NAME
 from ddpm_ood.seeding import DEFAULT_SEED
 
 SUMMARY_CSV = "summary.csv"
@@ -103,7 +103,7 @@ def evaluate_model(cfg: DetectionJob, model_name: str) -> pd.DataFrame:
     run_dir = RunDir(cfg.output_dir, model_name)
     if not run_dir.ood.is_dir():
         raise UserError(f"{run_dir.ood}: results directory not found (run reconstruct.py for this model first)")
-    check_output_dir(run_dir.ood, "--output_dir/--model_name")
+    check_output_dir(run_dir.ood, RUN_DIR_FLAGS)
     with run_lock(run_dir.ood, "ood_detection"):
         return _evaluate_model(cfg, run_dir)
 

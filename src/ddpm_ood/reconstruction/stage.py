@@ -51,7 +51,7 @@ from ddpm_ood.preemption import (
 from ddpm_ood.reconstruction.metrics import ReconstructionMetrics
 from ddpm_ood.reconstruction.pipeline import SetBatch, feature_rows, measured_rows, set_batches
 from ddpm_ood.reconstruction.plan import ReconstructionPlan
-from ddpm_ood.results.schema import IN_NAME, VAL_NAME, out_set_name
+from ddpm_ood.results.schema import IN_NAME, RUN_DIR_FLAGS, VAL_NAME, out_set_name
 from ddpm_ood.results.writer import ResumableResults, feature_writers, reconstruction_settings
 from ddpm_ood.runs import RunModel, RunSource, TrainedRun, check_image_shape, load_run_model, with_image_shape
 from ddpm_ood.seeding import NOISE_KEY_RULE
@@ -170,13 +170,13 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
         print(f"{run.path}: no stored config (upstream checkpoint); using the model flags given{said}")
     for s in sets:
         check_image_shape(run.config, datasets[s.name].image_shape, s.csv)
-    results_dir = check_output_dir(run_dir.ood, "--output_dir/--model_name")
+    results_dir = check_output_dir(run_dir.ood, RUN_DIR_FLAGS)
     plan = job.plan.on_schedule(run.config.schedule.num_train_timesteps)
     families = without_reconstruction(job.scores)
     family_settings = make_settings(families, job.score_options, score_context(run, plan.seed))  # fails before work
     ctx = init_distributed(job.compute.device, job.compute.dist_timeout)
     try:
-        check_shared_folder(results_dir, ctx, "--output_dir/--model_name")
+        check_shared_folder(results_dir, ctx, RUN_DIR_FLAGS)
         precision = job.compute.precision_on(ctx.device)
         if ctx.is_main:
             print(f"device: {describe_device(ctx.device)}; precision: {precision}")

@@ -20,6 +20,8 @@ RESULT_COLUMNS = ["filename", "type", "t", "perceptual_difference", "mse"]
 METRIC_COLUMNS = ("mse", "perceptual_difference")
 VAL_NAME = "val"
 IN_NAME = "in"
+# How users name a run folder (``run_dir.RunDir``), for the messages about it: every stage's folder checks.
+RUN_DIR_FLAGS = "--output_dir/--model_name"
 RESULTS_PATTERN = re.compile(r"^results_(?P<name>.+)\.csv$")
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 from ddpm_ood.errors import UserError, one_line
 from ddpm_ood.fileio import atomic_write_csv, atomic_write_text, check_output_dir
 from ddpm_ood.results.provenance import describe_changes
-from ddpm_ood.results.schema import FEATURE_KEY_COLUMNS, RESULT_COLUMNS
+from ddpm_ood.results.schema import FEATURE_KEY_COLUMNS, RESULT_COLUMNS, RUN_DIR_FLAGS
 from ddpm_ood.upstream.legacy import upgrade_sidecar
 
 PARTIAL_COLUMNS = ["index", *RESULT_COLUMNS]
@@ -146,7 +146,7 @@ def feature_writers(paths: dict[str, Path], set_settings: dict, families: dict[s
                                         columns=[*FEATURE_KEY_COLUMNS, *families[family]["features"]])
                for family, path in paths.items()}
     for writer in writers.values():
-        check_output_dir(writer.path.parent, "--output_dir/--model_name")
+        check_output_dir(writer.path.parent, RUN_DIR_FLAGS)
     return writers
 
 

@@ -40,6 +40,7 @@ from ddpm_ood.distributed import (
 from ddpm_ood.errors import ParameterError, UserError
 from ddpm_ood.fileio import atomic_write_text, check_output_dir, run_lock
 from ddpm_ood.preemption import stop_on_signals
+from ddpm_ood.results.schema import RUN_DIR_FLAGS
 from ddpm_ood.training.ddpm import train
 from ddpm_ood.training.loop import TrainConfig, log
 from ddpm_ood.training.resume import ResumePoint, already_complete, check_resume_config, find_resume_point
@@ -60,8 +61,8 @@ def run_training_stage(cfg: TrainConfig, compute: ComputeOptions, *, lock_name: 
         try:
             cfg = dataclasses.replace(cfg, precision=compute.precision_on(ctx.device), num_workers=compute.num_workers)
             if ctx.is_main:
-                check_output_dir(run_dir, "--output_dir/--model_name")
-            check_shared_folder(run_dir, ctx, "--output_dir/--model_name")
+                check_output_dir(run_dir, RUN_DIR_FLAGS)
+            check_shared_folder(run_dir, ctx, RUN_DIR_FLAGS)
             if ctx.is_main:
                 print(f"device: {describe_device(ctx.device)}; precision: {cfg.precision}"
                       + (f"; {ctx.world_size} ranks" if ctx.world_size > 1 else ""))

@@ -15,6 +15,8 @@ import torch.distributed as torch_dist
 from tiny_run import REPO_ROOT
 
 from ddpm_ood.checkpoint import LAST_CHECKPOINT, load_checkpoint, run_config_of
+from ddpm_ood.compute import ComputeOptions
+from ddpm_ood.devices import resolve_precision
 from ddpm_ood.distributed import (
     DistContext,
     all_reduce_sum,
@@ -41,6 +43,22 @@ def test_single_process_without_torchrun(monkeypatch):
     assert ctx.is_main and not ctx.distributed
     assert all_reduce_sum([1.5, 2.0], ctx) == [1.5, 2.0]
     cleanup_distributed()  # a no-op without a group
+
+
+@pytest.mark.parametrize("precision, amp", [("fp32", False), (None, False), (None, True)])
+def test_a_stage_joins_its_launch_with_the_precision_resolved_on_the_launch_device(monkeypatch, tmp_path, precision,
+                                                                                    amp):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    try:
+        ctx, resolved = ComputeOptions(device="cpu", precision=precision, amp=amp).launch(tmp_path, "--output_dir")
+        assert torch_dist.is_initialized() and ctx.distributed and ctx.device == torch.device("cpu")
+        assert resolved == resolve_precision(ctx.device, precision=precision, amp=amp)
+    finally:
+        cleanup_distributed()
 
 
 def test_torchrun_environment_starts_and_destroys_a_gloo_group(monkeypatch):

@@ -6,12 +6,11 @@ from that instance."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-import torch
-
 from ddpm_ood.devices import Precision, resolve_precision
-from ddpm_ood.distributed import DEFAULT_DIST_TIMEOUT_S
+from ddpm_ood.distributed import DEFAULT_DIST_TIMEOUT_S, DistContext, check_shared_folder, init_distributed
 from ddpm_ood.errors import ParameterError
 
 
@@ -41,6 +40,11 @@ class ComputeOptions:
         if self.num_workers < 0:
             raise ParameterError(f"num_workers must be >= 0, got {self.num_workers}", "num_workers")
 
-    def precision_on(self, device: torch.device) -> Precision:
-        """The precision asked for, resolved for ``device`` (``devices.resolve_precision``)."""
-        return resolve_precision(device, precision=self.precision, amp=bool(self.amp))
+    def launch(self, shared_folder: str | os.PathLike, flag: str) -> tuple[DistContext, Precision]:
+        """Join the launch on ``device`` (``distributed.init_distributed``: this process alone unless torchrun
+        started it), check that every rank sees ``shared_folder`` (which must exist; UserError naming ``flag``
+        otherwise) and resolve the precision for the launch's device. The caller tears the process group down
+        (``distributed.cleanup_distributed``), also when this raises."""
+        ctx = init_distributed(self.device, self.dist_timeout)
+        check_shared_folder(shared_folder, ctx, flag)
+        return ctx, resolve_precision(ctx.device, precision=self.precision, amp=bool(self.amp))

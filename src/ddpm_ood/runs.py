@@ -253,24 +253,22 @@ def load_run_model(run: TrainedRun, device: torch.device, *, precision: str = "f
     if run.config is None:
         raise ValueError("an upstream checkpoint's configuration needs its image shape first (with_image_shape)")
     config = run.config
+    if run.pretrained is None:
+        autoencoder = autoencoder_for(config, device, vqvae_checkpoint=run.vqvae_checkpoint, loaded=run.vqvae,
+                                      source=str(run.path))
+        network = build_unet(config.model, fused_attention=wants_fused_attention(device))
+        load_unet_state(network, inference_state_dict(run.ckpt, use_ema=use_ema), str(run.path))
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # tick shapes repeat from batch to batch: autotune the convolutions
+    else:
+        autoencoder = RangeAutoencoder(*run.pretrained.data_range)
+        network = run.pretrained.network
+    network = network.to(device).eval()
 
     def autocast() -> contextlib.AbstractContextManager:
         return autocast_context(device, precision)
 
-    if run.pretrained is not None:
-        network = run.pretrained.network.to(device).eval()
-        if device.type == "cuda" and max_batch is None:
-            max_batch = memory_sized_max_batch(network, config.model_shape, device, autocast)
-        eps_fn = model_eps_fn(network, config.schedule, max_batch=max_batch, autocast=autocast)
-        return RunModel(eps_fn, config.schedule, RangeAutoencoder(*run.pretrained.data_range), config.model_shape)
-    autoencoder = autoencoder_for(config, device, vqvae_checkpoint=run.vqvae_checkpoint, loaded=run.vqvae,
-                                  source=str(run.path))
-    model = build_unet(config.model, fused_attention=wants_fused_attention(device))
-    load_unet_state(model, inference_state_dict(run.ckpt, use_ema=use_ema), str(run.path))
-    model.to(device).eval()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # tick shapes repeat from batch to batch: autotune the convolutions
-        if max_batch is None:
-            max_batch = memory_sized_max_batch(model, config.model_shape, device, autocast)
-    eps_fn = model_eps_fn(model, config.schedule, max_batch=max_batch, autocast=autocast)
+    if device.type == "cuda" and max_batch is None:
+        max_batch = memory_sized_max_batch(network, config.model_shape, device, autocast)
+    eps_fn = model_eps_fn(network, config.schedule, max_batch=max_batch, autocast=autocast)
     return RunModel(eps_fn, config.schedule, autoencoder, config.model_shape)

@@ -146,10 +146,10 @@ class ScoreFamily:
         """(B, D) float64 features of the B images ``x0`` (module docstring for the conventions)."""
         return self.calls.run(eps_fn, x0, keys, acp, settings)[self.name]
 
-    def fit_on(self, val: pd.DataFrame) -> FittedScore:
-        """This family's score fitted on its validation features (rows = images, columns = features): the one place
-        a family's score is fitted, for ood_detection.py and score.py alike."""
-        return self.fit(val.to_numpy(), list(val.columns))
+    def fit_on(self, features: pd.DataFrame) -> FittedScore:
+        """This family's score fitted on its validation ``features`` (rows = images, columns = features): the one
+        place a family's score is fitted, for ood_detection.py and score.py alike."""
+        return self.fit(features.to_numpy(), list(features.columns))
 
     def settings_record(self, settings: Any) -> dict[str, Any]:
         """The settings as stored in a sidecar (JSON-able)."""

@@ -24,10 +24,10 @@ from ddpm_ood.results.schema import VAL_NAME
 PAPER_SCORE = next(iter(RECONSTRUCTION_SCORES))  # the reconstruction family's member: the paper's score
 
 
-def ensemble_members(feature_families: Iterable[str], with_reconstruction: bool) -> list[str]:
-    """The scores the ensemble averages (module docstring), in table order."""
-    members = [PAPER_SCORE] if with_reconstruction else []
-    return members + [f for f in feature_families if get_family(f).in_ensemble]
+def ensemble_members(scores: Iterable[str], with_reconstruction: bool) -> list[str]:
+    """The scores the ensemble averages (module docstring), in table order: the paper's score when
+    ``with_reconstruction``, then those of the feature-family ``scores`` meant for the ensemble."""
+    return ([PAPER_SCORE] if with_reconstruction else []) + [score for score in scores if get_family(score).in_ensemble]
 
 
 @dataclass(frozen=True)

@@ -87,15 +87,16 @@ def check_score_name(name: str, what: str = "score") -> str:
     return name
 
 
-def get_family(name: str) -> ScoreFamily:
-    """The feature family ``name``; UserError listing the accepted names otherwise."""
-    if name == RECONSTRUCTION:
+def get_family(score: str) -> ScoreFamily:
+    """The feature family that makes ``score`` (and bears its name); UserError listing the accepted names
+    otherwise."""
+    if score == RECONSTRUCTION:
         raise UserError(f"{RECONSTRUCTION!r} is computed by the reconstruction engine, not as a feature family; "
                         f"feature families: {accepted(_FAMILIES)}")
     try:
-        return _FAMILIES[name]
+        return _FAMILIES[score]
     except KeyError:
-        raise UserError(f"unknown score family {name!r}; accepted: "
+        raise UserError(f"unknown score family {score!r}; accepted: "
                         f"{accepted([*family_names(), *ALIASES, ALL_KEYWORD])}") from None
 
 

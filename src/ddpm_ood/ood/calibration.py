@@ -45,7 +45,7 @@ DEFAULT_VAL_KEEP = 0.95
 
 def families_present(run_dir: RunDir) -> list[str]:
     """The feature families with any feature file in the run folder, in the registry's order."""
-    return [f for f in feature_family_names() if run_dir.feature_sets(f)]
+    return [score for score in feature_family_names() if run_dir.feature_sets(score)]
 
 
 # ---------------------------------------------------------------------------------------------------- threshold
@@ -167,14 +167,14 @@ def read_recipe(run_dir: RunDir, score: str) -> ScoreRecipe:
     if files.results is not None:
         source = str(files.first)
         reference = ValidationReference.fit(files.results, select_timesteps(files.results["t"]), source=source)
-        recon_scores = image_scores(files.results, reference, source=source)
-        val_members.update({name: recon_scores[name] for name in RECONSTRUCTION_SCORES})
+        val_members.update(image_scores(files.results, reference, source=source)[list(RECONSTRUCTION_SCORES)].items())
         recon = (files.results_settings, reference)
-    families = {f: get_family(f) for f in files.features}
-    family_settings = {f: family.settings_from(files.feature_settings[f].settings) for f, family in families.items()}
-    fitted = {f: family.fit_on(files.features[f]) for f, family in families.items()}
-    val_members.update({f: pd.Series(fitted[f].score(frame.to_numpy()), index=frame.index)
-                        for f, frame in files.features.items()})
+    families = {member: get_family(member) for member in files.features}
+    family_settings = {member: family.settings_from(files.feature_settings[member].settings)
+                       for member, family in families.items()}
+    fitted = {member: family.fit_on(files.features[member]) for member, family in families.items()}
+    val_members.update({member: pd.Series(fitted[member].score(features.to_numpy()), index=features.index)
+                        for member, features in files.features.items()})
     ensemble = None
     if score == ENSEMBLE:
         ensemble, scored = fit_ensemble({m: {VAL_NAME: val_members[m]} for m in members})

@@ -24,6 +24,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -319,9 +320,10 @@ class OODScorer:
         features = {f: pd.concat(frames, ignore_index=True) for f, frames in feature_frames.items()}
         return self._frame(items, self.recipe.image_scores(recon, features), errors)
 
-    @property
+    @cached_property
     def plan(self) -> ReconstructionPlan:
-        """How inputs are reconstructed: exactly as the validation results were (their sidecar's settings)."""
+        """How inputs are reconstructed: exactly as the validation results were (their sidecar's settings); built
+        once, on first use."""
         s = self.recipe.recon[0]
         return ReconstructionPlan.at(s.start_timesteps, s.num_inference_steps, s.seed,
                                      inference_skip_factor=s.inference_skip_factor, recon_steps=s.recon_steps,

@@ -90,20 +90,19 @@ class ValidationReference:
 
     @classmethod
     def fit(
-        cls, val_df: pd.DataFrame, t_values: Sequence[int], source: str = "validation results"
+        cls, results: pd.DataFrame, t_values: Sequence[int], source: str = "validation results"
     ) -> ValidationReference:
         """Mean and sample std of each metric at each t in ``t_values`` over the (deduplicated) validation rows.
 
         ``source`` names the validation file in error messages. A t absent from validation, or a std that is 0
         or NaN (e.g. a single validation image), raises UserError naming the t and metric.
         """
-        val = drop_duplicate_rows(val_df)
+        results = drop_duplicate_rows(results)
         t_values = tuple(sorted({int(t) for t in t_values}))
-        present = set(val["t"].astype(int))
-        absent = [t for t in t_values if t not in present]
-        if absent:
-            raise UserError(f"{source}: no validation rows for start t={_fmt_ts(absent)}")
-        sub = val[val["t"].isin(t_values)]
+        present = set(results["t"].astype(int))
+        if not present.issuperset(t_values):
+            raise UserError(f"{source}: no validation rows for start t={_fmt_ts(sorted(set(t_values) - present))}")
+        sub = results[results["t"].isin(t_values)]
         grouped = sub.groupby("t")[list(METRIC_COLUMNS)]
         mean = grouped.mean().reindex(list(t_values))
         std = grouped.std(ddof=1).reindex(list(t_values))
@@ -121,11 +120,11 @@ class ValidationReference:
             mean=mean,
             std=std,
             val_t_values=tuple(sorted(present)),
-            n_val=int(val["filename"].nunique()),
+            n_val=int(results["filename"].nunique()),
         )
 
 
-def z_scores(df: pd.DataFrame, ref: ValidationReference, source: str = "results") -> pd.DataFrame:
+def z_scores(results: pd.DataFrame, ref: ValidationReference, source: str = "results") -> pd.DataFrame:
     """Per-(image, t) scores: columns ``filename``, ``t``, then one column per name in ``SCORE_NAMES``.
 
     ``"mse"`` and ``"perceptual"`` are the z-scores of the two metrics, ``"mse+perceptual"`` their sum.
@@ -133,15 +132,15 @@ def z_scores(df: pd.DataFrame, ref: ValidationReference, source: str = "results"
     dropped. Rows sorted by (filename, t). Errors (UserError, ``source`` names the file): a t that validation
     does not have; an image lacking some kept t.
     """
-    df = drop_duplicate_rows(df)
-    unknown = sorted(set(df["t"].astype(int)) - set(ref.val_t_values))
+    results = drop_duplicate_rows(results)
+    unknown = sorted(set(results["t"].astype(int)) - set(ref.val_t_values))
     if unknown:
         raise UserError(
             f"{source}: start t={_fmt_ts(unknown)} not in the validation results "
             f"(validation has t={_fmt_ts(ref.val_t_values)})"
         )
-    kept = df[df["t"].isin(ref.t_values)]
-    counts = kept.groupby("filename").size().reindex(df["filename"].unique(), fill_value=0)
+    kept = results[results["t"].isin(ref.t_values)]
+    counts = kept.groupby("filename").size().reindex(results["filename"].unique(), fill_value=0)
     incomplete = counts.index[counts.to_numpy() < len(ref.t_values)]
     if len(incomplete):
         name = incomplete[0]
@@ -167,6 +166,7 @@ def mean_over_t(z: pd.DataFrame) -> pd.DataFrame:
     return z.groupby("filename")[list(SCORE_NAMES)].mean()
 
 
-def image_scores(df: pd.DataFrame, ref: ValidationReference, source: str = "results") -> pd.DataFrame:
-    """One score per image: index ``filename`` (sorted), columns ``SCORE_NAMES``; higher = more OOD."""
-    return mean_over_t(z_scores(df, ref, source=source))
+def image_scores(results: pd.DataFrame, ref: ValidationReference, source: str = "results") -> pd.DataFrame:
+    """One score per image of ``results``: index ``filename`` (sorted), columns ``SCORE_NAMES``; higher = more
+    OOD."""
+    return mean_over_t(z_scores(results, ref, source=source))

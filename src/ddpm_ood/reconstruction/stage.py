@@ -27,10 +27,8 @@ from ddpm_ood.distributed import (
     any_rank,
     barrier,
     broadcast_object,
-    check_shared_folder,
     cleanup_distributed,
     gather_objects,
-    init_distributed,
 )
 from ddpm_ood.errors import ParameterError
 from ddpm_ood.families import (
@@ -174,10 +172,8 @@ def _run_reconstruction(job: ReconstructionJob) -> list[Path]:
     plan = job.plan.on_schedule(run.config.schedule.num_train_timesteps)
     families = without_reconstruction(job.scores)
     family_settings = make_settings(families, job.score_options, score_context(run, plan.seed))  # fails before work
-    ctx = init_distributed(job.compute.device, job.compute.dist_timeout)
     try:
-        check_shared_folder(results_dir, ctx, RUN_DIR_FLAGS)
-        precision = job.compute.precision_on(ctx.device)
+        ctx, precision = job.compute.launch(results_dir, RUN_DIR_FLAGS)
         if ctx.is_main:
             print(f"device: {describe_device(ctx.device)}; precision: {precision}")
             if ctx.restart_count:

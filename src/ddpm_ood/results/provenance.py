@@ -23,12 +23,11 @@ def changed_keys(reference: Mapping[str, Any], other: Mapping[str, Any], keys: I
     """The keys (of ``keys``, default every key of either) whose values differ, sorted; nested dictionaries by
     their inner keys, as ``outer.inner``."""
     changed = []
-    for k in sorted(set(reference) | set(other)) if keys is None else keys:
-        a, b = reference.get(k), other.get(k)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            changed += changed_keys(a, b, None, f"{prefix}{k}.")
-        elif a != b:
-            changed.append(prefix + k)
+    for key in sorted(set(reference) | set(other)) if keys is None else keys:
+        if isinstance(reference.get(key), Mapping) and isinstance(other.get(key), Mapping):
+            changed += changed_keys(reference[key], other[key], None, f"{prefix}{key}.")
+        elif reference.get(key) != other.get(key):
+            changed.append(prefix + key)
     return changed
 
 

@@ -63,7 +63,7 @@ class RunDir:
 
     def feature_sets(self, score: str) -> list[str]:
         """The sets with a feature file of ``score`` (val and in included), sorted."""
-        names = (FEATURES_PATTERN.match(p.name) for p in sorted((self.ood / score).glob("features_*.csv")))
+        names = (FEATURES_PATTERN.match(path.name) for path in sorted((self.ood / score).glob("features_*.csv")))
         return [m.group("name") for m in names if m]
 
 
@@ -87,26 +87,27 @@ def read_validation(run_dir: RunDir, with_results: bool, families: Sequence[str]
     file and the command that makes it when one is missing or unreadable, or when they were made with different
     models (``provenance.MODEL_KEYS``)."""
     results_path = run_dir.results(VAL_NAME)
-    paths = {f: run_dir.features(f, VAL_NAME) for f in families}
     if with_results and not results_path.is_file():
         raise UserError(f"{results_path}: not found; run reconstruct.py with --run_val=1 first "
                         "(scores and the threshold are calibrated on the validation results)")
     results_settings = ReconSettings.read(sidecar(results_path)) if with_results else None
-    feature_settings = {f: FeatureSettings.read(sidecar(p)) for f, p in paths.items()}
+    feature_settings = {score: FeatureSettings.read(sidecar(run_dir.features(score, VAL_NAME))) for score in families}
     results = read_results(results_path) if with_results else None
-    features = {f: read_features(p) for f, p in paths.items()}
-    parts = ({results_path: results_settings} if with_results else {}) | {p: feature_settings[f]
-                                                                          for f, p in paths.items()}
-    (first, settings), *others = parts.items()
-    for path, part in others:
-        require_same(settings.to_dict(), part.to_dict(), keys=MODEL_KEYS, reference_name=sidecar(first).name,
-                     other_name=str(sidecar(path)), fix="rerun reconstruct.py --run_val=1 for every score family alike")
+    features = {score: read_features(run_dir.features(score, VAL_NAME)) for score in families}
+    # Every file's model settings (provenance.MODEL_KEYS) against the first file's.
+    settings_by_path = ({results_path: results_settings} if with_results else {}) | {
+        run_dir.features(score, VAL_NAME): feature_settings[score] for score in families}
+    first = next(iter(settings_by_path))
+    for path in list(settings_by_path)[1:]:
+        require_same(settings_by_path[first].to_dict(), settings_by_path[path].to_dict(), keys=MODEL_KEYS,
+                     reference_name=sidecar(first).name, other_name=str(sidecar(path)),
+                     fix="rerun reconstruct.py --run_val=1 for every score family alike")
     if results is not None:
         ts = sorted(set(results["t"].astype(int)))
         if ts != sorted(results_settings.start_timesteps):
             raise UserError(f"{results_path}: has start t={ts} but {sidecar(results_path).name} says "
                             f"{list(results_settings.start_timesteps)}; rerun reconstruct.py with --run_val=1")
-    return ValidationFiles(results, results_settings, features, feature_settings, first, settings)
+    return ValidationFiles(results, results_settings, features, feature_settings, first, settings_by_path[first])
 
 
 def sidecar(path: str | os.PathLike) -> Path:

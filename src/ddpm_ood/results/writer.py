@@ -244,35 +244,35 @@ class ReconSettings:
         from ddpm_ood.seeding import NOISE_KEY_RULE
 
         try:
-            d = read_settings(path)
+            record = read_settings(path)
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{path}: cannot be read as JSON ({one_line(exc)})") from None
-        if isinstance(d, dict) and "precision" not in d and "amp" in d:
+        if isinstance(record, dict) and "precision" not in record and "amp" in record:
             raise UserError(f"{path}: made with amp=1, which does not say whether it was fp16 (CUDA) or bf16 "
                             "(CPU); rerun reconstruct.py with --run_val=1")
-        missing = [k for k in SETTINGS_KEYS if not isinstance(d, dict) or k not in d]
+        missing = [key for key in SETTINGS_KEYS if not isinstance(record, dict) or key not in record]
         if missing:
             raise UserError(f"{path}: missing setting(s) {', '.join(missing)}; rerun reconstruct.py with --run_val=1")
-        if d["noise_key"] != NOISE_KEY_RULE:
+        if record["noise_key"] != NOISE_KEY_RULE:
             raise UserError(
-                f"{path}: noise keyed by {d['noise_key']!r}, this version keys it by {NOISE_KEY_RULE!r}; "
+                f"{path}: noise keyed by {record['noise_key']!r}, this version keys it by {NOISE_KEY_RULE!r}; "
                 "rerun reconstruct.py with --run_val=1"
             )
         return cls(
-            checkpoint=str(d["checkpoint"]),
-            checkpoint_epoch=d["checkpoint_epoch"],
-            seed=int(d["seed"]),
-            num_inference_steps=int(d["num_inference_steps"]),
-            inference_skip_factor=int(d["inference_skip_factor"]),
-            recon_steps=None if d["recon_steps"] is None else int(d["recon_steps"]),
-            start_timesteps=tuple(int(t) for t in d["start_timesteps"]),
-            use_ema=bool(d["use_ema"]),
-            precision=str(d["precision"]),
-            noise_key=str(d["noise_key"]),
-            noise_type=str(d.get("noise_type", "gaussian")),
-            autoencoder=d.get("autoencoder"),
-            recon_noise=str(d.get("recon_noise", "per_image")),
-            pretrained=d.get("pretrained"),
+            checkpoint=str(record["checkpoint"]),
+            checkpoint_epoch=record["checkpoint_epoch"],
+            seed=int(record["seed"]),
+            num_inference_steps=int(record["num_inference_steps"]),
+            inference_skip_factor=int(record["inference_skip_factor"]),
+            recon_steps=None if record["recon_steps"] is None else int(record["recon_steps"]),
+            start_timesteps=tuple(int(t) for t in record["start_timesteps"]),
+            use_ema=bool(record["use_ema"]),
+            precision=str(record["precision"]),
+            noise_key=str(record["noise_key"]),
+            noise_type=str(record.get("noise_type", "gaussian")),
+            autoencoder=record.get("autoencoder"),
+            recon_noise=str(record.get("recon_noise", "per_image")),
+            pretrained=record.get("pretrained"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -306,24 +306,26 @@ class FeatureSettings:
         path = Path(path)
         rerun = f"rerun reconstruct.py --run_val=1 --scores={path.parent.name}"
         try:
-            d = read_settings(path)
+            record = read_settings(path)
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{path}: cannot be read as JSON ({one_line(exc)}); {rerun}") from None
         keys = ("family", "checkpoint", "checkpoint_epoch", "seed", "use_ema", "precision", "noise_key", "noise_type",
                 "nfe", "settings")
-        missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+        missing = [key for key in keys if not isinstance(record, dict) or key not in record]
         if missing:
-            raise UserError(f"{path}: {'not found' if d is None else 'missing setting(s) ' + ', '.join(missing)}; "
-                            f"{rerun}")
+            raise UserError(f"{path}: {'not found' if record is None else 'missing setting(s) ' + ', '.join(missing)}"
+                            f"; {rerun}")
         from ddpm_ood.seeding import NOISE_KEY_RULE
 
-        if d["noise_key"] != NOISE_KEY_RULE:
-            raise UserError(f"{path}: noise keyed by {d['noise_key']!r}, this version keys it by {NOISE_KEY_RULE!r}; "
-                            f"{rerun}")
-        return cls(family=str(d["family"]), checkpoint=str(d["checkpoint"]), checkpoint_epoch=d["checkpoint_epoch"],
-                   seed=int(d["seed"]), use_ema=bool(d["use_ema"]), precision=str(d["precision"]),
-                   noise_key=str(d["noise_key"]), noise_type=str(d["noise_type"]), nfe=int(d["nfe"]),
-                   settings=dict(d["settings"]), autoencoder=d.get("autoencoder"), pretrained=d.get("pretrained"))
+        if record["noise_key"] != NOISE_KEY_RULE:
+            raise UserError(f"{path}: noise keyed by {record['noise_key']!r}, this version keys it by "
+                            f"{NOISE_KEY_RULE!r}; {rerun}")
+        return cls(family=str(record["family"]), checkpoint=str(record["checkpoint"]),
+                   checkpoint_epoch=record["checkpoint_epoch"], seed=int(record["seed"]),
+                   use_ema=bool(record["use_ema"]), precision=str(record["precision"]),
+                   noise_key=str(record["noise_key"]), noise_type=str(record["noise_type"]), nfe=int(record["nfe"]),
+                   settings=dict(record["settings"]), autoencoder=record.get("autoencoder"),
+                   pretrained=record.get("pretrained"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -32,9 +32,7 @@ from ddpm_ood.diffusion.unet import check_image_fits_unet
 from ddpm_ood.distributed import (
     DistContext,
     barrier,
-    check_shared_folder,
     cleanup_distributed,
-    init_distributed,
     multi_node_restart_note,
 )
 from ddpm_ood.errors import ParameterError, UserError
@@ -51,18 +49,16 @@ from ddpm_ood.upstream.flags import noise_type_for_flags
 def run_training_stage(cfg: TrainConfig, compute: ComputeOptions, *, lock_name: str,
                        body: Callable[[TrainConfig, DistContext], int]) -> int:
     """The frame of a training stage: SIGTERM/SIGUSR1 ask for a clean stop (``preemption.stop_on_signals``; the loop
-    saves and raises ``Preempted``), start DDP when launched by torchrun (``compute.dist_timeout`` seconds bound every
-    wait), resolve the precision for the device, check the run folder (main rank) and that every rank sees it, say
-    the device and any torchrun restart, hold the run lock, then ``body(cfg, ctx)`` with ``cfg``'s precision and
-    workers set from ``compute``; the process group is always torn down and the signal handlers restored."""
-    run_dir = Path(cfg.run_dir)
+    saves and raises ``Preempted``), check the run folder, join the launch (``ComputeOptions.launch``: DDP when
+    launched by torchrun, ``compute.dist_timeout`` seconds bounding every wait; every rank must see the run folder;
+    the precision resolved for the device), say the device and any torchrun restart, hold the run lock, then
+    ``body(cfg, ctx)`` with ``cfg``'s precision and workers set from ``compute``; the process group is always torn
+    down and the signal handlers restored."""
+    run_dir = check_output_dir(cfg.run_dir, RUN_DIR_FLAGS)
     with stop_on_signals():
-        ctx = init_distributed(compute.device, compute.dist_timeout)
         try:
-            cfg = dataclasses.replace(cfg, precision=compute.precision_on(ctx.device), num_workers=compute.num_workers)
-            if ctx.is_main:
-                check_output_dir(run_dir, RUN_DIR_FLAGS)
-            check_shared_folder(run_dir, ctx, RUN_DIR_FLAGS)
+            ctx, precision = compute.launch(run_dir, RUN_DIR_FLAGS)
+            cfg = dataclasses.replace(cfg, precision=precision, num_workers=compute.num_workers)
             if ctx.is_main:
                 print(f"device: {describe_device(ctx.device)}; precision: {cfg.precision}"
                       + (f"; {ctx.world_size} ranks" if ctx.world_size > 1 else ""))

@@ -82,3 +82,24 @@ def test_noise_type_is_recorded_unless_gaussian_and_another_type_is_recomputed(t
     assert "noise_type: absent -> simplex" in capsys.readouterr().out
     writer = _finish(tmp_path / "results_in.csv", simplex)
     assert ReconSettings.read(writer.settings_path).noise_type == "simplex"
+
+
+def test_settings_an_older_sidecar_lacks_take_their_field_defaults_and_given_ones_are_read(tmp_path):
+    from ddpm_ood.results.writer import FeatureSettings, ReconSettings, reconstruction_settings
+    from ddpm_ood.seeding import NOISE_KEY_RULE
+
+    run = dict(checkpoint="c.pth", checkpoint_epoch=1, seed=2, use_ema=True, precision="fp32", noise_key=NOISE_KEY_RULE)
+    recon = reconstruction_settings(**run, csv="v.csv", first_n=None, num_inference_steps=10, inference_skip_factor=4,
+                                    recon_steps=None, start_timesteps=[1, 501])
+    feature = run | {"family": "eps_norm", "noise_type": "gaussian", "nfe": 3, "settings": {"levels": [1, 2]}}
+    given = {"autoencoder": "ab12", "pretrained": {"weights_sha256": "cd34"}}
+    for settings_type, record, extra in ((ReconSettings, recon, given | {"noise_type": "simplex",
+                                                                         "recon_noise": "shared"}),
+                                         (FeatureSettings, feature, given)):
+        path = tmp_path / f"{settings_type.__name__}.json"
+        path.write_text(json.dumps(record))
+        old = settings_type.read(path)
+        assert {k: getattr(old, k) for k in extra} == {k: settings_type.__dataclass_fields__[k].default for k in extra}
+        path.write_text(json.dumps(record | extra))
+        new = settings_type.read(path)
+        assert {k: getattr(new, k) for k in extra} == extra

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,13 @@ def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: 
     return settings
 
 
+def optional_settings(settings_type: type, record: Mapping[str, Any]) -> dict[str, Any]:
+    """What a sidecar ``record`` gives for the fields of ``settings_type`` that have a default: a setting that an
+    older sidecar lacks takes the field's default, written once, on the field."""
+    return {field.name: record[field.name] for field in fields(settings_type)
+            if field.name in record and (field.default is not MISSING or field.default_factory is not MISSING)}
+
+
 @dataclass(frozen=True)
 class ReconSettings:
     """The reconstruction settings that produced ``results_val.csv`` (its sidecar ``results_val.json``)."""
@@ -269,10 +276,7 @@ class ReconSettings:
             use_ema=bool(record["use_ema"]),
             precision=str(record["precision"]),
             noise_key=str(record["noise_key"]),
-            noise_type=str(record.get("noise_type", "gaussian")),
-            autoencoder=record.get("autoencoder"),
-            recon_noise=str(record.get("recon_noise", "per_image")),
-            pretrained=record.get("pretrained"),
+            **optional_settings(cls, record),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -324,8 +328,7 @@ class FeatureSettings:
                    checkpoint_epoch=record["checkpoint_epoch"], seed=int(record["seed"]),
                    use_ema=bool(record["use_ema"]), precision=str(record["precision"]),
                    noise_key=str(record["noise_key"]), noise_type=str(record["noise_type"]), nfe=int(record["nfe"]),
-                   settings=dict(record["settings"]), autoencoder=record.get("autoencoder"),
-                   pretrained=record.get("pretrained"))
+                   settings=dict(record["settings"]), **optional_settings(cls, record))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -114,14 +114,16 @@ def calibrate_threshold(val_scores: Sequence[float] | np.ndarray, val_keep: floa
 @dataclass(frozen=True)
 class ScoreRecipe:
     """See the module doc. ``run_settings``: the settings of the run the parts share (checkpoint, precision, ...);
-    ``recon``: the reconstruction settings and reference when the score needs reconstruction; ``families``: the
+    ``results_settings`` and ``reference``: the reconstruction settings and z-score reference when the score needs
+    reconstruction (else None); ``families``: the
     feature families to compute for new inputs, with ``family_settings`` ({family: its settings}) and ``fitted``
     ({family: its fitted score}); ``ensemble``: the fitted ensemble; ``val_sidecar``: the sidecar of the validation
     file that says how the run was made (for messages)."""
 
     score: str
     run_settings: ReconSettings | FeatureSettings
-    recon: tuple[ReconSettings, ValidationReference] | None
+    results_settings: ReconSettings | None
+    reference: ValidationReference | None
     families: tuple[str, ...]
     family_settings: dict[str, Any]
     fitted: dict[str, FittedScore]
@@ -132,7 +134,7 @@ class ScoreRecipe:
     def image_scores(self, recon_rows: pd.DataFrame | None, feature_rows: dict[str, pd.DataFrame]) -> pd.DataFrame:
         """Scores of new inputs from their rows (``measured_rows`` / ``feature_rows`` frames): index filename,
         columns ``score`` (this recipe's), ``mse_score`` and ``perceptual_score`` (NaN without reconstruction)."""
-        recon = image_scores(recon_rows, self.recon[1], source="inputs") if recon_rows is not None else None
+        recon = image_scores(recon_rows, self.reference, source="inputs") if recon_rows is not None else None
         member_scores: dict[str, pd.Series] = {}
         if recon is not None:
             member_scores.update({name: recon[name] for name in RECONSTRUCTION_SCORES})
@@ -150,12 +152,12 @@ class ScoreRecipe:
         return out
 
 
-def read_recipe(run_dir: RunDir, score: str) -> ScoreRecipe:
-    """The recipe of ``score`` from the run folder's validation files; UserError naming the file and the command
-    when a part is missing or the parts were made differently."""
-    check_score_name(score)
-    members = [score]
-    if score == ENSEMBLE:
+def read_recipe(run_dir: RunDir, name: str) -> ScoreRecipe:
+    """The recipe of the score ``name`` from the run folder's validation files; UserError naming the file and the
+    command when a part is missing or the parts were made differently."""
+    check_score_name(name)
+    members = [name]
+    if name == ENSEMBLE:
         members = ensemble_members(families_present(run_dir), run_dir.results(VAL_NAME).is_file())
         if len(members) < 2:
             raise UserError(f"{run_dir.ood}: the ensemble needs two or more scores; run reconstruct.py --run_val=1 "
@@ -163,23 +165,22 @@ def read_recipe(run_dir: RunDir, score: str) -> ScoreRecipe:
     files = read_validation(run_dir, any(m in RECONSTRUCTION_SCORES for m in members),
                             [m for m in members if m in feature_family_names()])
     val_members: dict[str, pd.Series] = {}
-    recon = None
+    reference = None
     if files.results is not None:
         source = str(files.first)
         reference = ValidationReference.fit(files.results, select_timesteps(files.results["t"]), source=source)
         val_members.update(image_scores(files.results, reference, source=source)[list(RECONSTRUCTION_SCORES)].items())
-        recon = (files.results_settings, reference)
-    families = {member: get_family(member) for member in files.features}
-    family_settings = {member: family.settings_from(files.feature_settings[member].settings)
-                       for member, family in families.items()}
-    fitted = {member: family.fit_on(files.features[member]) for member, family in families.items()}
-    val_members.update({member: pd.Series(fitted[member].score(features.to_numpy()), index=features.index)
-                        for member, features in files.features.items()})
+    families = {score: get_family(score) for score in files.features}
+    family_settings = {score: family.settings_from(files.feature_settings[score].settings)
+                       for score, family in families.items()}
+    fitted = {score: family.fit_on(files.features[score]) for score, family in families.items()}
+    val_members.update({score: pd.Series(fitted[score].score(features.to_numpy()), index=features.index)
+                        for score, features in files.features.items()})
     ensemble = None
-    if score == ENSEMBLE:
+    if name == ENSEMBLE:
         ensemble, scored = fit_ensemble({m: {VAL_NAME: val_members[m]} for m in members})
         val_scores = scored[VAL_NAME].to_numpy()
     else:
-        val_scores = val_members[score].to_numpy()
-    return ScoreRecipe(score, files.settings, recon, tuple(families), family_settings, fitted, ensemble,
-                       np.asarray(val_scores, dtype=float), str(sidecar(files.first)))
+        val_scores = val_members[name].to_numpy()
+    return ScoreRecipe(name, files.settings, files.results_settings, reference, tuple(families), family_settings,
+                       fitted, ensemble, np.asarray(val_scores, dtype=float), str(sidecar(files.first)))

@@ -206,7 +206,7 @@ class OODScorer:
     ) -> None:
         if batch_size < 1:
             raise ParameterError(f"batch_size must be >= 1, got {batch_size}", "batch_size")
-        if recipe.recon is not None and metrics is None:
+        if recipe.reference is not None and metrics is None:
             raise ValueError("a score that needs reconstruction needs its ReconstructionMetrics")
         self.run = run
         self.model = model
@@ -234,7 +234,7 @@ class OODScorer:
     @property
     def reference(self) -> ValidationReference | None:
         """The reconstruction z-score reference (None for a feature-family score)."""
-        return None if self.recipe.recon is None else self.recipe.recon[1]
+        return self.recipe.reference
 
     @classmethod
     def from_run(
@@ -275,7 +275,7 @@ class OODScorer:
         settings = recipe.run_settings
         precision = _scoring_precision(settings, dev, recipe.val_sidecar, precision=precision, amp=amp)
         model = load_run_model(run, dev, precision=precision, use_ema=settings.use_ema, max_batch=max_batch)
-        metrics = ReconstructionMetrics(dev) if recipe.recon is not None else None
+        metrics = ReconstructionMetrics(dev) if recipe.reference is not None else None
         return cls(run.config, model, recipe, calibration, dev, batch_size, metrics)
 
     # -------------------------------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ class OODScorer:
         with tempfile.TemporaryDirectory(prefix="ddpm-ood-score-") as tmp:
             bar = tqdm(total=len(items), desc="score", unit="img", disable=not progress)
             for batch in self._prepared_batches(items, errors, tmp, bar):
-                if self.recipe.recon is not None:
+                if self.recipe.reference is not None:
                     recon_rows.extend(measured_rows(self.model, self.metrics, self.plan, [batch], "in"))
                 if self.recipe.families:
                     for frames in feature_rows(self.model, self.recipe.families, self.recipe.family_settings, [batch],
@@ -324,7 +324,7 @@ class OODScorer:
     def plan(self) -> ReconstructionPlan:
         """How inputs are reconstructed: exactly as the validation results were (their sidecar's settings); built
         once, on first use."""
-        s = self.recipe.recon[0]
+        s = self.recipe.results_settings
         return ReconstructionPlan.at(s.start_timesteps, s.num_inference_steps, s.seed,
                                      inference_skip_factor=s.inference_skip_factor, recon_steps=s.recon_steps,
                                      noise=s.recon_noise)

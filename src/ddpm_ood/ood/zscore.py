@@ -109,10 +109,10 @@ class ValidationReference:
         counts = grouped.size().reindex(list(t_values))
         for metric in METRIC_COLUMNS:
             for t in t_values:
-                s = float(std.at[t, metric])
-                if not np.isfinite(s) or s <= 0:
+                if not np.isfinite(std.at[t, metric]) or std.at[t, metric] <= 0:
                     raise UserError(
-                        f"{source}: validation std of {metric} at t={t} is {s} over {int(counts[t])} image(s); "
+                        f"{source}: validation std of {metric} at t={t} is {float(std.at[t, metric])} over "
+                        f"{int(counts[t])} image(s); "
                         "z-scores need at least 2 validation images whose values differ"
                     )
         return cls(

@@ -115,10 +115,10 @@ def calibrate_threshold(val_scores: Sequence[float] | np.ndarray, val_keep: floa
 class ScoreRecipe:
     """See the module doc. ``run_settings``: the settings of the run the parts share (checkpoint, precision, ...);
     ``results_settings`` and ``reference``: the reconstruction settings and z-score reference when the score needs
-    reconstruction (else None); ``families``: the
-    feature families to compute for new inputs, with ``family_settings`` ({family: its settings}) and ``fitted``
-    ({family: its fitted score}); ``ensemble``: the fitted ensemble; ``val_sidecar``: the sidecar of the validation
-    file that says how the run was made (for messages)."""
+    reconstruction (else None); ``families``: the feature families to compute for new inputs, with
+    ``family_settings`` ({family: its settings}) and ``fitted`` ({family: its fitted score}); ``ensemble``: the
+    fitted ensemble; ``val_sidecar``: the sidecar of the validation file that says how the run was made (for
+    messages)."""
 
     score: str
     run_settings: ReconSettings | FeatureSettings

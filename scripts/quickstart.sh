@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart: the whole pipeline on real Fashion-MNIST (in) vs MNIST (out), on a CPU, in one command.
-#   bash scripts/quickstart.sh            # 5 min (AVX-512 + bf16) to ~18 min (AVX2, fp32) on 2 CPU cores after the
+#   bash scripts/quickstart.sh            # 5 min (AVX-512 + bf16) to 17-21 min (AVX2, fp32) on 2 CPU cores after the
 #                                         # environment step; FashionMNIST vs MNIST AUROC about 0.92 (README)
 #   QUICKSTART_FAST=1 bash scripts/quickstart.sh   # ~1-2-minute smoke version (CI runs it); AUROC not meaningful
 #   QUICKSTART_LDM=1 bash scripts/quickstart.sh    # the latent-diffusion route (VQ-VAE, then a DDPM in its latent

@@ -249,7 +249,7 @@ def _run_set(stage: _Pass, writers: dict[str, ResumableResults], dataset: ImageD
     n_batches = max((len(todo) + per_round - 1) // per_round, 1)
     with_noise = RECONSTRUCTION in writers  # the engine's start noise is drawn ahead; the families draw their own
     batches = set_batches(_loader(stage, Subset(dataset, todo[ctx.rank :: ctx.world_size])), stage.plan,
-                                  ctx.device, stage.model, with_noise)
+                          ctx.device, stage.model, with_noise)
     batch_rows = rows_of(batches, planned.row_type)
     bar = tqdm(total=len(todo), desc=f"{'reconstruct' if with_noise else 'features'} {planned.name}", unit="img",
                disable=not ctx.is_main)

@@ -135,8 +135,8 @@ RECONSTRUCTION_ONLY_KEYS = ("num_inference_steps", "inference_skip_factor", "rec
                             "recon_noise")
 
 
-def feature_writers(paths: dict[str, Path], set_settings: dict, families: dict[str, dict]) -> dict[str,
-                                                                                                   ResumableResults]:
+def feature_writers(paths: dict[str, Path], set_settings: dict,
+                    families: dict[str, dict]) -> dict[str, ResumableResults]:
     """One resumable feature file per family (``paths``: {family: its file}, folders made and checked here): its
     sidecar holds the set's settings (``reconstruction_settings`` less ``RECONSTRUCTION_ONLY_KEYS``) and what the
     family adds (``families[family]``: ``ScoreFamily.feature_sidecar``); its columns: ``FEATURE_KEY_COLUMNS``, then
@@ -213,6 +213,16 @@ def reconstruction_settings(*, checkpoint: str | os.PathLike, checkpoint_epoch: 
     return settings
 
 
+def require_noise_key_rule(path: Path, record: Mapping[str, Any], rerun: str) -> None:
+    """UserError naming ``path`` and the ``rerun`` command unless the sidecar ``record`` keys its noise by this
+    version's rule (``seeding.NOISE_KEY_RULE``): other keys draw other noise, so the numbers would not compare."""
+    from ddpm_ood.seeding import NOISE_KEY_RULE
+
+    if record["noise_key"] != NOISE_KEY_RULE:
+        raise UserError(f"{path}: noise keyed by {record['noise_key']!r}, this version keys it by "
+                        f"{NOISE_KEY_RULE!r}; {rerun}")
+
+
 def optional_settings(settings_type: type, record: Mapping[str, Any]) -> dict[str, Any]:
     """What a sidecar ``record`` gives for the fields of ``settings_type`` that have a default: a setting that an
     older sidecar lacks takes the field's default, written once, on the field."""
@@ -248,8 +258,6 @@ class ReconSettings:
                 f"{path}: not found, so the settings behind the validation results are unknown; "
                 "rerun reconstruct.py with --run_val=1"
             )
-        from ddpm_ood.seeding import NOISE_KEY_RULE
-
         try:
             record = read_settings(path)
         except (OSError, json.JSONDecodeError) as exc:
@@ -260,11 +268,7 @@ class ReconSettings:
         missing = [key for key in SETTINGS_KEYS if not isinstance(record, dict) or key not in record]
         if missing:
             raise UserError(f"{path}: missing setting(s) {', '.join(missing)}; rerun reconstruct.py with --run_val=1")
-        if record["noise_key"] != NOISE_KEY_RULE:
-            raise UserError(
-                f"{path}: noise keyed by {record['noise_key']!r}, this version keys it by {NOISE_KEY_RULE!r}; "
-                "rerun reconstruct.py with --run_val=1"
-            )
+        require_noise_key_rule(path, record, "rerun reconstruct.py with --run_val=1")
         return cls(
             checkpoint=str(record["checkpoint"]),
             checkpoint_epoch=record["checkpoint_epoch"],
@@ -319,11 +323,7 @@ class FeatureSettings:
         if missing:
             raise UserError(f"{path}: {'not found' if record is None else 'missing setting(s) ' + ', '.join(missing)}"
                             f"; {rerun}")
-        from ddpm_ood.seeding import NOISE_KEY_RULE
-
-        if record["noise_key"] != NOISE_KEY_RULE:
-            raise UserError(f"{path}: noise keyed by {record['noise_key']!r}, this version keys it by "
-                            f"{NOISE_KEY_RULE!r}; {rerun}")
+        require_noise_key_rule(path, record, rerun)
         return cls(family=str(record["family"]), checkpoint=str(record["checkpoint"]),
                    checkpoint_epoch=record["checkpoint_epoch"], seed=int(record["seed"]),
                    use_ema=bool(record["use_ema"]), precision=str(record["precision"]),
